@@ -1,0 +1,161 @@
+"""Block devices: the only way StateFS touches storage.
+
+Contract every device keeps (the engine relies on nothing else):
+
+* ``size`` is the usable size in bytes, a multiple of ``SECTOR``.
+* ``write(offset, data)``: offset and length are multiples of ``SECTOR``
+  (512 bytes, the unit a power cut may tear at). A write is *volatile* until
+  the next ``flush()``: a power cut may drop, tear or garble it.
+* ``flush()`` returns only when every earlier write is durable.
+* ``read(offset, length)`` sees every earlier write, flushed or not.
+
+``FileDevice`` serves image files and raw block devices (/dev/vda). The
+simulated device with a volatile write cache lives in ``simdev``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from statefsd.errors import Busy, DeviceIOError, InvalidArgument
+
+SECTOR = 512
+
+
+class BlockDevice:
+    """Interface; see the module docstring for the durability contract."""
+
+    size: int = 0
+    path: str = "<device>"
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if offset % SECTOR or length % SECTOR:
+            raise InvalidArgument(f"unaligned write at {offset} length {length}")
+        if offset < 0 or offset + length > self.size:
+            raise InvalidArgument(f"write at {offset} length {length} outside device of {self.size} bytes")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FileDevice(BlockDevice):
+    """An image file or a raw block device, flushed with fdatasync.
+
+    ``lock=True`` takes an exclusive, non-blocking flock so that one process
+    owns the image; a second gets :class:`Busy` with a clear message.
+    """
+
+    def __init__(self, path: str, *, read_only: bool = False, lock: bool = True) -> None:
+        self.path = path
+        self.read_only = read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        try:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidArgument(f"{path}: no such image or device") from None
+        except OSError as exc:
+            raise DeviceIOError(f"{path}: cannot open: {exc.strerror}") from None
+        try:
+            if lock:
+                self._lock()
+            self.size = self._device_size() // SECTOR * SECTOR
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _lock(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise Busy(f"{self.path} is in use by another statefsd or fsck-statefs") from None
+            raise DeviceIOError(f"{self.path}: cannot lock: {exc.strerror}") from None
+
+    def _device_size(self) -> int:
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        # A block device reports its size through lseek(SEEK_END).
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise DeviceIOError(f"{self.path}: read at {offset}: {exc.strerror}") from None
+        if len(data) < length:  # past the end reads as zeros, like a short device
+            data += bytes(length - len(data))
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_write(offset, len(data))
+        view = memoryview(data)
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, offset)
+                view = view[done:]
+                offset += done
+        except OSError as exc:
+            raise DeviceIOError(f"{self.path}: write at {offset}: {exc.strerror}") from None
+
+    def flush(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise DeviceIOError(f"{self.path}: flush: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def create_image(path: str, size: int) -> None:
+    """Create an image file of ``size`` bytes, fully written with zeros.
+
+    Pre-writing matters: a later fdatasync into already-allocated blocks
+    carries no file-system metadata, so a commit costs one plain flush.
+    """
+    if size % SECTOR:
+        raise InvalidArgument(f"image size {size} is not a multiple of {SECTOR}")
+    chunk = bytes(1 << 20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, 0)
+        written = 0
+        while written < size:
+            n = min(len(chunk), size - written)
+            written += os.pwrite(fd, chunk[:n], written)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864. Accepts K, M, G suffixes (binary)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise InvalidArgument(f"cannot parse size {text!r}; use e.g. 64M") from None

@@ -1,0 +1,434 @@
+"""The StateFS engine: mount, replay, index, transactions, group commit.
+
+Invariants the engine keeps (numbered as in docs/DESIGN.md):
+
+(1) A commit returns only after every record of its transaction is durable
+    (written, then flushed).
+(2) A transaction is all or nothing: its records are written as one block
+    of PREPARE, PAYLOAD/DELETE records and COMMIT, and replay applies it only
+    when the COMMIT and everything it vouches for is intact.
+(6) Write groups: the records of one or more transactions are written with
+    one device write and made durable with one flush. Group g+1 is never
+    written before group g's flush has returned, so at most one group is ever
+    volatile, and every group starts on a fresh GROUP_ALIGN boundary: a torn
+    write can never damage bytes of an earlier, acknowledged group.
+(7) Txn ids are reserved in the superblock (txn_reserved) before use; a mount
+    continues above the reservation, so an id is never used twice even when
+    the record that used it was lost.
+(8) A mount that finds corruption followed by durable records refuses to
+    mount read-write; read-only mounts serve the consistent prefix.
+
+Concurrency: any number of threads may call commit(); the first becomes the
+leader, takes every queued transaction, writes them as one group and flushes
+once (group commit); followers wait for their result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Callable, NamedTuple
+
+from statefsd import format as fmt
+from statefsd.blockdev import BlockDevice
+from statefsd.errors import (
+    CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, NoSpace, NotFound,
+    ReadOnly, StateFSError, TooBig,
+)
+from statefsd.replay import Entry, ReplayResult, replay
+
+AuditFn = Callable[..., None]
+
+
+class Mutation(NamedTuple):
+    kind: str           # "put" or "delete"
+    path: str
+    value: bytes = b""
+
+
+def validate_path(path: str) -> bytes:
+    """A key as stored: non-empty UTF-8 without NUL, at most MAX_KEY_BYTES."""
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument("a key must be a non-empty string")
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("a key must be valid UTF-8") from None
+    if b"\x00" in raw:
+        raise InvalidArgument("a key must not contain NUL")
+    if len(raw) > fmt.MAX_KEY_BYTES:
+        raise TooBig(f"key of {len(raw)} bytes exceeds the limit of {fmt.MAX_KEY_BYTES}")
+    return raw
+
+
+def _no_audit(event: str, **fields) -> None:
+    pass
+
+
+def read_superblock(device: BlockDevice) -> tuple[fmt.Superblock, list[str]]:
+    """The newest valid superblock slot, and what was wrong with the others."""
+    found: list[fmt.Superblock] = []
+    problems: list[str] = []
+    magic_seen = False
+    for name, offset in zip("AB", fmt.SUPERBLOCK_OFFSETS):
+        slot = device.read(offset, fmt.BLOCK_SIZE)
+        magic_seen |= slot[:8] == fmt.SUPERBLOCK_MAGIC
+        status = fmt.decode_superblock(slot)
+        if status.superblock is None:
+            problems.append(f"slot {name}: {status.problem}")
+        else:
+            found.append(status.superblock)
+    if not found:
+        if not magic_seen:
+            raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
+        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)})")
+    sb = max(found, key=lambda s: s.generation)
+    if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
+        raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "
+                           f"device has only {device.size // fmt.BLOCK_SIZE} (truncated image?)")
+    return sb, problems
+
+
+class _Request:
+    __slots__ = ("ops", "done", "txn_id", "error")
+
+    def __init__(self, ops: list[tuple[fmt.Op, bytes]]) -> None:
+        self.ops = ops
+        self.done = False
+        self.txn_id = 0
+        self.error: StateFSError | None = None
+
+
+class Engine:
+    def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
+                 read_only: bool, audit: AuditFn) -> None:
+        self.device = device
+        self.sb = sb
+        self.read_only = read_only
+        self.audit = audit
+        self.index: dict[bytes, Entry] = result.index
+        self.replay_summary = result.summary()
+        self._chain = result.chain_hash
+        self._pos = result.end.offset
+        self._seq = result.end.next_seq
+        self._group = result.end.next_group
+        self._next_txn = max(sb.txn_reserved, result.max_txn_id) + 1
+        region_start, region_len = sb.active_extent
+        self._region_start = region_start
+        self._region_end = region_start + region_len
+        # Deletes may use the last stretch of the log so that a full device can still shrink.
+        self._delete_reserve = min(256 << 10, region_len // 8)
+        self._cv = threading.Condition()
+        self._queue: list[_Request] = []
+        self._writing = False
+        self._closed = False
+        self._mount_gen = sb.generation
+        if not read_only:
+            self._reserve_txn_ids(self._next_txn)   # also stamps this mount's generation
+            self._mount_gen = self.sb.generation
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def mkfs(cls, device: BlockDevice, *, encryption: str = "off", key_descriptor: str = "",
+             salt: bytes | None = None) -> fmt.Superblock:
+        if encryption not in ("off", "on"):
+            raise InvalidArgument(f"encryption must be 'on' or 'off', not {encryption!r}")
+        if encryption == "on":
+            raise InvalidArgument("encryption is not available in this build yet")
+        sb = fmt.new_superblock(device.size)
+        # A random first epoch makes records left by an earlier file system on
+        # the same device stale by rule 2 of the log reader.
+        sb = sb.evolve(log_epoch=int.from_bytes(os.urandom(4), "little") or 1)
+        block = fmt.encode_superblock(sb)
+        for offset in fmt.SUPERBLOCK_OFFSETS:
+            device.write(offset, block)
+        device.flush()
+        return sb
+
+    @classmethod
+    def mount(cls, device: BlockDevice, *, read_only: bool = False,
+              audit: AuditFn | None = None) -> "Engine":
+        audit = audit or _no_audit
+        try:
+            sb, slot_problems = read_superblock(device)
+        except StateFSError as exc:
+            audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message)
+            raise
+        if sb.encryption != fmt.ENCRYPTION_OFF:
+            exc = FormatError("this image is encrypted; encryption support is not available yet")
+            audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message)
+            raise exc
+        result = replay(device, sb)
+        audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
+              **result.summary())
+        for f in result.findings:
+            audit("replay_finding", **f.as_dict())
+        bad = result.corruption
+        if bad and not read_only:
+            first = bad[0]
+            exc = CorruptImage(f"{device.path}: corruption at byte offset {first.offset}: {first.reason}; "
+                               f"refusing to mount read-write (mount read-only to read the "
+                               f"{result.committed} committed transactions before it)",
+                               offset=first.offset)
+            audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message,
+                  offset=first.offset)
+            raise exc
+        engine = cls(device, sb, result, read_only=read_only, audit=audit)
+        if bad:
+            audit("mount_read_only_prefix", image=device.path, committed=result.committed,
+                  offset=bad[0].offset, reason=bad[0].reason)
+        audit("mount", image=device.path, read_only=read_only, generation=engine.sb.generation,
+              keys=len(engine.index), encryption=fmt.ENCRYPTION_NAMES[sb.encryption])
+        return engine
+
+    def close(self) -> None:
+        with self._cv:
+            while self._writing:
+                self._cv.wait()
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if not self.read_only:
+                self.device.flush()
+        finally:
+            self.device.close()
+            self.audit("unmount", image=self.device.path)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- reads
+
+    def _entry(self, path: str) -> tuple[bytes, Entry]:
+        raw = validate_path(path)
+        entry = self.index.get(raw)
+        if entry is None:
+            raise NotFound(f"no such key: {path}")
+        return raw, entry
+
+    def get(self, path: str) -> bytes:
+        raw, entry = self._entry(path)
+        if not entry.chunks:
+            return b""
+        first = entry.chunks[0][0]
+        last_off, last_len = entry.chunks[-1]
+        span = self.device.read(first, last_off + fmt.HEADER_SIZE + last_len - first)
+        want_hash = fmt.path_hash(raw)
+        parts = []
+        for index, (offset, plen) in enumerate(entry.chunks):
+            rel = offset - first
+            h = fmt.unpack_header(span, rel)
+            if (h.type != fmt.PAYLOAD or h.txn_id != entry.txn_id or h.chunk_index != index
+                    or h.path_hash != want_hash or h.payload_len != plen
+                    or not fmt.record_crc_ok(span, rel, h)):
+                self.audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id)
+                raise IntegrityError(f"value of {path!r} failed its checksum at byte offset {offset}",
+                                     offset=offset)
+            parts.append(span[rel + fmt.HEADER_SIZE:rel + fmt.HEADER_SIZE + plen])
+        return b"".join(parts)
+
+    def stat(self, path: str) -> dict:
+        _, entry = self._entry(path)
+        return {"path": path, "size": entry.size, "txn_id": entry.txn_id}
+
+    def list(self, prefix: str = "") -> list[str]:
+        raw = prefix.encode("utf-8")
+        return sorted(p.decode("utf-8") for p in list(self.index) if p.startswith(raw))
+
+    def info(self) -> dict:
+        entries = list(self.index.values())
+        return {
+            "image": self.device.path, "device_bytes": self.device.size,
+            "device_uuid": self.sb.device_uuid.hex(), "read_only": self.read_only,
+            "encryption": fmt.ENCRYPTION_NAMES[self.sb.encryption],
+            "format": f"{self.sb.version_major}.{self.sb.version_minor}",
+            "generation": self.sb.generation, "log_epoch": self.sb.log_epoch,
+            "keys": len(entries), "live_bytes": sum(e.size for e in entries),
+            "log_used": self._pos - self._region_start,
+            "log_size": self._region_end - self._region_start,
+            "next_txn_id": self._next_txn, "chain_head": self._chain.hex(),
+            "replay": self.replay_summary,
+        }
+
+    # --------------------------------------------------------------- writes
+
+    def put(self, path: str, value: bytes) -> int:
+        return self.commit([Mutation("put", path, value)])
+
+    def delete(self, path: str) -> int:
+        self._entry(path)  # NotFound for a single delete of a missing key
+        return self.commit([Mutation("delete", path)])
+
+    def commit(self, mutations: list[Mutation]) -> int:
+        """Apply all mutations atomically; returns the txn id once durable."""
+        if self.read_only:
+            raise ReadOnly(f"{self.device.path} is mounted read-only")
+        req = _Request(self._validate(mutations))
+        with self._cv:
+            if self._closed:
+                raise ReadOnly(f"{self.device.path} is unmounted")
+            self._queue.append(req)
+            while not req.done:
+                if self._writing:
+                    self._cv.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                self._writing = True
+                self._cv.release()
+                try:
+                    self._write_group(batch)
+                finally:
+                    self._cv.acquire()
+                    self._writing = False
+                    self._cv.notify_all()
+        if req.error is not None:
+            raise req.error
+        return req.txn_id
+
+    @staticmethod
+    def _validate(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
+        if not mutations:
+            raise InvalidArgument("a transaction needs at least one operation")
+        if len(mutations) > fmt.MAX_TXN_OPS:
+            raise TooBig(f"{len(mutations)} operations exceed the limit of {fmt.MAX_TXN_OPS} per transaction")
+        ops, total = [], 0
+        for m in mutations:
+            path = validate_path(m.path)
+            if m.kind == "put":
+                value = bytes(m.value)
+                if len(value) > fmt.MAX_VALUE_BYTES:
+                    raise TooBig(f"value of {len(value)} bytes exceeds the limit of {fmt.MAX_VALUE_BYTES}")
+                total += len(value)
+                ops.append((fmt.Op(fmt.OP_PUT, path, len(value)), value))
+            elif m.kind == "delete":
+                ops.append((fmt.Op(fmt.OP_DELETE, path), b""))
+            else:
+                raise InvalidArgument(f"unknown operation {m.kind!r}; use 'put' or 'delete'")
+        if total > fmt.MAX_TXN_BYTES:
+            raise TooBig(f"transaction of {total} value bytes exceeds the limit of {fmt.MAX_TXN_BYTES}")
+        return ops
+
+    @staticmethod
+    def _txn_bytes(ops: list[tuple[fmt.Op, bytes]]) -> int:
+        prepare = 2 + sum(6 + len(op.path) for op, _ in ops)
+        size = 2 * fmt.HEADER_SIZE + prepare + 68  # PREPARE + COMMIT
+        for op, _ in ops:
+            if op.kind == fmt.OP_PUT:
+                size += op.chunk_count * fmt.HEADER_SIZE + op.value_len
+            else:
+                size += fmt.HEADER_SIZE + len(op.path)
+        return size
+
+    def _write_group(self, batch: list[_Request]) -> None:
+        """Leader only: write every request that fits as one group, one flush."""
+        accepted: list[_Request] = []
+        pos = self._pos
+        for req in batch:
+            size = self._txn_bytes(req.ops)
+            only_deletes = all(op.kind == fmt.OP_DELETE for op, _ in req.ops)
+            limit = self._region_end - (0 if only_deletes else self._delete_reserve)
+            if fmt.align_up(pos + size) > limit:
+                req.error = NoSpace(f"{self.device.path}: log full ({self._region_end - self._pos} bytes "
+                                    f"left, transaction needs {size}); committed data is intact")
+                self.audit("enospc", needed=size, left=self._region_end - self._pos)
+                req.done = True
+                continue
+            accepted.append(req)
+            pos += size
+        if not accepted:
+            return
+        try:
+            if self._next_txn + len(accepted) - 1 > self.sb.txn_reserved:
+                self._reserve_txn_ids(self._next_txn + len(accepted))
+            blob, applied = self._encode_group(accepted)
+            self.device.write(self._pos, blob)
+            self.device.flush()
+        except StateFSError as exc:
+            self._fail(accepted, exc)
+            return
+        except OSError as exc:
+            self._fail(accepted, DeviceIOError(f"{self.device.path}: {exc}"))
+            return
+        # Durable: now (and only now) make the transactions visible.
+        self._pos += len(blob)
+        self._seq, self._group, self._chain, self._next_txn = applied["state"]
+        for req, entries in zip(accepted, applied["entries"]):
+            for path, entry in entries:
+                if entry is None:
+                    self.index.pop(path, None)
+                else:
+                    self.index[path] = entry
+            req.done = True
+
+    def _fail(self, accepted: list[_Request], exc: StateFSError) -> None:
+        # After a failed write or flush nobody knows what is durable (the
+        # page cache may have dropped it): stop writing rather than guess.
+        self.read_only = True
+        self.audit("write_failure", reason=str(exc), action="now read-only")
+        for req in accepted:
+            req.error = exc
+            req.done = True
+
+    def _encode_group(self, accepted: list[_Request]):
+        seq, group, chain, txn_id = self._seq, self._group, self._chain, self._next_txn
+        parts: list[bytes] = []
+        offset = self._pos
+        all_entries = []
+
+        def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
+            nonlocal seq, offset
+            rec = fmt.pack_record(rtype, flags=flags, epoch=self.sb.log_epoch, group=group, seq=seq,
+                                  mount_gen=self._mount_gen, txn_id=txn_id, payload=payload, **kw)
+            parts.append(rec)
+            seq += 1
+            offset += len(rec)
+            return rec
+
+        for n, req in enumerate(accepted):
+            req.txn_id = txn_id
+            digest = hashlib.sha256()
+            ops = [op for op, _ in req.ops]
+            digest.update(emit(fmt.PREPARE, fmt.encode_prepare(ops)))
+            count = 1
+            entries = []
+            for op_index, (op, value) in enumerate(req.ops):
+                phash = fmt.path_hash(op.path)
+                if op.kind == fmt.OP_DELETE:
+                    digest.update(emit(fmt.DELETE, op.path, path_hash=phash, op_index=op_index))
+                    count += 1
+                    entries.append((op.path, None))
+                    continue
+                chunks = []
+                for chunk_index in range(op.chunk_count):
+                    piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
+                    chunks.append((offset, len(piece)))
+                    digest.update(emit(fmt.PAYLOAD, piece, path_hash=phash, op_index=op_index,
+                                       chunk_index=chunk_index))
+                    count += 1
+                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks))))
+            body = fmt.encode_commit(fmt.CommitBody(chain, digest.digest(), count))
+            last = n == len(accepted) - 1
+            chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
+            all_entries.append(entries)
+            txn_id += 1
+        blob = b"".join(parts)
+        blob += bytes(fmt.align_up(len(blob)) - len(blob))
+        return blob, {"state": (seq, group + 1, chain, txn_id), "entries": all_entries}
+
+    def _reserve_txn_ids(self, upto: int) -> None:
+        """Durably reserve txn ids through at least ``upto`` (invariant 7)."""
+        new = self.sb.evolve(generation=self.sb.generation + 1,
+                             txn_reserved=upto + fmt.TXN_RESERVE_BATCH - 1)
+        self._write_superblock(new)
+
+    def _write_superblock(self, sb: fmt.Superblock) -> None:
+        slot = fmt.SUPERBLOCK_OFFSETS[sb.generation % 2]
+        self.device.write(slot, fmt.encode_superblock(sb))
+        self.device.flush()
+        self.sb = sb

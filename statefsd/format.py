@@ -1,0 +1,407 @@
+"""The on-disk bytes of StateFS format 2. Nothing else packs or parses them.
+
+docs/statefs.md is the byte-level specification of everything here; the two
+change together. All integers are little-endian.
+
+Device layout (block size 4096)::
+
+    block 0        superblock slot A
+    block 1        superblock slot B
+    blocks 2..     log region 0 | log region 1   (two equal halves)
+
+Superblock slot (4096 bytes; the first 256 are the structure below, the rest
+zero)::
+
+    0   8  magic "STATEFS\\0"        88  8  txn_reserved
+    8   2  version_major (2)          96 32  key_descriptor (UTF-8, NUL padded)
+    10  2  version_minor (0)         128 32  salt
+    12  4  block_size (4096)         160 32  chain_base
+    16  8  generation                192 60  reserved (zero)
+    24 16  device_uuid               252  4  crc32c of bytes 0..251
+    40  8  total_blocks
+    48  8  region0_start   56 8 region0_blocks
+    64  8  region1_start   72 8 region1_blocks
+    80  1  active_region   81 1 encryption   82 2 flags   84 4 log_epoch
+
+Record = 64-byte header + payload::
+
+    0  4 crc32c (of header bytes 4..63, then the payload; not masked)
+    4  2 magic "R2"          24 8 mount_gen
+    6  1 type                32 8 txn_id
+    7  1 flags               40 8 path_hash (BLAKE2b-64 of the path)
+    8  4 epoch               48 4 payload_len
+    12 4 group               52 4 chunk_index
+    16 8 seq                 56 2 op_index     58 6 reserved (zero)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import construct as cs
+import crc32c as _crc32c
+
+from statefsd.errors import FormatError
+
+# ---------------------------------------------------------------- constants
+
+VERSION_MAJOR = 2
+VERSION_MINOR = 0
+
+BLOCK_SIZE = 4096
+GROUP_ALIGN = 512                 # every write group starts on this boundary
+SUPERBLOCK_OFFSETS = (0, BLOCK_SIZE)  # slot A, slot B
+LOG_START_BLOCK = 2
+MIN_IMAGE_BYTES = 1 << 20
+
+SUPERBLOCK_MAGIC = b"STATEFS\x00"
+RECORD_MAGIC = b"R2"
+HEADER_SIZE = 64
+
+# Caps (documented in docs/statefs.md, section "Limits").
+MAX_KEY_BYTES = 512               # UTF-8 bytes of a path
+MAX_VALUE_BYTES = 8 << 20         # one value
+MAX_TXN_OPS = 128                 # operations (keys) per transaction
+MAX_TXN_BYTES = 16 << 20          # sum of value bytes per transaction
+CHUNK_SIZE = 64 << 10             # plaintext bytes per PAYLOAD record
+SEAL_OVERHEAD = 16                # AEAD tag appended to a sealed payload
+MAX_PAYLOAD = 128 << 10           # any record payload (PREPARE is the largest)
+TXN_RESERVE_BATCH = 4096          # txn ids reserved per superblock write
+
+# Record types. 0x15.. are reserved for later minor versions.
+PREPARE = 0x10
+PAYLOAD = 0x11
+COMMIT = 0x12
+ABORT = 0x13
+DELETE = 0x14
+RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT: "ABORT", DELETE: "DELETE"}
+
+# Record flags.
+FLAG_GROUP_END = 0x01             # next record starts at the next GROUP_ALIGN boundary
+FLAG_SEALED = 0x02                # payload is AEAD-sealed (ciphertext || tag)
+KNOWN_FLAGS = FLAG_GROUP_END | FLAG_SEALED
+
+# PREPARE operation kinds.
+OP_PUT = 1
+OP_DELETE = 2
+
+# Superblock encryption modes.
+ENCRYPTION_OFF = 0
+ENCRYPTION_XCHACHA20POLY1305 = 1
+ENCRYPTION_NAMES = {ENCRYPTION_OFF: "off", ENCRYPTION_XCHACHA20POLY1305: "xchacha20poly1305"}
+
+ZERO_HASH = bytes(32)
+GENESIS_LABEL = b"statefs.chain.genesis.v2\x00"
+
+
+def crc32c(data: bytes, start: int = 0) -> int:
+    """Standard CRC-32C (Castagnoli, reflected, init and xorout 0xFFFFFFFF)."""
+    return _crc32c.crc32c(data, start)
+
+
+def path_hash(path: bytes) -> bytes:
+    return hashlib.blake2b(path, digest_size=8).digest()
+
+
+def genesis_hash(device_uuid: bytes) -> bytes:
+    """The prev-hash of the very first COMMIT of a fresh image."""
+    return hashlib.sha256(GENESIS_LABEL + device_uuid).digest()
+
+
+def align_up(n: int, to: int = GROUP_ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+# --------------------------------------------------------------- superblock
+
+# Cold structure: parsed twice per mount, so construct's clarity wins over speed.
+_SUPERBLOCK_BODY = cs.Struct(
+    "magic" / cs.Bytes(8),
+    "version_major" / cs.Int16ul,
+    "version_minor" / cs.Int16ul,
+    "block_size" / cs.Int32ul,
+    "generation" / cs.Int64ul,
+    "device_uuid" / cs.Bytes(16),
+    "total_blocks" / cs.Int64ul,
+    "region0_start" / cs.Int64ul,
+    "region0_blocks" / cs.Int64ul,
+    "region1_start" / cs.Int64ul,
+    "region1_blocks" / cs.Int64ul,
+    "active_region" / cs.Int8ul,
+    "encryption" / cs.Int8ul,
+    "flags" / cs.Int16ul,
+    "log_epoch" / cs.Int32ul,
+    "txn_reserved" / cs.Int64ul,
+    "key_descriptor" / cs.Bytes(32),
+    "salt" / cs.Bytes(32),
+    "chain_base" / cs.Bytes(32),
+    "reserved" / cs.Bytes(60),
+)
+SUPERBLOCK_CRC_OFFSET = 252
+SUPERBLOCK_STRUCT_SIZE = 256
+if _SUPERBLOCK_BODY.sizeof() != SUPERBLOCK_CRC_OFFSET:
+    raise ImportError("superblock layout drifted from docs/statefs.md")
+
+
+@dataclass(frozen=True)
+class Superblock:
+    generation: int
+    device_uuid: bytes
+    total_blocks: int
+    regions: tuple[tuple[int, int], tuple[int, int]]  # (start block, block count) x2
+    active_region: int = 0
+    log_epoch: int = 1
+    txn_reserved: int = 0
+    encryption: int = ENCRYPTION_OFF
+    key_descriptor: str = ""
+    salt: bytes = ZERO_HASH
+    chain_base: bytes = ZERO_HASH
+    flags: int = 0
+    version_major: int = VERSION_MAJOR
+    version_minor: int = VERSION_MINOR
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def active_extent(self) -> tuple[int, int]:
+        """Byte offset and length of the active log region."""
+        start, blocks = self.regions[self.active_region]
+        return start * self.block_size, blocks * self.block_size
+
+    def evolve(self, **changes) -> "Superblock":
+        return replace(self, **changes)
+
+
+def new_superblock(total_bytes: int, *, encryption: int = ENCRYPTION_OFF,
+                   key_descriptor: str = "", salt: bytes = ZERO_HASH,
+                   device_uuid: bytes | None = None) -> Superblock:
+    if total_bytes < MIN_IMAGE_BYTES:
+        raise FormatError(f"device of {total_bytes} bytes is too small; StateFS needs at least "
+                          f"{MIN_IMAGE_BYTES >> 20} MiB")
+    total_blocks = total_bytes // BLOCK_SIZE
+    half = (total_blocks - LOG_START_BLOCK) // 2
+    uid = device_uuid or uuidlib.uuid4().bytes
+    return Superblock(
+        generation=1, device_uuid=uid, total_blocks=total_blocks,
+        regions=((LOG_START_BLOCK, half), (LOG_START_BLOCK + half, half)),
+        encryption=encryption, key_descriptor=key_descriptor, salt=salt,
+        chain_base=genesis_hash(uid),
+    )
+
+
+def encode_superblock(sb: Superblock) -> bytes:
+    desc = sb.key_descriptor.encode()
+    if len(desc) > 32:
+        raise FormatError("key descriptor longer than 32 bytes")
+    body = _SUPERBLOCK_BODY.build(dict(
+        magic=SUPERBLOCK_MAGIC, version_major=sb.version_major, version_minor=sb.version_minor,
+        block_size=sb.block_size, generation=sb.generation, device_uuid=sb.device_uuid,
+        total_blocks=sb.total_blocks,
+        region0_start=sb.regions[0][0], region0_blocks=sb.regions[0][1],
+        region1_start=sb.regions[1][0], region1_blocks=sb.regions[1][1],
+        active_region=sb.active_region, encryption=sb.encryption, flags=sb.flags,
+        log_epoch=sb.log_epoch, txn_reserved=sb.txn_reserved,
+        key_descriptor=desc.ljust(32, b"\x00"), salt=sb.salt, chain_base=sb.chain_base,
+        reserved=bytes(60),
+    ))
+    slot = body + struct.pack("<I", crc32c(body))
+    return slot.ljust(BLOCK_SIZE, b"\x00")
+
+
+class SlotStatus(NamedTuple):
+    superblock: Superblock | None
+    problem: str  # "" when valid
+
+
+def decode_superblock(slot: bytes) -> SlotStatus:
+    """Decode one slot. Returns the problem as text instead of raising, so
+    mount can weigh both slots; raises FormatError only for a *valid* slot of
+    a version this code must refuse."""
+    if len(slot) < SUPERBLOCK_STRUCT_SIZE:
+        return SlotStatus(None, "slot truncated")
+    if slot[:8] != SUPERBLOCK_MAGIC:
+        return SlotStatus(None, "no StateFS magic")
+    body = slot[:SUPERBLOCK_CRC_OFFSET]
+    (stored,) = struct.unpack_from("<I", slot, SUPERBLOCK_CRC_OFFSET)
+    if crc32c(body) != stored:
+        return SlotStatus(None, "superblock checksum mismatch")
+    f = _SUPERBLOCK_BODY.parse(body)
+    if f.version_major != VERSION_MAJOR:
+        raise FormatError(f"image has format version {f.version_major}.{f.version_minor}; this "
+                          f"statefs reads only major version {VERSION_MAJOR}")
+    if f.version_minor > VERSION_MINOR:
+        raise FormatError(f"image has format version {f.version_major}.{f.version_minor}, newer than "
+                          f"this statefs ({VERSION_MAJOR}.{VERSION_MINOR}); upgrade statefs")
+    sb = Superblock(
+        generation=f.generation, device_uuid=bytes(f.device_uuid), total_blocks=f.total_blocks,
+        regions=((f.region0_start, f.region0_blocks), (f.region1_start, f.region1_blocks)),
+        active_region=f.active_region, log_epoch=f.log_epoch, txn_reserved=f.txn_reserved,
+        encryption=f.encryption, key_descriptor=bytes(f.key_descriptor).rstrip(b"\x00").decode("utf-8", "replace"),
+        salt=bytes(f.salt), chain_base=bytes(f.chain_base), flags=f.flags,
+        version_major=f.version_major, version_minor=f.version_minor, block_size=f.block_size,
+    )
+    problem = superblock_layout_problem(sb)
+    return SlotStatus(None if problem else sb, problem)
+
+
+def superblock_layout_problem(sb: Superblock) -> str:
+    """Explicit sanity checks of a checksummed superblock's fields."""
+    if sb.block_size != BLOCK_SIZE:
+        return f"unsupported block size {sb.block_size}"
+    if sb.active_region not in (0, 1):
+        return f"active_region {sb.active_region} is not 0 or 1"
+    if sb.encryption not in ENCRYPTION_NAMES:
+        return f"unknown encryption mode {sb.encryption}"
+    if sb.flags:
+        return f"unknown superblock flags {sb.flags:#x}"
+    end = LOG_START_BLOCK
+    for start, blocks in sb.regions:
+        if start < end or blocks < 1 or start + blocks > sb.total_blocks:
+            return f"log region ({start}, {blocks}) outside the device"
+        end = start + blocks
+    return ""
+
+
+# ------------------------------------------------------------------ records
+
+_HEADER = struct.Struct("<I2sBBIIQQQ8sIIH6x")
+if _HEADER.size != HEADER_SIZE:
+    raise ImportError("record header layout drifted from docs/statefs.md")
+
+
+class RecordHeader(NamedTuple):
+    crc: int
+    magic: bytes
+    type: int
+    flags: int
+    epoch: int
+    group: int
+    seq: int
+    mount_gen: int
+    txn_id: int
+    path_hash: bytes
+    payload_len: int
+    chunk_index: int
+    op_index: int
+
+
+def pack_record(rtype: int, *, flags: int, epoch: int, group: int, seq: int, mount_gen: int,
+                txn_id: int, payload: bytes = b"", path_hash: bytes = bytes(8),
+                chunk_index: int = 0, op_index: int = 0) -> bytes:
+    header = bytearray(_HEADER.pack(0, RECORD_MAGIC, rtype, flags, epoch, group, seq, mount_gen,
+                                     txn_id, path_hash, len(payload), chunk_index, op_index))
+    struct.pack_into("<I", header, 0, crc32c(payload, crc32c(memoryview(header)[4:])))
+    return bytes(header) + payload
+
+
+def unpack_header(buf, offset: int = 0) -> RecordHeader:
+    return RecordHeader._make(_HEADER.unpack_from(buf, offset))
+
+
+def header_problem(h: RecordHeader) -> str:
+    """Structural checks that need no payload; "" when plausible."""
+    if h.magic != RECORD_MAGIC:
+        return "bad record magic"
+    if h.type not in RECORD_TYPES:
+        return f"unknown record type {h.type:#x}"
+    if h.flags & ~KNOWN_FLAGS:
+        return f"unknown record flags {h.flags:#x}"
+    if h.payload_len > MAX_PAYLOAD + SEAL_OVERHEAD:
+        return f"payload length {h.payload_len} over the cap"
+    return ""
+
+
+def record_crc_ok(buf, offset: int, h: RecordHeader) -> bool:
+    mv = memoryview(buf)
+    end = offset + HEADER_SIZE + h.payload_len
+    if end > len(buf):
+        return False
+    return crc32c(mv[offset + HEADER_SIZE:end], crc32c(mv[offset + 4:offset + HEADER_SIZE])) == h.crc
+
+
+# ----------------------------------------------------------------- payloads
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a transaction: put a value, or delete a path."""
+
+    kind: int                 # OP_PUT or OP_DELETE
+    path: bytes               # UTF-8 path bytes
+    value_len: int = 0
+
+    @property
+    def chunk_count(self) -> int:
+        return chunk_count(self.value_len) if self.kind == OP_PUT else 0
+
+
+def chunk_count(value_len: int) -> int:
+    return (value_len + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+_PREPARE_HEAD = struct.Struct("<H")
+_PREPARE_OP = struct.Struct("<BBHI")   # kind, reserved, path_len, value_len
+
+
+def encode_prepare(ops: list[Op]) -> bytes:
+    parts = [_PREPARE_HEAD.pack(len(ops))]
+    for op in ops:
+        parts.append(_PREPARE_OP.pack(op.kind, 0, len(op.path), op.value_len))
+        parts.append(op.path)
+    return b"".join(parts)
+
+
+def decode_prepare(payload: bytes) -> list[Op]:
+    """Parse a PREPARE payload; raises ValueError naming the problem."""
+    if len(payload) < 2:
+        raise ValueError("PREPARE payload too short")
+    (count,) = _PREPARE_HEAD.unpack_from(payload, 0)
+    if count < 1 or count > MAX_TXN_OPS:
+        raise ValueError(f"PREPARE op count {count} outside 1..{MAX_TXN_OPS}")
+    pos, ops, total = 2, [], 0
+    for _ in range(count):
+        if pos + _PREPARE_OP.size > len(payload):
+            raise ValueError("PREPARE op truncated")
+        kind, reserved, plen, vlen = _PREPARE_OP.unpack_from(payload, pos)
+        pos += _PREPARE_OP.size
+        if kind not in (OP_PUT, OP_DELETE) or reserved:
+            raise ValueError(f"PREPARE op kind {kind} unknown")
+        if not 1 <= plen <= MAX_KEY_BYTES or pos + plen > len(payload):
+            raise ValueError(f"PREPARE path length {plen} invalid")
+        if vlen > MAX_VALUE_BYTES or (kind == OP_DELETE and vlen):
+            raise ValueError(f"PREPARE value length {vlen} invalid")
+        total += vlen
+        ops.append(Op(kind, bytes(payload[pos:pos + plen]), vlen))
+        pos += plen
+    if pos != len(payload):
+        raise ValueError("PREPARE payload has trailing bytes")
+    if total > MAX_TXN_BYTES:
+        raise ValueError(f"PREPARE total value bytes {total} over the cap")
+    return ops
+
+
+_COMMIT = struct.Struct("<32s32sI")
+
+
+class CommitBody(NamedTuple):
+    prev_hash: bytes
+    txn_digest: bytes
+    record_count: int
+
+
+def encode_commit(body: CommitBody) -> bytes:
+    return _COMMIT.pack(*body)
+
+
+def decode_commit(payload: bytes) -> CommitBody:
+    if len(payload) != _COMMIT.size:
+        raise ValueError(f"COMMIT payload is {len(payload)} bytes, expected {_COMMIT.size}")
+    return CommitBody._make(_COMMIT.unpack(payload))
+
+
+def chain_hash(commit_record: bytes) -> bytes:
+    """Hash of a COMMIT record (its 64-byte header and payload): the next
+    COMMIT's prev_hash."""
+    return hashlib.sha256(commit_record).digest()

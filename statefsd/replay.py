@@ -1,0 +1,250 @@
+"""Replay: turn the complete groups of the log into the committed state.
+
+Only committed transactions become visible. A transaction is applied when,
+and only when, its COMMIT is found and everything about it checks out:
+
+1. its PREPARE parsed, its txn id is above every earlier txn id;
+2. every PUT op has all its PAYLOAD chunks, in order, with the right path
+   hash and sizes; every DELETE op has its DELETE record naming the path;
+3. the COMMIT's record count and digest (SHA-256 of the txn's records)
+   match, and its prev_hash equals the hash of the previous COMMIT (the
+   chain), starting from the superblock's chain_base.
+
+A PREPARE with no COMMIT before the next PREPARE or the end of the log is an
+orphan: dropped whole, reported, not an error. A txn closed by ABORT is
+dropped. Records with good checksums that break the rules above cannot come
+from a crash (a crash only truncates), so they are *corruption* findings.
+
+Replay is a pure function of the record stream: replaying the same image
+twice yields the same state (DESIGN.md invariant 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from statefsd import format as fmt
+from statefsd.logscan import Record, ScanEnd, scan_groups
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where the newest committed value of a path lives."""
+
+    txn_id: int
+    size: int
+    chunks: tuple[tuple[int, int], ...]   # (record offset, payload_len) per chunk
+    sealed: bool = False
+
+
+@dataclass
+class Finding:
+    offset: int
+    kind: str           # "corruption", "orphan", "aborted", "torn-tail"
+    reason: str
+    txn_id: int = 0
+
+    def as_dict(self) -> dict:
+        return {"offset": self.offset, "kind": self.kind, "reason": self.reason, "txn_id": self.txn_id}
+
+
+@dataclass
+class _OpenTxn:
+    prepare: Record
+    ops: list[fmt.Op]
+    digest: "hashlib._Hash"
+    records: int = 1
+    next_chunk: list[int] = field(default_factory=list)
+    chunks: list[list[tuple[int, int]]] = field(default_factory=list)
+    deleted: list[bool] = field(default_factory=list)
+    sealed: bool = False
+
+
+@dataclass
+class ReplayResult:
+    index: dict[bytes, Entry]
+    end: ScanEnd
+    chain_hash: bytes
+    max_txn_id: int
+    committed: int = 0
+    records: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def corruption(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind == "corruption"]
+
+    def summary(self) -> dict:
+        kinds: dict[str, int] = {}
+        for f in self.findings:
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
+        return {"committed_txns": self.committed, "records": self.records, "keys": len(self.index),
+                "max_txn_id": self.max_txn_id, "log_end": self.end.offset,
+                "torn_tail_bytes": self.end.torn_bytes, "stop_reason": self.end.stop_reason,
+                "findings": kinds}
+
+
+class Replayer:
+    """Applies records in log order; see the module docstring for the rules."""
+
+    def __init__(self, sb: fmt.Superblock) -> None:
+        self.sb = sb
+        self.index: dict[bytes, Entry] = {}
+        self.chain = sb.chain_base
+        self.max_txn_id = 0
+        self.open: _OpenTxn | None = None
+        self.findings: list[Finding] = []
+        self.committed = 0
+        self.records = 0
+        self.stopped = False    # set at the first corruption: nothing after it is trusted
+
+    def corrupt(self, rec: Record, reason: str) -> None:
+        self.findings.append(Finding(rec.offset, "corruption", reason, rec.header.txn_id))
+        self.stopped = True
+
+    def apply(self, rec: Record) -> None:
+        if self.stopped:
+            return
+        self.records += 1
+        h = rec.header
+        handler = _HANDLERS[h.type]
+        handler(self, rec, h)
+
+    def finish(self, end: ScanEnd) -> ReplayResult:
+        if self.open is not None and not self.stopped:
+            self._drop_open("orphan", "prepared but never committed")
+        if end.corrupt and not self.stopped:
+            self.findings.append(Finding(end.corruption_offset, "corruption",
+                                         f"{end.corruption}; a durable record follows at "
+                                         f"offset {end.evidence_offset}"))
+        elif end.torn_bytes:
+            self.findings.append(Finding(end.offset, "torn-tail",
+                                         f"incomplete last group of {end.torn_bytes} bytes discarded "
+                                         f"({end.stop_reason})"))
+        return ReplayResult(self.index, end, self.chain, self.max_txn_id, self.committed,
+                            self.records, self.findings)
+
+    # -- record handlers ----------------------------------------------------
+
+    def _drop_open(self, kind: str, reason: str) -> None:
+        p = self.open.prepare
+        self.findings.append(Finding(p.offset, kind, reason, p.header.txn_id))
+        self.open = None
+
+    def _prepare(self, rec: Record, h: fmt.RecordHeader) -> None:
+        if self.open is not None:
+            self._drop_open("orphan", f"superseded by txn {h.txn_id} before its COMMIT")
+        if h.txn_id <= self.max_txn_id:
+            return self.corrupt(rec, f"txn id {h.txn_id} not above earlier txn id {self.max_txn_id}")
+        if h.flags & fmt.FLAG_SEALED:
+            return self.corrupt(rec, "PREPARE must not be sealed")
+        try:
+            ops = fmt.decode_prepare(rec.payload)
+        except ValueError as exc:
+            return self.corrupt(rec, str(exc))
+        self.max_txn_id = h.txn_id
+        digest = hashlib.sha256(rec.raw())
+        self.open = _OpenTxn(rec, ops, digest, next_chunk=[0] * len(ops),
+                             chunks=[[] for _ in ops], deleted=[False] * len(ops))
+
+    def _member(self, rec: Record, h: fmt.RecordHeader) -> _OpenTxn | None:
+        """The open txn this record belongs to, or None after reporting why not."""
+        txn = self.open
+        if txn is None or txn.prepare.header.txn_id != h.txn_id:
+            self.corrupt(rec, f"{fmt.RECORD_TYPES[h.type]} of txn {h.txn_id} outside its transaction")
+            return None
+        if h.op_index >= len(txn.ops):
+            self.corrupt(rec, f"op index {h.op_index} beyond the {len(txn.ops)} prepared ops")
+            return None
+        if fmt.path_hash(txn.ops[h.op_index].path) != h.path_hash:
+            self.corrupt(rec, "path hash does not match the prepared path")
+            return None
+        txn.records += 1
+        txn.digest.update(rec.raw_header)
+        txn.digest.update(rec.payload)
+        return txn
+
+    def _payload(self, rec: Record, h: fmt.RecordHeader) -> None:
+        txn = self._member(rec, h)
+        if txn is None:
+            return
+        op = txn.ops[h.op_index]
+        if op.kind != fmt.OP_PUT:
+            return self.corrupt(rec, "PAYLOAD for a DELETE op")
+        if h.chunk_index != txn.next_chunk[h.op_index]:
+            return self.corrupt(rec, f"chunk {h.chunk_index}, expected {txn.next_chunk[h.op_index]}")
+        plain = min(fmt.CHUNK_SIZE, op.value_len - h.chunk_index * fmt.CHUNK_SIZE)
+        sealed = bool(h.flags & fmt.FLAG_SEALED)
+        if sealed != (self.sb.encryption != fmt.ENCRYPTION_OFF):
+            return self.corrupt(rec, "sealed flag does not match the image's encryption mode")
+        want = plain + (fmt.SEAL_OVERHEAD if sealed else 0)
+        if plain <= 0 or h.payload_len != want:
+            return self.corrupt(rec, f"chunk payload of {h.payload_len} bytes, expected {want}")
+        txn.sealed = sealed
+        txn.next_chunk[h.op_index] += 1
+        txn.chunks[h.op_index].append((rec.offset, h.payload_len))
+
+    def _delete(self, rec: Record, h: fmt.RecordHeader) -> None:
+        txn = self._member(rec, h)
+        if txn is None:
+            return
+        op = txn.ops[h.op_index]
+        if op.kind != fmt.OP_DELETE or rec.payload != op.path or txn.deleted[h.op_index]:
+            return self.corrupt(rec, "DELETE record does not match its prepared op")
+        txn.deleted[h.op_index] = True
+
+    def _commit(self, rec: Record, h: fmt.RecordHeader) -> None:
+        txn = self.open
+        if txn is None or txn.prepare.header.txn_id != h.txn_id:
+            return self.corrupt(rec, f"COMMIT of txn {h.txn_id} without its PREPARE")
+        try:
+            body = fmt.decode_commit(rec.payload)
+        except ValueError as exc:
+            return self.corrupt(rec, str(exc))
+        for i, op in enumerate(txn.ops):
+            if op.kind == fmt.OP_PUT and txn.next_chunk[i] != op.chunk_count:
+                return self.corrupt(rec, f"txn {h.txn_id} committed with {txn.next_chunk[i]} of "
+                                         f"{op.chunk_count} chunks of op {i}")
+            if op.kind == fmt.OP_DELETE and not txn.deleted[i]:
+                return self.corrupt(rec, f"txn {h.txn_id} committed without the DELETE of op {i}")
+        if body.record_count != txn.records:
+            return self.corrupt(rec, f"COMMIT counts {body.record_count} records, found {txn.records}")
+        if body.txn_digest != txn.digest.digest():
+            return self.corrupt(rec, "transaction digest mismatch: records were altered")
+        if body.prev_hash != self.chain:
+            return self.corrupt(rec, "hash chain broken: prev_hash does not match the previous COMMIT")
+        self.chain = fmt.chain_hash(rec.raw())
+        for i, op in enumerate(txn.ops):
+            if op.kind == fmt.OP_PUT:
+                self.index[op.path] = Entry(h.txn_id, op.value_len, tuple(txn.chunks[i]), txn.sealed)
+            else:
+                self.index.pop(op.path, None)
+        self.committed += 1
+        self.open = None
+
+    def _abort(self, rec: Record, h: fmt.RecordHeader) -> None:
+        if self.open is not None and self.open.prepare.header.txn_id == h.txn_id:
+            self._drop_open("aborted", "transaction aborted")
+        elif h.txn_id > self.max_txn_id:
+            self.max_txn_id = h.txn_id   # an ABORT may burn an id whose PREPARE never landed
+
+
+_HANDLERS = {
+    fmt.PREPARE: Replayer._prepare,
+    fmt.PAYLOAD: Replayer._payload,
+    fmt.DELETE: Replayer._delete,
+    fmt.COMMIT: Replayer._commit,
+    fmt.ABORT: Replayer._abort,
+}
+
+
+def replay(device, sb: fmt.Superblock) -> ReplayResult:
+    """Scan the active region and rebuild the committed state."""
+    r = Replayer(sb)
+    for item in scan_groups(device, sb):
+        if isinstance(item, ScanEnd):
+            return r.finish(item)
+        for rec in item:
+            r.apply(rec)
+    raise AssertionError("scan_groups always ends with a ScanEnd")  # pragma: no cover
