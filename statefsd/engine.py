@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from typing import Callable, NamedTuple
 
@@ -125,7 +126,10 @@ class Engine:
         self._closed = False
         self._mount_gen = sb.generation
         if not read_only:
-            self._reserve_txn_ids(self._next_txn)   # also stamps this mount's generation
+            # This mount's generation is above every mount_gen in the log, even
+            # if the newest superblock slot was damaged and an older one chosen.
+            self.sb = sb.evolve(generation=max(sb.generation, result.end.mount_gen))
+            self._reserve_txn_ids(self._next_txn)
             self._mount_gen = self.sb.generation
 
     # ------------------------------------------------------------ lifecycle
@@ -150,16 +154,24 @@ class Engine:
     @classmethod
     def mount(cls, device: BlockDevice, *, read_only: bool = False,
               audit: AuditFn | None = None) -> "Engine":
+        """Mount ``device`` (the engine owns it from now on, and closes it
+        on failure too)."""
         audit = audit or _no_audit
         try:
-            sb, slot_problems = read_superblock(device)
+            return cls._mount(device, read_only, audit)
         except StateFSError as exc:
             audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message)
+            device.close()
             raise
+        except BaseException:
+            device.close()
+            raise
+
+    @classmethod
+    def _mount(cls, device: BlockDevice, read_only: bool, audit: AuditFn) -> "Engine":
+        sb, slot_problems = read_superblock(device)
         if sb.encryption != fmt.ENCRYPTION_OFF:
-            exc = FormatError("this image is encrypted; encryption support is not available yet")
-            audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message)
-            raise exc
+            raise FormatError("this image is encrypted; encryption support is not available yet")
         result = replay(device, sb)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
               **result.summary())
@@ -168,17 +180,17 @@ class Engine:
         bad = result.corruption
         if bad and not read_only:
             first = bad[0]
-            exc = CorruptImage(f"{device.path}: corruption at byte offset {first.offset}: {first.reason}; "
+            raise CorruptImage(f"{device.path}: corruption at byte offset {first.offset}: {first.reason}; "
                                f"refusing to mount read-write (mount read-only to read the "
                                f"{result.committed} committed transactions before it)",
                                offset=first.offset)
-            audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message,
-                  offset=first.offset)
-            raise exc
         engine = cls(device, sb, result, read_only=read_only, audit=audit)
         if bad:
             audit("mount_read_only_prefix", image=device.path, committed=result.committed,
                   offset=bad[0].offset, reason=bad[0].reason)
+            print(f"statefsd: WARNING: {device.path} is damaged at byte offset {bad[0].offset} "
+                  f"({bad[0].reason}); serving the {result.committed} transactions before it READ-ONLY",
+                  file=sys.stderr)
         audit("mount", image=device.path, read_only=read_only, generation=engine.sb.generation,
               keys=len(engine.index), encryption=fmt.ENCRYPTION_NAMES[sb.encryption])
         return engine
@@ -202,6 +214,11 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def log_end(self) -> int:
+        """Byte offset where the next write group will start."""
+        return self._pos
 
     # ---------------------------------------------------------------- reads
 

@@ -8,9 +8,9 @@ region from its start and accepts a record only if *all* hold:
 2. ``epoch`` equals the superblock's ``log_epoch`` (older epochs are stale
    data from before a compaction, or from an earlier file system);
 3. ``seq`` is exactly one more than the previous record's;
-4. ``mount_gen`` is not lower than the previous record's and not above the
-   superblock generation (a lower one is stale tail data of an earlier mount
-   that a later mount has partly overwritten);
+4. ``mount_gen`` is not lower than the previous record's (a lower one is
+   stale tail data of an earlier mount that a later mount has partly
+   overwritten);
 5. ``group`` equals the current group, or the next one at a group start.
 
 Records are handed out one *complete* group at a time: a group whose last
@@ -117,8 +117,8 @@ def _check(window: _Window, offset: int, sb: fmt.Superblock,
         return None, f"record of epoch {h.epoch}, not {sb.log_epoch} (stale)"
     if h.seq != cur.seq:
         return None, f"sequence {h.seq}, expected {cur.seq}"
-    if h.mount_gen < cur.mount_gen or h.mount_gen > sb.generation:
-        return None, f"mount generation {h.mount_gen} out of order (stale)"
+    if h.mount_gen < cur.mount_gen:
+        return None, f"mount generation {h.mount_gen} below {cur.mount_gen} (stale)"
     want_group = cur.group + 1
     if h.group != want_group:
         return None, f"group {h.group}, expected {want_group}"
@@ -170,7 +170,7 @@ def _look_for_durable_records_beyond(window: _Window, sb: fmt.Superblock, end: S
             if hit + fmt.HEADER_SIZE - magic_at <= len(chunk):
                 h = fmt.unpack_header(chunk, hit - magic_at)
                 if (h.epoch == sb.log_epoch and h.group >= end.next_group + 1
-                        and end.mount_gen <= h.mount_gen <= sb.generation
+                        and h.mount_gen >= end.mount_gen
                         and h.seq >= end.next_seq and not fmt.header_problem(h)
                         and _crc_ok_at(window, off, h)):
                     end.corruption = end.stop_reason

@@ -1,0 +1,227 @@
+"""Engine behaviour across remounts, torn tails, corruption and full devices.
+
+Damage is applied to real image files between mounts, the way a power cut or
+a bad disk leaves them; numbers in names refer to docs/DESIGN.md invariants.
+"""
+
+import struct
+
+import pytest
+
+from statefsd import format as fmt
+from statefsd.engine import Mutation
+from statefsd.errors import CorruptImage, FormatError, IntegrityError, NoSpace, NotFound, ReadOnly, TooBig
+
+
+def test_committed_values_survive_remount(image):
+    with image.mount() as e:
+        e.put("a", b"1")
+        e.put("big", bytes(range(256)) * 1000)
+        e.commit([Mutation("put", "b", b"2"), Mutation("delete", "a")])
+    with image.mount() as e:
+        assert e.list() == ["b", "big"]
+        assert e.get("b") == b"2"
+        assert e.get("big") == bytes(range(256)) * 1000
+        with pytest.raises(NotFound):
+            e.get("a")
+
+
+def test_empty_value_round_trips(image):
+    with image.mount() as e:
+        e.put("empty", b"")
+    with image.mount() as e:
+        assert e.get("empty") == b""
+        assert e.stat("empty")["size"] == 0
+
+
+def test_torn_last_group_is_discarded_whole_and_is_not_an_error(image):
+    # invariant 2: the multi-key txn whose COMMIT was torn is invisible, the earlier one stays
+    with image.mount() as e:
+        e.put("keep", b"old")
+        start = e.log_end
+        e.commit([Mutation("put", "x", b"1" * 5000), Mutation("put", "keep", b"new")])
+        end = e.log_end
+    image.patch(end - 512, bytes(512))  # the sector holding the COMMIT never landed
+    with image.mount() as e:
+        assert e.get("keep") == b"old"
+        assert e.list() == ["keep"]
+        assert e.log_end == start
+        assert not e.read_only
+    kinds = [f["kind"] for ev, f in image.events if ev == "replay_finding"]
+    assert kinds == ["torn-tail"]
+
+
+def test_writes_after_a_torn_tail_are_replayed_and_stale_tail_records_are_ignored(image):
+    with image.mount() as e:
+        e.put("a", b"1")
+        e.commit([Mutation("put", f"k{i}", b"v" * 3000) for i in range(20)])
+        end = e.log_end
+    image.patch(end - 512, bytes(512))  # torn: the large group's end is lost
+    with image.mount() as e:
+        assert e.list() == ["a"]
+        e.put("b", b"2")  # a short group over the start of the stale one
+    with image.mount() as e:
+        assert e.list() == ["a", "b"]
+    assert not [f for ev, f in image.events if ev == "replay_finding" and f["kind"] == "corruption"]
+
+
+def test_txn_ids_are_never_reused_after_the_record_that_used_them_was_lost(image):
+    # invariant 7
+    with image.mount() as e:
+        e.put("a", b"1")
+        lost = e.put("b", b"2")
+        end = e.log_end
+    image.patch(end - 512, bytes(512))
+    with image.mount() as e:
+        assert e.list() == ["a"]
+        assert e.put("c", b"3") > lost
+
+
+def test_corruption_followed_by_durable_records_refuses_read_write_mount(image):
+    # invariant 8
+    with image.mount() as e:
+        e.put("first", b"1")
+        middle = e.log_end
+        e.put("second", b"2")
+        e.put("third", b"3")
+    image.patch(middle + 20, b"\xff\xff")  # damage inside a flushed group
+    with pytest.raises(CorruptImage) as err:
+        image.mount()
+    assert f"offset {middle}" in str(err.value)
+    with image.mount(read_only=True) as e:
+        assert e.list() == ["first"]
+        with pytest.raises(ReadOnly):
+            e.put("x", b"y")
+    assert any(ev == "mount_read_only_prefix" for ev, _ in image.events)
+
+
+def test_altered_value_with_recomputed_checksum_breaks_the_transaction_digest(image):
+    with image.mount() as e:
+        e.put("a", b"secret-1")
+        (offset, plen), = e.index[b"a"].chunks
+        e.put("b", b"after")
+    raw = bytearray(image.read(offset, fmt.HEADER_SIZE + plen))
+    raw[fmt.HEADER_SIZE] ^= 1
+    struct.pack_into("<I", raw, 0, fmt.crc32c(bytes(raw[fmt.HEADER_SIZE:]), fmt.crc32c(bytes(raw[4:64]))))
+    image.patch(offset, bytes(raw))
+    with pytest.raises(CorruptImage, match="digest"):
+        image.mount()
+
+
+def test_reads_verify_the_checksum(image):
+    e = image.mount()
+    e.put("a", b"value")
+    (offset, _), = e.index[b"a"].chunks
+    image.patch(offset + fmt.HEADER_SIZE, b"X")
+    with pytest.raises(IntegrityError):
+        e.get("a")
+    e.close()
+
+
+def test_newest_superblock_torn_falls_back_to_the_other_slot(image):
+    with image.mount() as e:
+        e.put("a", b"1")
+        gen = e.sb.generation
+    image.patch(fmt.SUPERBLOCK_OFFSETS[gen % 2] + 100, b"garbage!")
+    with image.mount() as e:
+        assert e.get("a") == b"1"
+
+
+def test_both_superblocks_damaged_is_a_clear_corruption_error(image):
+    for off in fmt.SUPERBLOCK_OFFSETS:
+        image.patch(off + 100, b"garbage!")
+    with pytest.raises(CorruptImage, match="both superblock slots"):
+        image.mount()
+
+
+def test_an_image_that_is_not_statefs_is_refused(tmp_path):
+    from statefsd.blockdev import FileDevice
+    from statefsd.engine import Engine
+    path = tmp_path / "other.img"
+    path.write_bytes(b"\x7fELF" + bytes(2 << 20))
+    with pytest.raises(FormatError, match="not a StateFS image"):
+        Engine.mount(FileDevice(str(path)))
+
+
+@pytest.mark.parametrize("major,minor,msg", [(3, 0, "major version 2"), (2, 1, "upgrade statefs")])
+def test_unknown_format_versions_are_refused_with_a_clear_message(image, major, minor, msg):
+    with image.mount() as e:
+        sb = e.sb
+    for off in fmt.SUPERBLOCK_OFFSETS:
+        image.patch(off, fmt.encode_superblock(sb.evolve(version_major=major, version_minor=minor)))
+    with pytest.raises(FormatError, match=msg):
+        image.mount()
+
+
+def test_truncated_image_is_refused(image):
+    import os
+    os.truncate(image.path, 2 << 20)
+    with pytest.raises(CorruptImage, match="truncated"):
+        image.mount()
+
+
+def test_full_device_returns_enospc_and_keeps_serving_reads_and_deletes(image):
+    with image.mount() as e:
+        e.put("keep", b"k")
+        written = 0
+        with pytest.raises(NoSpace):
+            while True:
+                e.put(f"fill{written}", bytes(60000))
+                written += 1
+        assert written > 10
+        assert e.get("keep") == b"k"
+        e.delete("fill0")
+        with pytest.raises(NoSpace):
+            e.put("more", bytes(60000))
+    with image.mount() as e:
+        assert e.get("keep") == b"k"
+        assert len(e.list()) == written  # keep + fills - fill0
+
+
+def test_caps_are_enforced_before_anything_is_written(image):
+    with image.mount() as e:
+        before = e.log_end
+        with pytest.raises(TooBig):
+            e.put("k" * (fmt.MAX_KEY_BYTES + 1), b"")
+        with pytest.raises(TooBig):
+            e.put("k", bytes(fmt.MAX_VALUE_BYTES + 1))
+        with pytest.raises(TooBig):
+            e.commit([Mutation("put", f"k{i}", b"") for i in range(fmt.MAX_TXN_OPS + 1)])
+        assert e.log_end == before
+
+
+def test_replay_is_idempotent_and_a_read_only_mount_changes_no_byte(image):
+    # invariant 4
+    with image.mount() as e:
+        for i in range(30):
+            e.put(f"k{i % 7}", bytes([i]) * (i * 100))
+        e.commit([Mutation("delete", "k3"), Mutation("put", "z", b"z")])
+    before = image.bytes()
+    states = []
+    for _ in range(2):
+        with image.mount(read_only=True) as e:
+            states.append({k: e.get(k) for k in e.list()})
+    assert states[0] == states[1]
+    assert image.bytes() == before
+
+
+def test_concurrent_commits_share_flushes(image):
+    import threading
+    e = image.mount()
+    flushes = 0
+    real_flush = e.device.flush
+
+    def counting_flush():
+        nonlocal flushes
+        flushes += 1
+        real_flush()
+    e.device.flush = counting_flush
+    threads = [threading.Thread(target=lambda i=i: [e.put(f"t{i}/{j}", b"v") for j in range(25)])
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(e.list()) == 200
+    assert flushes < 200
+    e.close()
