@@ -33,13 +33,15 @@ from typing import Callable, NamedTuple
 
 from statefsd import format as fmt
 from statefsd.blockdev import BlockDevice
+from statefsd.crypto import RecordCipher
 from statefsd.errors import (
-    CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, NoSpace, NotFound,
-    ReadOnly, StateFSError, TooBig,
+    CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
+    NotFound, ReadOnly, StateFSError, TooBig,
 )
 from statefsd.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
+KeyProvider = Callable[[fmt.Superblock], bytes]
 
 
 class Mutation(NamedTuple):
@@ -103,8 +105,9 @@ class _Request:
 
 class Engine:
     def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
-                 read_only: bool, audit: AuditFn) -> None:
+                 read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None) -> None:
         self.device = device
+        self.cipher = cipher
         self.sb = sb
         self.read_only = read_only
         self.audit = audit
@@ -140,8 +143,10 @@ class Engine:
         if encryption not in ("off", "on"):
             raise InvalidArgument(f"encryption must be 'on' or 'off', not {encryption!r}")
         if encryption == "on":
-            raise InvalidArgument("encryption is not available in this build yet")
-        sb = fmt.new_superblock(device.size)
+            sb = fmt.new_superblock(device.size, encryption=fmt.ENCRYPTION_XCHACHA20POLY1305,
+                                    key_descriptor=fmt.KEY_DESCRIPTOR_V1, salt=salt or os.urandom(32))
+        else:
+            sb = fmt.new_superblock(device.size)
         # A random first epoch makes records left by an earlier file system on
         # the same device stale by rule 2 of the log reader.
         sb = sb.evolve(log_epoch=int.from_bytes(os.urandom(4), "little") or 1)
@@ -153,12 +158,14 @@ class Engine:
 
     @classmethod
     def mount(cls, device: BlockDevice, *, read_only: bool = False,
-              audit: AuditFn | None = None) -> "Engine":
+              audit: AuditFn | None = None, key_provider: KeyProvider | None = None) -> "Engine":
         """Mount ``device`` (the engine owns it from now on, and closes it
-        on failure too)."""
+        on failure too). An encrypted image needs ``key_provider``, which
+        returns the payload key for a superblock (from keystored); there is
+        no plaintext fallback."""
         audit = audit or _no_audit
         try:
-            return cls._mount(device, read_only, audit)
+            return cls._mount(device, read_only, audit, key_provider)
         except StateFSError as exc:
             audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message)
             device.close()
@@ -168,11 +175,16 @@ class Engine:
             raise
 
     @classmethod
-    def _mount(cls, device: BlockDevice, read_only: bool, audit: AuditFn) -> "Engine":
+    def _mount(cls, device: BlockDevice, read_only: bool, audit: AuditFn,
+               key_provider: KeyProvider | None) -> "Engine":
         sb, slot_problems = read_superblock(device)
+        cipher = None
         if sb.encryption != fmt.ENCRYPTION_OFF:
-            raise FormatError("this image is encrypted; encryption support is not available yet")
-        result = replay(device, sb)
+            if key_provider is None:
+                raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}); a key from "
+                                     f"keystored is required (--keystore-socket)")
+            cipher = RecordCipher(key_provider(sb), sb)
+        result = replay(device, sb, cipher)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
               **result.summary())
         for f in result.findings:
@@ -184,7 +196,7 @@ class Engine:
                                f"refusing to mount read-write (mount read-only to read the "
                                f"{result.committed} committed transactions before it)",
                                offset=first.offset)
-        engine = cls(device, sb, result, read_only=read_only, audit=audit)
+        engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher)
         if bad:
             audit("mount_read_only_prefix", image=device.path, committed=result.committed,
                   offset=bad[0].offset, reason=bad[0].reason)
@@ -247,7 +259,16 @@ class Engine:
                 self.audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id)
                 raise IntegrityError(f"value of {path!r} failed its checksum at byte offset {offset}",
                                      offset=offset)
-            parts.append(span[rel + fmt.HEADER_SIZE:rel + fmt.HEADER_SIZE + plen])
+            piece = span[rel + fmt.HEADER_SIZE:rel + fmt.HEADER_SIZE + plen]
+            if entry.sealed:
+                try:
+                    piece = self.cipher.open(piece, h)
+                except IntegrityError:
+                    self.audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id,
+                               reason="authentication failed")
+                    raise IntegrityError(f"value of {path!r} failed authentication at byte offset "
+                                         f"{offset}", offset=offset) from None
+            parts.append(piece)
         return b"".join(parts)
 
     def stat(self, path: str) -> dict:
@@ -331,13 +352,13 @@ class Engine:
             raise TooBig(f"transaction of {total} value bytes exceeds the limit of {fmt.MAX_TXN_BYTES}")
         return ops
 
-    @staticmethod
-    def _txn_bytes(ops: list[tuple[fmt.Op, bytes]]) -> int:
+    def _txn_bytes(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
+        per_chunk = fmt.HEADER_SIZE + (fmt.SEAL_OVERHEAD if self.cipher else 0)
         prepare = 2 + sum(6 + len(op.path) for op, _ in ops)
         size = 2 * fmt.HEADER_SIZE + prepare + 68  # PREPARE + COMMIT
         for op, _ in ops:
             if op.kind == fmt.OP_PUT:
-                size += op.chunk_count * fmt.HEADER_SIZE + op.value_len
+                size += op.chunk_count * per_chunk + op.value_len
             else:
                 size += fmt.HEADER_SIZE + len(op.path)
         return size
@@ -424,11 +445,16 @@ class Engine:
                 chunks = []
                 for chunk_index in range(op.chunk_count):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
+                    flags = 0
+                    if self.cipher:
+                        piece = self.cipher.seal(piece, txn_id=txn_id, op_index=op_index,
+                                                 chunk_index=chunk_index, phash=phash)
+                        flags = fmt.FLAG_SEALED
                     chunks.append((offset, len(piece)))
-                    digest.update(emit(fmt.PAYLOAD, piece, path_hash=phash, op_index=op_index,
-                                       chunk_index=chunk_index))
+                    digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
+                                       op_index=op_index, chunk_index=chunk_index))
                     count += 1
-                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks))))
+                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(self.cipher))))
             body = fmt.encode_commit(fmt.CommitBody(chain, digest.digest(), count))
             last = n == len(accepted) - 1
             chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))

@@ -405,3 +405,35 @@ def chain_hash(commit_record: bytes) -> bytes:
     """Hash of a COMMIT record (its 64-byte header and payload): the next
     COMMIT's prev_hash."""
     return hashlib.sha256(commit_record).digest()
+
+
+# --------------------------------------------------------------- encryption
+#
+# With encryption on, every PAYLOAD record's payload is
+# XChaCha20-Poly1305(key, nonce, plaintext chunk, aad) = ciphertext || 16-byte tag,
+# and the record carries FLAG_SEALED. PREPARE, DELETE, COMMIT and ABORT stay
+# plaintext (paths, sizes and txn structure are not secret in format 2).
+
+KEY_DESCRIPTOR_V1 = "device-key-v1"
+RECORD_KEY_LABEL = "statefs.record.v1"   # keystored label for the payload key
+SEAL_AAD_LABEL = b"statefs.seal.v2\x00"
+_NONCE = struct.Struct("<8sQHIBx")        # salt[0:8], txn_id, op_index, chunk_index, type, 0
+_AAD = struct.Struct("<16s16sBQHI8sI")    # label, uuid, type, txn_id, op_index, chunk_index, path_hash, payload_len
+if _NONCE.size != 24 or _AAD.size != 59:
+    raise ImportError("seal layout drifted from docs/statefs.md")
+
+
+def record_key_context(sb: "Superblock") -> bytes:
+    """HKDF context for the payload key: ties the key to this image."""
+    return sb.device_uuid + sb.salt
+
+
+def seal_nonce(salt: bytes, txn_id: int, op_index: int, chunk_index: int, rtype: int = PAYLOAD) -> bytes:
+    """24-byte nonce; unique per key because txn ids are never reused (invariant 7)."""
+    return _NONCE.pack(salt[:8], txn_id, op_index, chunk_index, rtype)
+
+
+def seal_aad(device_uuid: bytes, rtype: int, txn_id: int, op_index: int, chunk_index: int,
+             phash: bytes, payload_len: int) -> bytes:
+    """Binds a sealed payload to its record, position and device."""
+    return _AAD.pack(SEAL_AAD_LABEL, device_uuid, rtype, txn_id, op_index, chunk_index, phash, payload_len)

@@ -25,6 +25,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from statefsd import format as fmt
+from statefsd.errors import IntegrityError
 from statefsd.logscan import Record, ScanEnd, scan_groups
 
 
@@ -41,7 +42,7 @@ class Entry:
 @dataclass
 class Finding:
     offset: int
-    kind: str           # "corruption", "orphan", "aborted", "torn-tail"
+    kind: str           # "corruption", "integrity", "orphan", "aborted", "torn-tail"
     reason: str
     txn_id: int = 0
 
@@ -59,6 +60,7 @@ class _OpenTxn:
     chunks: list[list[tuple[int, int]]] = field(default_factory=list)
     deleted: list[bool] = field(default_factory=list)
     sealed: bool = False
+    tampered_at: int = -1       # offset of a sealed chunk that failed authentication
 
 
 @dataclass
@@ -70,6 +72,7 @@ class ReplayResult:
     committed: int = 0
     records: int = 0
     findings: list[Finding] = field(default_factory=list)
+    unverified_chunks: int = 0  # sealed chunks not authenticated (no key given)
 
     @property
     def corruption(self) -> list[Finding]:
@@ -82,14 +85,16 @@ class ReplayResult:
         return {"committed_txns": self.committed, "records": self.records, "keys": len(self.index),
                 "max_txn_id": self.max_txn_id, "log_end": self.end.offset,
                 "torn_tail_bytes": self.end.torn_bytes, "stop_reason": self.end.stop_reason,
-                "findings": kinds}
+                "unverified_chunks": self.unverified_chunks, "findings": kinds}
 
 
 class Replayer:
     """Applies records in log order; see the module docstring for the rules."""
 
-    def __init__(self, sb: fmt.Superblock) -> None:
+    def __init__(self, sb: fmt.Superblock, cipher=None) -> None:
         self.sb = sb
+        self.cipher = cipher
+        self.unverified_chunks = 0
         self.index: dict[bytes, Entry] = {}
         self.chain = sb.chain_base
         self.max_txn_id = 0
@@ -123,7 +128,7 @@ class Replayer:
                                          f"incomplete last group of {end.torn_bytes} bytes discarded "
                                          f"({end.stop_reason})"))
         return ReplayResult(self.index, end, self.chain, self.max_txn_id, self.committed,
-                            self.records, self.findings)
+                            self.records, self.findings, self.unverified_chunks)
 
     # -- record handlers ----------------------------------------------------
 
@@ -182,8 +187,20 @@ class Replayer:
         if plain <= 0 or h.payload_len != want:
             return self.corrupt(rec, f"chunk payload of {h.payload_len} bytes, expected {want}")
         txn.sealed = sealed
+        if sealed:
+            self._authenticate(txn, rec)
         txn.next_chunk[h.op_index] += 1
         txn.chunks[h.op_index].append((rec.offset, h.payload_len))
+
+    def _authenticate(self, txn: _OpenTxn, rec: Record) -> None:
+        if self.cipher is None:
+            self.unverified_chunks += 1
+            return
+        try:
+            self.cipher.open(rec.payload, rec.header)
+        except IntegrityError:
+            if txn.tampered_at < 0:
+                txn.tampered_at = rec.offset
 
     def _delete(self, rec: Record, h: fmt.RecordHeader) -> None:
         txn = self._member(rec, h)
@@ -215,13 +232,20 @@ class Replayer:
         if body.prev_hash != self.chain:
             return self.corrupt(rec, "hash chain broken: prev_hash does not match the previous COMMIT")
         self.chain = fmt.chain_hash(rec.raw())
+        self.open = None
+        if txn.tampered_at >= 0:
+            # The records are intact but a sealed chunk does not authenticate:
+            # the whole txn is dropped, the same way on every replay.
+            self.findings.append(Finding(txn.tampered_at, "integrity",
+                                         "sealed payload failed authentication; transaction discarded",
+                                         h.txn_id))
+            return
         for i, op in enumerate(txn.ops):
             if op.kind == fmt.OP_PUT:
                 self.index[op.path] = Entry(h.txn_id, op.value_len, tuple(txn.chunks[i]), txn.sealed)
             else:
                 self.index.pop(op.path, None)
         self.committed += 1
-        self.open = None
 
     def _abort(self, rec: Record, h: fmt.RecordHeader) -> None:
         if self.open is not None and self.open.prepare.header.txn_id == h.txn_id:
@@ -239,9 +263,11 @@ _HANDLERS = {
 }
 
 
-def replay(device, sb: fmt.Superblock) -> ReplayResult:
-    """Scan the active region and rebuild the committed state."""
-    r = Replayer(sb)
+def replay(device, sb: fmt.Superblock, cipher=None) -> ReplayResult:
+    """Scan the active region and rebuild the committed state. With a
+    cipher, every sealed chunk is authenticated; without, it is counted as
+    unverified."""
+    r = Replayer(sb, cipher)
     for item in scan_groups(device, sb):
         if isinstance(item, ScanEnd):
             return r.finish(item)
