@@ -7,15 +7,15 @@ Invariants the engine keeps (numbered as in docs/DESIGN.md):
 (2) A transaction is all or nothing: its records are written as one block
     of PREPARE, PAYLOAD/DELETE records and COMMIT, and replay applies it only
     when the COMMIT and everything it vouches for is intact.
-(6) Write groups: the records of one or more transactions are written with
+(7) Write groups: the records of one or more transactions are written with
     one device write and made durable with one flush. Group g+1 is never
     written before group g's flush has returned, so at most one group is ever
     volatile, and every group starts on a fresh GROUP_ALIGN boundary: a torn
     write can never damage bytes of an earlier, acknowledged group.
-(7) Txn ids are reserved in the superblock (txn_reserved) before use; a mount
+(8) Txn ids are reserved in the superblock (txn_reserved) before use; a mount
     continues above the reservation, so an id is never used twice even when
     the record that used it was lost.
-(8) A mount that finds corruption followed by durable records refuses to
+(9) A mount that finds corruption followed by durable records refuses to
     mount read-write; read-only mounts serve the consistent prefix.
 
 Concurrency: any number of threads may call commit(); the first becomes the
@@ -304,10 +304,33 @@ class Engine:
         return self.commit([Mutation("delete", path)])
 
     def commit(self, mutations: list[Mutation]) -> int:
-        """Apply all mutations atomically; returns the txn id once durable."""
+        """Apply all mutations atomically; returns the txn id once durable.
+        A full log is compacted once before ENOSPC is returned; the log is
+        also compacted after a commit when compaction_due()."""
         if self.read_only:
             raise ReadOnly(f"{self.device.path} is mounted read-only")
-        req = _Request(self._validate(mutations))
+        ops = self._validate(mutations)
+        try:
+            txn_id = self._commit_ops(ops)
+        except NoSpace:
+            if not self._compaction_would_free(self._txn_bytes(ops)):
+                raise
+            self.compact()
+            txn_id = self._commit_ops(ops)
+        if self.compaction_due():
+            try:
+                self.compact()
+            except NoSpace:
+                pass  # the live data itself is too large; commits will say ENOSPC
+        return txn_id
+
+    def _compaction_would_free(self, needed: int) -> bool:
+        live = sum(e.size + fmt.HEADER_SIZE * 2 + len(p) for p, e in self.index.items())
+        size = self._region_end - self._region_start - self._delete_reserve
+        return live * 5 // 4 + needed < size and self._pos - self._region_start > live * 5 // 4
+
+    def _commit_ops(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
+        req = _Request(ops)
         with self._cv:
             if self._closed:
                 raise ReadOnly(f"{self.device.path} is unmounted")
@@ -408,34 +431,150 @@ class Engine:
         # After a failed write or flush nobody knows what is durable (the
         # page cache may have dropped it): stop writing rather than guess.
         self.read_only = True
+        self._failure = exc
         self.audit("write_failure", reason=str(exc), action="now read-only")
         for req in accepted:
             req.error = exc
             req.done = True
 
+    def _cursor(self) -> "_LogCursor":
+        return _LogCursor(epoch=self.sb.log_epoch, group=self._group, seq=self._seq, offset=self._pos,
+                          chain=self._chain, txn_id=self._next_txn, mount_gen=self._mount_gen)
+
     def _encode_group(self, accepted: list[_Request]):
-        seq, group, chain, txn_id = self._seq, self._group, self._chain, self._next_txn
+        cur = self._cursor()
+        blob, all_entries = cur.encode_group([req.ops for req in accepted], self.cipher)
+        for req, txn_id in zip(accepted, cur.txn_ids):
+            req.txn_id = txn_id
+        return blob, {"state": (cur.seq, cur.group, cur.chain, cur.txn_id), "entries": all_entries}
+
+    # ----------------------------------------------------------- compaction
+
+    def compaction_due(self) -> bool:
+        """Policy (docs/DESIGN.md): the log is over 75% full and holds more
+        than twice the live bytes."""
+        used = self._pos - self._region_start
+        size = self._region_end - self._region_start
+        live = sum(e.size for e in self.index.values())
+        return used > size * 3 // 4 and used > 2 * live
+
+    def compact(self) -> dict:
+        """Write the live state into the other region and switch to it with
+        one superblock write. Commits wait meanwhile; reads go on."""
+        if self.read_only:
+            raise ReadOnly(f"{self.device.path} is mounted read-only")
+        with self._cv:
+            while self._writing:
+                self._cv.wait()
+            self._writing = True
+        try:
+            return self._compact_locked()
+        finally:
+            with self._cv:
+                self._writing = False
+                self._cv.notify_all()
+
+    def _compact_locked(self) -> dict:
+        region = 1 - self.sb.active_region
+        start_block, blocks = self.sb.regions[region]
+        start, end = start_block * fmt.BLOCK_SIZE, (start_block + blocks) * fmt.BLOCK_SIZE
+        epoch = self.sb.log_epoch % 0xFFFFFFFF + 1
+        used_before = self._pos - self._region_start
+        batches = _snapshot_batches(sorted(self.index.items()))
+        if self._next_txn + len(batches) > self.sb.txn_reserved:
+            self._reserve_txn_ids(self._next_txn + len(batches))
+        cur = _LogCursor(epoch=epoch, group=1, seq=0, offset=start, chain=self._chain,
+                         txn_id=self._next_txn, mount_gen=self._mount_gen)
+        index: dict[bytes, Entry] = {}
+        written = 0
+        try:
+            for batch in batches:
+                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), self.get(path.decode()))
+                       for path, entry in batch]
+                need = fmt.align_up(self._txn_bytes(ops))
+                if cur.offset + need > end - self._delete_reserve:
+                    raise NoSpace(f"{self.device.path}: live data does not fit in a log region; "
+                                  f"delete keys (committed data is intact)")
+                at = cur.offset
+                blob, entries = cur.encode_group([ops], self.cipher)
+                self.device.write(at, blob)
+                written += len(blob)
+                index.update(entries[0])
+            self.device.flush()
+            # The commit point of compaction: one superblock write, then flush.
+            self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1, active_region=region,
+                                                  log_epoch=epoch, chain_base=self._chain))
+        except OSError as exc:
+            self._fail([], DeviceIOError(f"{self.device.path}: compaction: {exc}"))
+            raise self._failure from None
+        except DeviceIOError as exc:
+            self._fail([], exc)
+            raise
+        self._region_start, self._region_end = start, end
+        self._pos, self._seq, self._group = cur.offset, cur.seq, cur.group
+        self._chain, self._next_txn = cur.chain, cur.txn_id
+        self.index = index
+        stats = {"live_keys": len(index), "live_bytes": sum(e.size for e in index.values()),
+                 "log_before": used_before, "log_after": written, "epoch": epoch}
+        self.audit("compaction", **stats)
+        return stats
+
+    def _reserve_txn_ids(self, upto: int) -> None:
+        """Durably reserve txn ids through at least ``upto`` (invariant 8)."""
+        new = self.sb.evolve(generation=self.sb.generation + 1,
+                             txn_reserved=upto + fmt.TXN_RESERVE_BATCH - 1)
+        self._write_superblock(new)
+
+    def _write_superblock(self, sb: fmt.Superblock) -> None:
+        slot = fmt.SUPERBLOCK_OFFSETS[sb.generation % 2]
+        self.device.write(slot, fmt.encode_superblock(sb))
+        self.device.flush()
+        self.sb = sb
+
+
+def _snapshot_batches(items: list[tuple[bytes, Entry]]) -> list[list[tuple[bytes, Entry]]]:
+    """Split the live state into transactions within the caps."""
+    batches, batch, size = [], [], 0
+    for path, entry in items:
+        if batch and (len(batch) == fmt.MAX_TXN_OPS or size + entry.size > fmt.MAX_TXN_BYTES // 4):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append((path, entry))
+        size += entry.size
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class _LogCursor:
+    """Where the next record goes, and the chain and txn id it continues.
+    encode_group() turns transactions into one write group (invariant 7)."""
+
+    def __init__(self, *, epoch: int, group: int, seq: int, offset: int, chain: bytes, txn_id: int,
+                 mount_gen: int) -> None:
+        self.epoch, self.group, self.seq, self.offset = epoch, group, seq, offset
+        self.chain, self.txn_id, self.mount_gen = chain, txn_id, mount_gen
+        self.txn_ids: list[int] = []
+
+    def encode_group(self, txns: list[list[tuple[fmt.Op, bytes]]], cipher: RecordCipher | None):
         parts: list[bytes] = []
-        offset = self._pos
         all_entries = []
+        txn_id = self.txn_id
 
         def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
-            nonlocal seq, offset
-            rec = fmt.pack_record(rtype, flags=flags, epoch=self.sb.log_epoch, group=group, seq=seq,
-                                  mount_gen=self._mount_gen, txn_id=txn_id, payload=payload, **kw)
+            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=self.seq,
+                                  mount_gen=self.mount_gen, txn_id=txn_id, payload=payload, **kw)
             parts.append(rec)
-            seq += 1
-            offset += len(rec)
+            self.seq += 1
+            self.offset += len(rec)
             return rec
 
-        for n, req in enumerate(accepted):
-            req.txn_id = txn_id
-            digest = hashlib.sha256()
-            ops = [op for op, _ in req.ops]
-            digest.update(emit(fmt.PREPARE, fmt.encode_prepare(ops)))
+        for n, ops in enumerate(txns):
+            self.txn_ids.append(txn_id)
+            digest = hashlib.sha256(emit(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops])))
             count = 1
             entries = []
-            for op_index, (op, value) in enumerate(req.ops):
+            for op_index, (op, value) in enumerate(ops):
                 phash = fmt.path_hash(op.path)
                 if op.kind == fmt.OP_DELETE:
                     digest.update(emit(fmt.DELETE, op.path, path_hash=phash, op_index=op_index))
@@ -446,32 +585,23 @@ class Engine:
                 for chunk_index in range(op.chunk_count):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
                     flags = 0
-                    if self.cipher:
-                        piece = self.cipher.seal(piece, txn_id=txn_id, op_index=op_index,
-                                                 chunk_index=chunk_index, phash=phash)
+                    if cipher:
+                        piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
+                                            chunk_index=chunk_index, phash=phash)
                         flags = fmt.FLAG_SEALED
-                    chunks.append((offset, len(piece)))
+                    chunks.append((self.offset, len(piece)))
                     digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
                                        op_index=op_index, chunk_index=chunk_index))
                     count += 1
-                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(self.cipher))))
-            body = fmt.encode_commit(fmt.CommitBody(chain, digest.digest(), count))
-            last = n == len(accepted) - 1
-            chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
+                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher))))
+            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest.digest(), count))
+            last = n == len(txns) - 1
+            self.chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
             all_entries.append(entries)
             txn_id += 1
+        self.txn_id = txn_id
+        self.group += 1
         blob = b"".join(parts)
-        blob += bytes(fmt.align_up(len(blob)) - len(blob))
-        return blob, {"state": (seq, group + 1, chain, txn_id), "entries": all_entries}
-
-    def _reserve_txn_ids(self, upto: int) -> None:
-        """Durably reserve txn ids through at least ``upto`` (invariant 7)."""
-        new = self.sb.evolve(generation=self.sb.generation + 1,
-                             txn_reserved=upto + fmt.TXN_RESERVE_BATCH - 1)
-        self._write_superblock(new)
-
-    def _write_superblock(self, sb: fmt.Superblock) -> None:
-        slot = fmt.SUPERBLOCK_OFFSETS[sb.generation % 2]
-        self.device.write(slot, fmt.encode_superblock(sb))
-        self.device.flush()
-        self.sb = sb
+        padding = fmt.align_up(len(blob)) - len(blob)
+        self.offset += padding
+        return blob + bytes(padding), all_entries

@@ -429,7 +429,7 @@ def record_key_context(sb: "Superblock") -> bytes:
 
 
 def seal_nonce(salt: bytes, txn_id: int, op_index: int, chunk_index: int, rtype: int = PAYLOAD) -> bytes:
-    """24-byte nonce; unique per key because txn ids are never reused (invariant 7)."""
+    """24-byte nonce; unique per key because txn ids are never reused (invariant 8)."""
     return _NONCE.pack(salt[:8], txn_id, op_index, chunk_index, rtype)
 
 

@@ -21,7 +21,7 @@ Where the walk stops, the reader looks further for a record that proves the
 stopping point was once durable: a valid record of this epoch, of this or a
 later mount, whose group is at least two past the last complete group. The
 writer never starts group g+1 before group g is flushed (DESIGN.md,
-invariant 6), so such a record means flushed data was damaged: *corruption*,
+invariant 7), so such a record means flushed data was damaged: *corruption*,
 reported with byte offset and reason. Without one the stop is a torn tail,
 which is not an error.
 """

@@ -66,7 +66,7 @@ def test_writes_after_a_torn_tail_are_replayed_and_stale_tail_records_are_ignore
 
 
 def test_txn_ids_are_never_reused_after_the_record_that_used_them_was_lost(image):
-    # invariant 7
+    # invariant 8
     with image.mount() as e:
         e.put("a", b"1")
         lost = e.put("b", b"2")
@@ -78,7 +78,7 @@ def test_txn_ids_are_never_reused_after_the_record_that_used_them_was_lost(image
 
 
 def test_corruption_followed_by_durable_records_refuses_read_write_mount(image):
-    # invariant 8
+    # invariant 9
     with image.mount() as e:
         e.put("first", b"1")
         middle = e.log_end
@@ -225,3 +225,32 @@ def test_concurrent_commits_share_flushes(image):
     assert len(e.list()) == 200
     assert flushes < 200
     e.close()
+
+
+def test_compaction_keeps_every_value_and_continues_the_hash_chain(image):
+    with image.mount() as e:
+        for i in range(200):
+            e.put(f"k{i % 9}", bytes([i]) * 2000)
+        e.delete("k0")
+        before = {k: e.get(k) for k in e.list()}
+        chain = e.info()["chain_head"]
+        stats = e.compact()
+        assert stats["log_after"] < stats["log_before"] / 10
+        assert e.sb.chain_base.hex() == chain
+        assert {k: e.get(k) for k in e.list()} == before
+        e.put("after", b"1")
+    with image.mount() as e:
+        assert {k: e.get(k) for k in e.list() if k != "after"} == before
+        assert not [f for ev, f in image.events if ev == "replay_finding"]
+
+
+def test_a_full_log_is_compacted_instead_of_returning_enospc_when_live_data_fits(image):
+    with image.mount() as e:
+        for i in range(400):  # about 5x the log region in overwrites of 3 keys
+            e.put(f"k{i % 3}", bytes([i % 256]) * 30000)
+        assert e.get("k0") == bytes([399 - 256]) * 30000  # 399 % 3 == 0: the last write of k0
+        assert sorted(e.list()) == ["k0", "k1", "k2"]
+        assert any(ev == "compaction" for ev, _ in image.events)
+        last = {k: e.get(k) for k in e.list()}
+    with image.mount() as e:
+        assert {k: e.get(k) for k in e.list()} == last
