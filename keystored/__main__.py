@@ -1,0 +1,5 @@
+"""``python -m keystored``: same as the ``keystored`` console script."""
+
+from keystored.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""keystored's process: command line, key loading, the Unix socket, signals.
+
+A selector loop accepts, one thread serves each connection; every request is
+answered by service.Keystore. See docs/keystored.md for the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+
+from keystored import entropy, keyfile, policy, wire
+from keystored.audit import AuditLog
+from keystored.service import Keystore, Peer
+from statefsd.errors import (
+    Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
+)
+
+DEFAULT_PASSPHRASE_ENV = "STATEFS_KEY_PASSPHRASE"
+LOCK_NAME = "keystored.lock"
+MAX_CLIENTS = 256          # concurrent connections; more get EBUSY and are closed
+BODY_TIMEOUT = 10.0        # seconds a peer may take to finish a frame it started
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_MAX_SUN_PATH = 107
+
+
+def _allow(spec: str) -> tuple[int, list[str]]:
+    try:
+        return policy.parse_allow(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keystored", description="StateFS key daemon (docs/keystored.md).")
+    p.add_argument("--state-dir", required=True, help="directory holding the key file (created 0700)")
+    p.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    p.add_argument("--allow", action="append", type=_allow, default=[], metavar="UID:LABEL[,LABEL...]",
+                   help="let UID derive/sign with these labels; a trailing * matches a prefix "
+                        "(default: our own uid, statefs.*)")
+    p.add_argument("--passphrase-env", metavar="VAR",
+                   help=f"seal the key file with the passphrase in $VAR (default: ${DEFAULT_PASSPHRASE_ENV} if set)")
+    p.add_argument("--log", metavar="FILE", help="append JSON log lines here instead of stderr")
+    return p
+
+
+def read_passphrase(var: str | None) -> bytes | None:
+    explicit = var is not None
+    name = var or DEFAULT_PASSPHRASE_ENV
+    value = os.environb.get(os.fsencode(name))
+    if value is None:
+        if explicit:
+            raise WrongPassphrase(f"--passphrase-env {name}: environment variable {name} is not set")
+        return None
+    if not value:
+        raise WrongPassphrase(f"environment variable {name} is set but empty")
+    return value
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """Hold an exclusive lock for our lifetime: two daemons must never race to create keys."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(f"another keystored holds {state_dir}") from None
+    return fd
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead keystored; refuse to touch anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise Busy(f"another process is already listening on {path}")
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+class Listener:
+    """The listening socket and one thread per connection, capped at MAX_CLIENTS."""
+
+    def __init__(self, path: str, keystore: Keystore, audit: AuditLog) -> None:
+        self.path = path
+        self.keystore = keystore
+        self.audit = audit
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._sock: socket.socket | None = None
+        self._inode = -1
+
+    def bind(self) -> None:
+        _clear_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock = sock
+        sock.bind(self.path)
+        # Access control is SO_PEERCRED + the allow list, so any uid may connect
+        # (public_key is for everyone; others get a clear EACCES, not ECONNREFUSED).
+        os.chmod(self.path, 0o666)
+        self._inode = os.stat(self.path).st_ino
+        sock.listen(512)
+        sock.setblocking(False)
+
+    def serve(self, wakeup_fd: int, stop: threading.Event) -> None:
+        """Accept until ``stop`` is set; signals wake us through ``wakeup_fd`` (no polling)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            selector.register(wakeup_fd, selectors.EVENT_READ)
+            while not stop.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj == wakeup_fd:
+                        os.read(wakeup_fd, 512)
+                    else:
+                        self._accept()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        conn.setblocking(True)
+        if not self._slots.acquire(blocking=False):
+            _send(conn, wire.error_reply(Busy(f"keystored is serving {MAX_CLIENTS} clients already")))
+            conn.close()
+            return
+        try:
+            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
+        except RuntimeError:  # cannot start a thread: refuse this one, keep serving
+            self._slots.release()
+            conn.close()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._converse(conn, peer_credentials(conn))
+        except Exception as exc:  # a bug must cost one connection, not the daemon
+            self.audit.event("internal_error", error=repr(exc))
+        finally:
+            self._slots.release()
+
+    def _converse(self, conn: socket.socket, peer: Peer) -> None:
+        while True:
+            try:
+                body = wire.read_frame(conn, body_timeout=BODY_TIMEOUT)
+            except ProtocolError as exc:  # stream out of sync: answer, then hang up
+                self._report(peer, exc)
+                _send(conn, wire.error_reply(exc))
+                return
+            except OSError:
+                return
+            if body is None:
+                return
+            try:
+                reply = self.keystore.handle(wire.decode(body), peer)
+            except StateFSError as exc:
+                if isinstance(exc, (InvalidArgument, ProtocolError)):
+                    self._report(peer, exc)  # refusals are logged where they are decided
+                reply = wire.error_reply(exc)
+            except Exception as exc:  # a bug must cost one request, not the connection
+                self.audit.event("internal_error", error=repr(exc), pid=peer.pid, uid=peer.uid)
+                reply = wire.error_reply(InternalError("internal error in keystored; see its log"))
+            if not _send(conn, reply):
+                return
+
+    def _report(self, peer: Peer, exc: StateFSError) -> None:
+        self.audit.event("bad_request", code=exc.code.name, message=exc.message,
+                         pid=peer.pid, uid=peer.uid, gid=peer.gid)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket, unless someone else has replaced it."""
+        if self._sock is None:
+            return
+        self._sock.close()
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _send(sock: socket.socket, reply: dict) -> bool:
+    try:
+        sock.sendall(wire.pack(reply))
+        return True
+    except OSError:
+        return False
+
+
+def sd_notify(state: str, audit: AuditLog) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as exc:
+        audit.event("warning", message=f"sd_notify to {address!r} failed: {exc}")
+
+
+def _run(args: argparse.Namespace, audit: AuditLog) -> int:
+    if len(os.fsencode(args.socket)) > _MAX_SUN_PATH:
+        raise UsageError(f"--socket path is longer than {_MAX_SUN_PATH} bytes: {args.socket}")
+    access = policy.AccessList.from_allows(args.allow)
+    passphrase = read_passphrase(args.passphrase_env)
+    lock_fd = lock_state_dir(args.state_dir)
+    keystore = Keystore(os.path.join(args.state_dir, keyfile.FILE_NAME), passphrase, access, audit)
+    if not keystore.open():
+        print(f"keystored: warning: {entropy.NOT_READY_MESSAGE}", file=sys.stderr, flush=True)
+        audit.event("entropy_not_ready", message=entropy.NOT_READY_MESSAGE)
+        keystore.wait_for_entropy()
+
+    stop = threading.Event()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    listener = Listener(args.socket, keystore, audit)
+    try:
+        listener.bind()
+        audit.event("listening", socket=args.socket, pid=os.getpid(), allow=access.describe())
+        sd_notify("READY=1", audit)
+        print("keystored: ready", file=sys.stderr, flush=True)
+        listener.serve(wake_r, stop)
+        sd_notify("STOPPING=1", audit)
+    finally:
+        listener.close()
+        keystore.close()
+        os.close(lock_fd)
+    audit.event("stopped", socket=args.socket)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    audit = AuditLog.open(None)
+    try:
+        audit = AuditLog.open(args.log)
+        return _run(args, audit)
+    except StateFSError as exc:
+        print(f"keystored: error: {exc}", file=sys.stderr)
+        hint = exc.details.get("hint") or exc.hint
+        if hint:
+            print(f"keystored: hint: {hint}", file=sys.stderr)
+        if audit.is_file:
+            audit.event("fatal", code=exc.code.name, message=exc.message)
+        return int(exc.code)
+    except OSError as exc:  # e.g. state dir not writable: say which path and why
+        print(f"keystored: error: {exc}", file=sys.stderr)
+        if audit.is_file:
+            audit.event("fatal", code="EIO", message=str(exc))
+        return int(DeviceIOError.code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
