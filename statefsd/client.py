@@ -1,0 +1,238 @@
+"""Python client for statefsd.
+
+    from statefsd.client import Client
+
+    with Client("/run/statefs.sock") as c:      # or $STATEFS_SOCKET
+        c.put("app/config", b"...")
+        value = c.get("app/config")
+        with c.transaction() as t:              # commits on clean exit,
+            t.put("a", b"1")                    # aborts on an exception
+            t.delete("b")
+        print(t.txn_id)
+
+Failures raise the matching :class:`statefsd.errors.StateFSError` subclass
+(``NotFound``, ``TooBig``...); an unreachable daemon raises
+``ConnectionFailed`` naming the socket.
+
+Threads: a Client owns one connection and is safe to share, but calls are
+serialised on it, and an open ``transaction()`` holds the connection until it
+ends (other threads wait). For parallel work use one Client per thread.
+A dropped connection is reopened by the next call; the call that saw the
+drop raises ConnectionFailed, and whether a commit in flight then landed is
+unknown to the client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from typing import Any, Iterable
+
+from statefsd import protocol
+from statefsd.errors import ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TransactionError
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
+        path = socket_path or os.environ.get("STATEFS_SOCKET")
+        if not path:
+            raise ConnectionFailed("no statefsd socket given: pass a socket path or set STATEFS_SOCKET")
+        self.socket_path = path
+        self.timeout = timeout
+        self.server: dict = {}          # the daemon's hello answer
+        self._lock = threading.RLock()
+        self._sock: socket.socket | None = None
+        self._reader = None
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------- connection
+
+    def connect(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                return
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                reason = exc.strerror or str(exc)
+                raise ConnectionFailed(f"cannot connect to statefsd at {self.socket_path}: {reason}") from None
+            self._sock, self._reader = sock, sock.makefile("rb", buffering=1 << 16)
+            try:
+                hello = self._roundtrip("hello", {})
+            except BaseException:
+                self.close()
+                raise
+            if hello.get("protocol") != protocol.PROTOCOL_VERSION:
+                self.close()
+                raise ProtocolError(f"statefsd at {self.socket_path} speaks protocol "
+                                    f"{hello.get('protocol')!r}, this client {protocol.PROTOCOL_VERSION}")
+            self.server = hello
+
+    def close(self) -> None:
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = self._reader = None
+
+    def __enter__(self) -> "Client":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, op: str, **args: Any) -> dict:
+        """Send one request and return the response map (errors raised)."""
+        with self._lock:
+            self.connect()
+            return self._roundtrip(op, args)
+
+    def _roundtrip(self, op: str, args: dict) -> dict:
+        request_id = next(self._ids)
+        frame = protocol.encode_frame(protocol.make_request(request_id, op, **args))
+        try:
+            self._sock.sendall(frame)
+            body = protocol.read_frame(self._reader)
+        except (OSError, ConnectionFailed) as exc:
+            self.close()
+            raise ConnectionFailed(f"lost the connection to statefsd at {self.socket_path} "
+                                   f"during {op}: {exc}") from None
+        except ProtocolError:
+            self.close()  # the framing is lost; start clean next time
+            raise
+        if body is None:
+            self.close()
+            raise ConnectionFailed(f"statefsd at {self.socket_path} closed the connection during {op}")
+        return protocol.check_response(protocol.decode_body(body), request_id)
+
+    # -------------------------------------------------------- operations
+
+    def hello(self) -> dict:
+        return self.call("hello")
+
+    def info(self) -> dict:
+        return _field(self.call("info"), "info", dict)
+
+    def get(self, key: str) -> bytes:
+        return _field(self.call("get", key=key), "value", bytes)
+
+    def stat(self, key: str) -> dict:
+        return _field(self.call("stat", key=key), "stat", dict)
+
+    def put(self, key: str, value: bytes) -> int:
+        return self.call("put", key=key, value=_bytes(value))["txn"]
+
+    def delete(self, key: str) -> int:
+        return self.call("delete", key=key)["txn"]
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key starting with ``prefix``, sorted; paged under the hood."""
+        keys: list[str] = []
+        args: dict[str, Any] = {"prefix": prefix}
+        while True:
+            page = self.call("list", **args)
+            batch = _field(page, "keys", list)
+            keys.extend(batch)
+            if not page.get("more") or not batch:
+                return keys
+            args["after"] = batch[-1]
+
+    def apply(self, ops: Iterable[tuple]) -> int | None:
+        """One-shot atomic transaction in a single frame.
+
+        ``ops``: ("put", key, value) or ("delete", key) tuples. The frame cap
+        bounds the total size; use :meth:`transaction` for bigger ones.
+        """
+        wire = []
+        for op in ops:
+            if op[0] == "put":
+                wire.append({"op": "put", "key": op[1], "value": _bytes(op[2])})
+            elif op[0] == "delete":
+                wire.append({"op": "delete", "key": op[1]})
+            else:
+                raise InvalidArgument(f"unknown transaction op {op[0]!r}; use put or delete")
+        return self.call("txn", ops=wire)["txn"]
+
+    def transaction(self) -> "Transaction":
+        return Transaction(self)
+
+
+class Transaction:
+    """A server-side transaction streamed op by op (begin, txn_put..., commit).
+
+    Each op is checked by the daemon as it arrives, so a bad key or a cap
+    overrun raises at the offending ``put``; the daemon then drops the whole
+    transaction. Nothing is visible to anyone until commit returns.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.txn_id: int | None = None
+        self._open = False
+
+    def __enter__(self) -> "Transaction":
+        self.client._lock.acquire()  # the connection is ours until the end
+        try:
+            self.client.call("begin")
+        except BaseException:
+            self.client._lock.release()
+            raise
+        self._open = True
+        return self
+
+    def put(self, key: str, value: bytes) -> None:
+        self._check_open()
+        self.client.call("txn_put", key=key, value=_bytes(value))
+
+    def delete(self, key: str) -> None:
+        self._check_open()
+        self.client.call("txn_delete", key=key)
+
+    def commit(self) -> int | None:
+        self._check_open()
+        self._open = False
+        self.txn_id = self.client.call("commit")["txn"]
+        return self.txn_id
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            self.client.call("abort")
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise TransactionError("this transaction already ended")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                if self._open:
+                    self.commit()
+            elif self._open and not isinstance(exc, ConnectionFailed):
+                try:
+                    self.abort()
+                except StateFSError:
+                    pass  # the original exception matters more
+        finally:
+            self._open = False
+            self.client._lock.release()
+
+
+def _bytes(value: object) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidArgument(f"values are bytes, got {type(value).__name__}; encode text first")
+
+
+def _field(response: dict, name: str, kind: type) -> Any:
+    value = response.get(name)
+    if not isinstance(value, kind):
+        raise ProtocolError(f"response field {name!r} is missing or not {kind.__name__}")
+    return value

@@ -1,0 +1,235 @@
+"""The statefsd wire protocol, version 1 (specified in docs/protocol.md).
+
+A connection is a Unix stream socket carrying frames in both directions::
+
+    frame = u32 big-endian body length || body
+    body  = one msgpack map (values are msgpack bin, text is msgpack str)
+
+Requests carry ``v`` (protocol version), ``id`` (echoed in the response) and
+``op``; responses carry ``id`` and ``ok``. Everything here is pure: framing,
+encoding and request validation. Sockets and the engine live in server.py
+and client.py, which both use these helpers so the two ends cannot drift.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import msgpack
+
+from statefsd.errors import ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig
+from statefsd.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+
+PROTOCOL_VERSION = 1
+
+LENGTH = struct.Struct(">I")
+# One value plus generous room for the map around it; a bigger length prefix
+# is refused before a single body byte is read or allocated.
+MAX_FRAME = MAX_VALUE_BYTES + (64 << 10)
+
+# list answers at most this many keys (and about this many key bytes) per
+# frame; the client pages with "after" so any number of keys fits the cap.
+LIST_PAGE_KEYS = 4096
+LIST_PAGE_BYTES = 1 << 20
+
+MAX_REQUEST_ID = (1 << 64) - 1
+
+# Fields each op needs beyond v/id/op: name -> (type, required).
+_KEY = ("key", str, True)
+_VALUE = ("value", bytes, True)
+OPS: dict[str, tuple[tuple[str, type, bool], ...]] = {
+    "hello": (),
+    "info": (),
+    "get": (_KEY,),
+    "stat": (_KEY,),
+    "put": (_KEY, _VALUE),
+    "delete": (_KEY,),
+    "list": (("prefix", str, False), ("after", str, False), ("limit", int, False)),
+    "txn": (("ops", list, True),),
+    "begin": (),
+    "txn_put": (_KEY, _VALUE),
+    "txn_delete": (_KEY,),
+    "commit": (),
+    "abort": (),
+}
+TXN_KINDS = ("put", "delete")
+
+CAPS = {
+    "max_frame": MAX_FRAME,
+    "max_key_bytes": MAX_KEY_BYTES,
+    "max_value_bytes": MAX_VALUE_BYTES,
+    "max_txn_ops": MAX_TXN_OPS,
+    "max_txn_bytes": MAX_TXN_BYTES,
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any]
+
+
+# ------------------------------------------------------------------ framing
+
+def encode_frame(message: dict) -> bytes:
+    """Length prefix plus msgpack body, ready for one sendall()."""
+    try:
+        body = msgpack.packb(message, use_bin_type=True)
+    except UnicodeEncodeError as exc:  # e.g. a key taken from undecodable argv bytes
+        raise InvalidArgument(f"text {printable(exc.object[:80])!r} is not valid UTF-8") from None
+    if len(body) > MAX_FRAME:
+        # The peer would refuse it unread; the usual cause is one huge value.
+        raise TooBig(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame cap "
+                     f"(values are limited to {MAX_VALUE_BYTES} bytes)")
+    return LENGTH.pack(len(body)) + body
+
+
+def read_frame(stream: BinaryIO) -> bytes | None:
+    """Read one frame body from a buffered stream.
+
+    Returns None on a clean end of stream (before a length prefix). Raises
+    ProtocolError for an oversize length prefix (nothing more is read: the
+    caller must close the connection) and ConnectionFailed for a stream cut
+    mid-frame.
+    """
+    head = stream.read(LENGTH.size)
+    if not head:
+        return None
+    if len(head) < LENGTH.size:
+        raise ConnectionFailed("connection closed inside a frame length prefix")
+    (length,) = LENGTH.unpack(head)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame length {length} exceeds the {MAX_FRAME}-byte cap",
+                            fatal=True)
+    body = stream.read(length)
+    if len(body) < length:
+        raise ConnectionFailed(f"connection closed after {len(body)} of {length} frame bytes")
+    return body
+
+
+def decode_body(body: bytes) -> dict:
+    """msgpack body -> map. Invalid UTF-8 in a str survives as surrogates so
+    that key validation can name it (EINVAL) instead of losing the frame."""
+    try:
+        message = msgpack.unpackb(body, raw=False, unicode_errors="surrogateescape",
+                                  strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types for garbage: all mean EPROTO
+        raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"frame body must be a msgpack map, got {type(message).__name__}")
+    return message
+
+
+# --------------------------------------------------------------- requests
+
+def make_request(request_id: int, op: str, **args: Any) -> dict:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, **args}
+
+
+def request_id_of(message: Any) -> int | None:
+    """The id to echo in an error response, or None when it is unusable."""
+    if isinstance(message, dict):
+        rid = message.get("id")
+        if _is_int(rid) and 0 <= rid <= MAX_REQUEST_ID:
+            return rid
+    return None
+
+
+def parse_request(message: dict) -> Request:
+    """Check a decoded request map against the op table; ProtocolError if off.
+
+    Unknown extra fields are ignored so that later minor additions stay
+    compatible with this daemon.
+    """
+    version = message.get("v")
+    if not _is_int(version):
+        raise ProtocolError("request has no integer protocol version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported; this daemon "
+                            f"speaks version {PROTOCOL_VERSION}")
+    rid = request_id_of(message)
+    if rid is None:
+        raise ProtocolError("request 'id' must be an unsigned 64-bit integer")
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("request 'op' must be a string")
+    fields = OPS.get(op)
+    if fields is None:
+        raise ProtocolError(f"unknown op {printable(op)!r}")
+    args = {}
+    for name, kind, required in fields:
+        if name not in message:
+            if required:
+                raise ProtocolError(f"op {op!r} needs field {name!r}")
+            continue
+        args[name] = _typed(op, name, message[name], kind)
+    if op == "txn":
+        args["ops"] = [_txn_op(i, item) for i, item in enumerate(args["ops"])]
+    return Request(rid, op, args)
+
+
+def _txn_op(index: int, item: Any) -> tuple[str, str, bytes]:
+    """One element of a one-shot txn: -> (kind, key, value)."""
+    where = f"txn op {index}"
+    if not isinstance(item, dict):
+        raise ProtocolError(f"{where} must be a map")
+    kind = item.get("op")
+    if kind not in TXN_KINDS:
+        raise ProtocolError(f"{where}: 'op' must be one of {', '.join(TXN_KINDS)}")
+    key = _typed(where, "key", item.get("key"), str)
+    value = _typed(where, "value", item.get("value"), bytes) if kind == "put" else b""
+    return kind, key, value
+
+
+def _typed(where: str, name: str, value: Any, kind: type) -> Any:
+    if kind is int:
+        ok = _is_int(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        wire = {str: "str", bytes: "bin", int: "int", list: "array"}[kind]
+        raise ProtocolError(f"{where}: field {name!r} must be msgpack {wire}, "
+                            f"got {type(value).__name__}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -------------------------------------------------------------- responses
+
+def ok_response(request_id: int | None, **fields: Any) -> dict:
+    return {"id": request_id, "ok": True, **fields}
+
+
+def error_response(request_id: int | None, error: StateFSError) -> dict:
+    wire = error.to_wire()
+    wire["message"] = printable(wire["message"])
+    return {"id": request_id, "ok": False, "error": wire}
+
+
+def printable(text: str) -> str:
+    """Text safe to send as msgpack str: lone surrogates from undecodable
+    input become visible escapes instead of breaking the encoder."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_response(message: dict, expected_id: int) -> dict:
+    """Client side: validate a response map; raise the error it carries.
+
+    An error frame with a nil id answers a frame the daemon could not read
+    far enough to learn its id; it still belongs to the request just sent.
+    """
+    ok = message.get("ok")
+    if not isinstance(ok, bool) or message.get("id") not in (expected_id, None if not ok else expected_id):
+        raise ProtocolError(f"response does not answer request {expected_id}")
+    if not ok:
+        error = message.get("error")
+        if not isinstance(error, dict):
+            raise ProtocolError("error response without an error map")
+        raise StateFSError.from_wire(error)
+    return message

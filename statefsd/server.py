@@ -1,0 +1,347 @@
+"""The statefsd socket server: frames in, engine calls, frames out.
+
+One thread per connection with blocking sockets: a request costs one read
+and one write, and commits from different connections meet in the engine's
+group commit. Every failure of one request becomes an error frame for that
+request; nothing a client sends can stop the daemon.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from statefsd import protocol
+from statefsd.engine import Mutation, validate_path
+from statefsd.errors import (
+    Busy, Code, ConnectionFailed, DeviceIOError, InternalError,
+    InvalidArgument, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
+)
+from statefsd.format import MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+
+log = logging.getLogger("statefsd.server")
+
+SOCKET_MODE = 0o660
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# Errors a client causes all the time; everything else is worth an audit line
+# (the engine adds its own lines for integrity failures and a full log).
+_QUIET = {Code.ENOTFOUND, Code.ETXN}
+
+
+def encryption_mode(info: dict) -> str:
+    """'on' or 'off' from engine.info(), whatever cipher name it reports."""
+    mode = info.get("encryption", "off")
+    return "off" if mode in ("off", None, False, 0, "") else "on"
+
+
+class TxnBuffer:
+    """A connection's open transaction, capped as each op arrives so a
+    client cannot make the daemon hold more than one transaction's worth."""
+
+    def __init__(self) -> None:
+        self.mutations: list[Mutation] = []
+        self.value_bytes = 0
+
+    def add(self, kind: str, key: str, value: bytes = b"") -> None:
+        validate_path(key)
+        if len(value) > MAX_VALUE_BYTES:
+            raise TooBig(f"value of {len(value)} bytes exceeds the {MAX_VALUE_BYTES}-byte cap")
+        if len(self.mutations) + 1 > MAX_TXN_OPS:
+            raise TooBig(f"transaction exceeds {MAX_TXN_OPS} operations")
+        if self.value_bytes + len(value) > MAX_TXN_BYTES:
+            raise TooBig(f"transaction values exceed {MAX_TXN_BYTES} bytes")
+        self.mutations.append(Mutation(kind, key, value))
+        self.value_bytes += len(value)
+
+
+class Session:
+    """One client connection, served on its own thread."""
+
+    def __init__(self, server: "Server", conn: socket.socket, number: int) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.conn = conn
+        self.number = number
+        self.peer = _peer_credentials(conn)
+        self.txn: TxnBuffer | None = None
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        reader = self.conn.makefile("rb", buffering=1 << 16)
+        try:
+            while self._serve_one(reader):
+                pass
+        finally:
+            if self.txn is not None:
+                self._audit("txn_abandoned", ops=len(self.txn.mutations),
+                            reason="shutdown" if self.server.stopping else "disconnect")
+                self.txn = None
+            reader.close()
+            self.conn.close()
+
+    def _serve_one(self, reader) -> bool:
+        """Serve one frame; False when the connection is done."""
+        try:
+            body = protocol.read_frame(reader)
+        except ProtocolError as exc:  # oversize length prefix: framing is lost
+            self._audit("refused", code=exc.code.name, message=exc.message)
+            self._send(protocol.error_response(None, exc))
+            return False
+        except (ConnectionFailed, OSError):
+            return False
+        if body is None:
+            return False
+        request_id = None
+        try:
+            message = protocol.decode_body(body)
+            request_id = protocol.request_id_of(message)
+            request = protocol.parse_request(message)
+            response = protocol.ok_response(request.id, **self.dispatch(request))
+        except StateFSError as exc:
+            self._audit_error(exc, request_id)
+            response = protocol.error_response(request_id, exc)
+        except Exception as bug:
+            log.exception("internal error serving connection %d", self.number)
+            self._audit("internal_error", request=request_id, error=repr(bug))
+            response = protocol.error_response(request_id, InternalError(
+                f"internal error in statefsd ({type(bug).__name__}); the traceback is in its log"))
+        return self._send(response)
+
+    def _send(self, response: dict) -> bool:
+        try:
+            frame = protocol.encode_frame(response)
+        except Exception:
+            log.exception("cannot encode response on connection %d", self.number)
+            frame = protocol.encode_frame(protocol.error_response(
+                response.get("id"), InternalError("response could not be encoded")))
+        try:
+            self.conn.sendall(frame)
+        except OSError:
+            return False
+        return True
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        self.server.audit(event, conn=self.number, **self.peer, **fields)
+
+    def _audit_error(self, exc: StateFSError, request_id: int | None) -> None:
+        if exc.code not in _QUIET:
+            self._audit("refused", code=exc.code.name, message=exc.message, request=request_id)
+
+    # -------------------------------------------------------- dispatch
+
+    def dispatch(self, request: protocol.Request) -> dict:
+        handler: Callable[[dict], dict] = getattr(self, "op_" + request.op)
+        return handler(request.args)
+
+    def op_hello(self, args: dict) -> dict:
+        return {"protocol": protocol.PROTOCOL_VERSION, "server": self.server.version,
+                "encryption": encryption_mode(self.engine.info()),
+                "read_only": bool(self.engine.read_only), "caps": protocol.CAPS}
+
+    def op_info(self, args: dict) -> dict:
+        return {"info": self.engine.info()}
+
+    def op_get(self, args: dict) -> dict:
+        return {"value": self.engine.get(args["key"])}
+
+    def op_stat(self, args: dict) -> dict:
+        return {"stat": self.engine.stat(args["key"])}
+
+    def op_put(self, args: dict) -> dict:
+        return {"txn": self.engine.put(args["key"], args["value"])}
+
+    def op_delete(self, args: dict) -> dict:
+        return {"txn": self.engine.delete(args["key"])}
+
+    def op_list(self, args: dict) -> dict:
+        keys = self.engine.list(args.get("prefix", ""))
+        start = bisect.bisect_right(keys, args["after"]) if "after" in args else 0
+        limit = args.get("limit", protocol.LIST_PAGE_KEYS)
+        limit = max(1, min(limit, protocol.LIST_PAGE_KEYS))
+        page, size = [], 0
+        for key in itertools.islice(keys, start, start + limit):
+            size += len(key) + 8
+            if page and size > protocol.LIST_PAGE_BYTES:
+                break
+            page.append(key)
+        return {"keys": page, "more": start + len(page) < len(keys)}
+
+    def op_txn(self, args: dict) -> dict:
+        mutations = [Mutation(kind, key, value) for kind, key, value in args["ops"]]
+        if not mutations:
+            return {"txn": None}
+        return {"txn": self.engine.commit(mutations)}
+
+    def op_begin(self, args: dict) -> dict:
+        if self.txn is not None:
+            raise TransactionError("a transaction is already open on this connection")
+        if self.engine.read_only:
+            raise ReadOnly("the image is mounted read-only; transactions are refused")
+        self.txn = TxnBuffer()
+        return {}
+
+    def op_txn_put(self, args: dict) -> dict:
+        return self._buffer("put", args["key"], args["value"])
+
+    def op_txn_delete(self, args: dict) -> dict:
+        return self._buffer("delete", args["key"])
+
+    def _buffer(self, kind: str, key: str, value: bytes = b"") -> dict:
+        if self.txn is None:
+            raise TransactionError("no open transaction on this connection; send begin first")
+        try:
+            self.txn.add(kind, key, value)
+        except StateFSError as exc:
+            # All or nothing: a refused op sinks the whole transaction, so a
+            # client that ignores the error cannot commit the remainder.
+            self.txn = None
+            raise type(exc)(exc.message + "; the transaction was aborted") from None
+        return {}
+
+    def op_commit(self, args: dict) -> dict:
+        if self.txn is None:
+            raise TransactionError("no open transaction to commit; send begin first")
+        txn, self.txn = self.txn, None
+        if not txn.mutations:
+            return {"txn": None}
+        return {"txn": self.engine.commit(txn.mutations)}
+
+    def op_abort(self, args: dict) -> dict:
+        aborted, self.txn = self.txn is not None, None
+        return {"aborted": aborted}
+
+
+def _peer_credentials(conn: socket.socket) -> dict:
+    try:
+        pid, uid, gid = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        return {"pid": pid, "uid": uid}
+    except OSError:
+        return {}
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Listen on ``path`` with mode 0660, replacing only a stale socket file."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            _unlink(path)  # left behind by a daemon that died: nobody listens
+        except OSError as exc:
+            raise DeviceIOError(f"cannot probe existing socket {path}: {exc.strerror}") from None
+        else:
+            raise Busy(f"socket {path} is served by a running statefsd")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~SOCKET_MODE)  # no window with a looser mode
+    try:
+        sock.bind(path)
+        os.chmod(path, SOCKET_MODE)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Server:
+    """Accepts connections on a bound socket and serves each on a thread."""
+
+    def __init__(self, engine, listener: socket.socket, socket_path: str, *,
+                 audit: Callable[..., None], version: str) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.socket_path = socket_path
+        self.audit = audit
+        self.version = version
+        self.stopping = False
+        self._sessions: dict[threading.Thread, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+
+    def start(self) -> None:
+        self._accept_thread.start()
+
+    def _accept_loop(self) -> None:
+        for number in itertools.count(1):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                log.exception("accept failed")
+                time.sleep(0.1)  # e.g. out of file descriptors: do not spin
+                continue
+            thread = threading.Thread(target=self._run_session, args=(conn, number),
+                                      name=f"conn-{number}", daemon=True)
+            with self._lock:
+                if self.stopping:
+                    conn.close()
+                    return
+                self._sessions[thread] = conn
+            thread.start()
+
+    def _run_session(self, conn: socket.socket, number: int) -> None:
+        try:
+            Session(self, conn, number).run()
+        except Exception:
+            log.exception("connection %d failed", number)
+        finally:
+            with self._lock:
+                self._sessions.pop(threading.current_thread(), None)
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish, drop idle clients.
+
+        Shutting down only the read side wakes sessions waiting for a
+        request, while a session inside a commit still sends its answer.
+        """
+        with self._lock:
+            self.stopping = True
+            sessions = dict(self._sessions)
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self._accept_thread.join(2.0)
+        _unlink(self.socket_path)
+        for conn in sessions.values():
+            _shutdown(conn, socket.SHUT_RD)
+        deadline = time.monotonic() + grace
+        for thread in sessions:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for thread, conn in sessions.items():
+            if thread.is_alive():  # stuck writing to a client that stopped reading
+                _shutdown(conn, socket.SHUT_RDWR)
+                thread.join(1.0)
+
+
+def _shutdown(conn: socket.socket, how: int) -> None:
+    try:
+        conn.shutdown(how)
+    except OSError:
+        pass

@@ -1,0 +1,180 @@
+"""The statefs command line, run as a real process against a real statefsd."""
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+from statefsd.blockdev import FileDevice
+from statefsd.engine import Engine
+from statefsd.errors import Code
+from statefsd.format import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from tests.daemon.harness import REPO, env_with_repo
+
+
+def statefs(*args, socket=None, input=None, env=None):
+    argv = [sys.executable, "-m", "statefsd.cli"]
+    if socket:
+        argv += ["--socket", socket]
+    return subprocess.run(argv + list(args), cwd=REPO, env=env or env_with_repo(),
+                          input=input, capture_output=True, timeout=60)
+
+
+def assert_fails(result, code, fragment=""):
+    stderr = result.stderr.decode()
+    assert result.returncode == code, (result.returncode, stderr)
+    if code != Code.EUSAGE or fragment:
+        assert stderr.startswith(f"statefs: {Code(code).name}: "), stderr
+    assert fragment in stderr
+    assert result.stdout == b""
+
+
+@pytest.fixture
+def sock(shared_daemon):
+    return shared_daemon.socket
+
+
+# -------------------------------------------------------------------- mkfs
+
+def test_mkfs_creates_a_zero_filled_image_that_mounts_empty(tmp_path):
+    image = tmp_path / "new.img"
+    result = statefs("mkfs", str(image), "--size", "4M")
+    assert result.returncode == 0, result.stderr
+    assert b"formatted" in result.stdout
+    assert image.stat().st_size == 4 << 20
+    with Engine.mount(FileDevice(str(image))) as engine:
+        assert engine.list() == [] and engine.info()["encryption"] == "off"
+
+
+def test_mkfs_refuses_to_overwrite_a_statefs_image_without_force(tmp_path):
+    image = str(tmp_path / "used.img")
+    assert statefs("mkfs", image, "--size", "4M").returncode == 0
+    with Engine.mount(FileDevice(image)) as engine:
+        engine.put("precious", b"data")
+    assert_fails(statefs("mkfs", image, "--size", "4M"), Code.EUSAGE, "--force")
+    with Engine.mount(FileDevice(image)) as engine:
+        assert engine.get("precious") == b"data"
+    assert statefs("mkfs", image, "--size", "4M", "--force").returncode == 0
+    with Engine.mount(FileDevice(image)) as engine:
+        assert engine.list() == []
+
+
+def test_mkfs_formats_an_existing_file_in_place_without_size(tmp_path):
+    image = tmp_path / "raw.img"
+    image.write_bytes(bytes(2 << 20))
+    assert statefs("mkfs", str(image)).returncode == 0
+    assert image.stat().st_size == 2 << 20
+
+
+def test_mkfs_of_a_missing_file_without_size_is_eusage(tmp_path):
+    assert_fails(statefs("mkfs", str(tmp_path / "absent.img")), Code.EUSAGE, "--size")
+
+
+def test_mkfs_of_an_image_below_the_minimum_size_is_eformat(tmp_path):
+    assert_fails(statefs("mkfs", str(tmp_path / "tiny.img"), "--size", "512K"), Code.EFORMAT, "too small")
+
+
+def test_mkfs_of_an_image_in_use_by_a_daemon_is_ebusy(daemon):
+    assert_fails(statefs("mkfs", daemon.image, "--size", "4M", "--force"), Code.EBUSY, daemon.image)
+
+
+# ------------------------------------------------------- daemon commands
+
+def test_put_and_get_round_trip_exact_bytes_from_argument_file_and_stdin(sock, tmp_path):
+    assert statefs("put", "cli/arg", "hello world", socket=sock).returncode == 0
+    assert statefs("get", "cli/arg", socket=sock).stdout == b"hello world"
+
+    blob = bytes(range(256)) * 1000
+    (tmp_path / "blob").write_bytes(blob)
+    assert statefs("put", "cli/file", "--file", str(tmp_path / "blob"), socket=sock).returncode == 0
+    assert statefs("get", "cli/file", socket=sock).stdout == blob
+
+    assert statefs("put", "cli/stdin", "-", socket=sock, input=b"\x00from stdin\n").returncode == 0
+    assert statefs("get", "cli/stdin", socket=sock).stdout == b"\x00from stdin\n"
+
+
+def test_socket_comes_from_statefs_socket_env(sock):
+    env = env_with_repo(STATEFS_SOCKET=sock)
+    assert statefs("put", "cli/env", "v", env=env).returncode == 0
+    assert statefs("get", "cli/env", env=env).stdout == b"v"
+
+
+def test_rm_removes_and_get_of_a_missing_key_is_enotfound_with_hint(sock):
+    statefs("put", "cli/gone", "x", socket=sock)
+    assert statefs("rm", "cli/gone", socket=sock).returncode == 0
+    result = statefs("get", "cli/gone", socket=sock)
+    assert_fails(result, Code.ENOTFOUND, "cli/gone")
+    assert result.stderr.decode().rstrip().endswith("(list keys with 'statefs ls')")
+    assert_fails(statefs("rm", "cli/gone", socket=sock), Code.ENOTFOUND)
+
+
+def test_ls_lists_the_keys_under_a_prefix_one_per_line(sock):
+    for key in ("ls/b", "ls/a", "ls/sub/c", "lsx"):
+        statefs("put", key, "v", socket=sock)
+    assert statefs("ls", "ls/", socket=sock).stdout.decode().splitlines() == ["ls/a", "ls/b", "ls/sub/c"]
+    assert "lsx" in statefs("ls", socket=sock).stdout.decode().splitlines()
+
+
+def test_stat_prints_a_key_stat_or_the_daemon_info_as_json(sock, shared_daemon):
+    statefs("put", "cli/stat", "12345", socket=sock)
+    key_stat = json.loads(statefs("stat", "cli/stat", socket=sock).stdout)
+    assert key_stat["path"] == "cli/stat" and key_stat["size"] == 5 and key_stat["txn_id"] > 0
+    info = json.loads(statefs("stat", socket=sock).stdout)
+    assert info["image"] == shared_daemon.image and info["read_only"] is False
+
+
+def test_txn_from_a_file_or_stdin_applies_every_op_at_once(sock, tmp_path):
+    statefs("put", "txn/old", "x", socket=sock)
+    doc = {"ops": [{"op": "put", "key": "txn/text", "value": "héllo"},
+                   {"op": "put", "key": "txn/bytes", "value_b64": base64.b64encode(b"\x00\xff").decode()},
+                   {"op": "delete", "key": "txn/old"}]}
+    (tmp_path / "txn.json").write_text(json.dumps(doc))
+    assert statefs("txn", str(tmp_path / "txn.json"), socket=sock).returncode == 0
+    assert statefs("ls", "txn/", socket=sock).stdout.decode().split() == ["txn/bytes", "txn/text"]
+    assert statefs("get", "txn/text", socket=sock).stdout == "héllo".encode()
+    assert statefs("get", "txn/bytes", socket=sock).stdout == b"\x00\xff"
+
+    stdin_doc = json.dumps({"ops": [{"op": "put", "key": "txn/stdin", "value": "1"}]}).encode()
+    assert statefs("txn", "-", socket=sock, input=stdin_doc).returncode == 0
+    assert statefs("get", "txn/stdin", socket=sock).stdout == b"1"
+
+
+def test_txn_with_one_oversize_key_applies_nothing_and_exits_etoobig(sock):
+    doc = {"ops": [{"op": "put", "key": "atomic/a", "value": "1"},
+                   {"op": "put", "key": "k" * (MAX_KEY_BYTES + 1), "value": "2"}]}
+    assert_fails(statefs("txn", socket=sock, input=json.dumps(doc).encode()), Code.ETOOBIG)
+    assert statefs("ls", "atomic/", socket=sock).stdout == b""
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    (b"{not json", "not valid JSON"),
+    (b'[{"op": "put"}]', '{"ops": [...]}'),
+    (b'{"ops": [{"op": "rename", "key": "a"}]}', "ops[0]"),
+    (b'{"ops": [{"op": "put", "key": "a", "value_b64": "***"}]}', "not valid base64"),
+])
+def test_malformed_txn_json_is_einval_naming_the_problem(sock, doc, fragment):
+    assert_fails(statefs("txn", "-", socket=sock, input=doc), Code.EINVAL, fragment)
+
+
+def test_oversize_value_is_etoobig(sock, tmp_path):
+    (tmp_path / "big").write_bytes(bytes(MAX_VALUE_BYTES + 1))
+    assert_fails(statefs("put", "cli/big", "--file", str(tmp_path / "big"), socket=sock), Code.ETOOBIG)
+
+
+def test_key_that_is_not_utf8_is_einval(sock):
+    result = subprocess.run([sys.executable, "-m", "statefsd.cli", "--socket", sock, "put", b"bad\xffkey", "v"],
+                            cwd=REPO, env=env_with_repo(), capture_output=True, timeout=60)
+    assert_fails(result, Code.EINVAL, "UTF-8")
+
+
+def test_unreachable_daemon_is_econn_naming_the_socket(tmp_path):
+    path = str(tmp_path / "nobody.sock")
+    assert_fails(statefs("get", "k", socket=path), Code.ECONN, path)
+    assert_fails(statefs("get", "k", env=env_with_repo()), Code.ECONN, "STATEFS_SOCKET")
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["put", "only-key"], ["put", "k", "v", "--file", "f"]])
+def test_usage_errors_exit_2(args, sock):
+    assert statefs(*args, socket=sock).returncode == Code.EUSAGE
