@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stat", parents=[common], help="a key's stat, or the daemon's info")
     p.add_argument("key", nargs="?")
+
+    sub.add_parser("compact", parents=[common], help="compact the log now")
     return parser
 
 
@@ -169,6 +171,13 @@ def cmd_stat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.compact()
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_txn(args: argparse.Namespace) -> int:
     raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(args.file)
     ops = parse_txn_json(raw)
@@ -232,7 +241,7 @@ def _read_file(path: str) -> bytes:
 
 COMMANDS = {
     "mkfs": cmd_mkfs, "put": cmd_put, "get": cmd_get, "rm": cmd_rm,
-    "ls": cmd_ls, "txn": cmd_txn, "stat": cmd_stat,
+    "ls": cmd_ls, "txn": cmd_txn, "stat": cmd_stat, "compact": cmd_compact,
 }
 
 

@@ -120,6 +120,10 @@ class Client:
     def info(self) -> dict:
         return _field(self.call("info"), "info", dict)
 
+    def compact(self) -> dict:
+        """Compact the log now; returns the compaction statistics."""
+        return _field(self.call("compact"), "compaction", dict)
+
     def get(self, key: str) -> bytes:
         return _field(self.call("get", key=key), "value", bytes)
 

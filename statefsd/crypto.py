@@ -25,6 +25,9 @@ class RecordCipher:
         self._salt = sb.salt
         self._uuid = sb.device_uuid
 
+    def key_check(self) -> bytes:
+        return fmt.key_check(self._key, self._uuid, self._salt)
+
     def _nonce_aad(self, txn_id: int, op_index: int, chunk_index: int, phash: bytes, sealed_len: int):
         return (fmt.seal_nonce(self._salt, txn_id, op_index, chunk_index),
                 fmt.seal_aad(self._uuid, fmt.PAYLOAD, txn_id, op_index, chunk_index, phash, sealed_len))

@@ -132,14 +132,19 @@ class Engine:
             # This mount's generation is above every mount_gen in the log, even
             # if the newest superblock slot was damaged and an older one chosen.
             self.sb = sb.evolve(generation=max(sb.generation, result.end.mount_gen))
+            if cipher is not None and sb.key_check == bytes(16):
+                # Formatted without a keystore at hand: remember this key from now on.
+                self.sb = self.sb.evolve(key_check=cipher.key_check())
             self._reserve_txn_ids(self._next_txn)
             self._mount_gen = self.sb.generation
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def mkfs(cls, device: BlockDevice, *, encryption: str = "off", key_descriptor: str = "",
-             salt: bytes | None = None) -> fmt.Superblock:
+    def mkfs(cls, device: BlockDevice, *, encryption: str = "off", salt: bytes | None = None,
+             key_provider: KeyProvider | None = None) -> fmt.Superblock:
+        """Format ``device``. With encryption on and a key provider, the
+        superblock records a key check so a wrong key is refused at mount."""
         if encryption not in ("off", "on"):
             raise InvalidArgument(f"encryption must be 'on' or 'off', not {encryption!r}")
         if encryption == "on":
@@ -150,6 +155,8 @@ class Engine:
         # A random first epoch makes records left by an earlier file system on
         # the same device stale by rule 2 of the log reader.
         sb = sb.evolve(log_epoch=int.from_bytes(os.urandom(4), "little") or 1)
+        if encryption == "on" and key_provider is not None:
+            sb = sb.evolve(key_check=fmt.key_check(key_provider(sb), sb.device_uuid, sb.salt))
         block = fmt.encode_superblock(sb)
         for offset in fmt.SUPERBLOCK_OFFSETS:
             device.write(offset, block)
@@ -183,7 +190,11 @@ class Engine:
             if key_provider is None:
                 raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}); a key from "
                                      f"keystored is required (--keystore-socket)")
-            cipher = RecordCipher(key_provider(sb), sb)
+            key = key_provider(sb)
+            if sb.key_check != bytes(16) and fmt.key_check(key, sb.device_uuid, sb.salt) != sb.key_check:
+                raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image "
+                                     f"(another device identity?); refusing to mount")
+            cipher = RecordCipher(key, sb)
         result = replay(device, sb, cipher)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
               **result.summary())

@@ -17,7 +17,9 @@ zero)::
     10  2  version_minor (0)         128 32  salt
     12  4  block_size (4096)         160 32  chain_base
     16  8  generation                192 60  reserved (zero)
-    24 16  device_uuid               252  4  crc32c of bytes 0..251
+    24 16  device_uuid               192 16  key_check
+                                     208 44  reserved (zero)
+                                     252  4  crc32c of bytes 0..251
     40  8  total_blocks
     48  8  region0_start   56 8 region0_blocks
     64  8  region1_start   72 8 region1_blocks
@@ -139,7 +141,8 @@ _SUPERBLOCK_BODY = cs.Struct(
     "key_descriptor" / cs.Bytes(32),
     "salt" / cs.Bytes(32),
     "chain_base" / cs.Bytes(32),
-    "reserved" / cs.Bytes(60),
+    "key_check" / cs.Bytes(16),
+    "reserved" / cs.Bytes(44),
 )
 SUPERBLOCK_CRC_OFFSET = 252
 SUPERBLOCK_STRUCT_SIZE = 256
@@ -160,6 +163,7 @@ class Superblock:
     key_descriptor: str = ""
     salt: bytes = ZERO_HASH
     chain_base: bytes = ZERO_HASH
+    key_check: bytes = bytes(16)
     flags: int = 0
     version_major: int = VERSION_MAJOR
     version_minor: int = VERSION_MINOR
@@ -205,7 +209,7 @@ def encode_superblock(sb: Superblock) -> bytes:
         active_region=sb.active_region, encryption=sb.encryption, flags=sb.flags,
         log_epoch=sb.log_epoch, txn_reserved=sb.txn_reserved,
         key_descriptor=desc.ljust(32, b"\x00"), salt=sb.salt, chain_base=sb.chain_base,
-        reserved=bytes(60),
+        key_check=sb.key_check, reserved=bytes(44),
     ))
     slot = body + struct.pack("<I", crc32c(body))
     return slot.ljust(BLOCK_SIZE, b"\x00")
@@ -240,7 +244,7 @@ def decode_superblock(slot: bytes) -> SlotStatus:
         regions=((f.region0_start, f.region0_blocks), (f.region1_start, f.region1_blocks)),
         active_region=f.active_region, log_epoch=f.log_epoch, txn_reserved=f.txn_reserved,
         encryption=f.encryption, key_descriptor=bytes(f.key_descriptor).rstrip(b"\x00").decode("utf-8", "replace"),
-        salt=bytes(f.salt), chain_base=bytes(f.chain_base), flags=f.flags,
+        salt=bytes(f.salt), chain_base=bytes(f.chain_base), key_check=bytes(f.key_check), flags=f.flags,
         version_major=f.version_major, version_minor=f.version_minor, block_size=f.block_size,
     )
     problem = superblock_layout_problem(sb)
@@ -421,6 +425,15 @@ _NONCE = struct.Struct("<8sQHIBx")        # salt[0:8], txn_id, op_index, chunk_i
 _AAD = struct.Struct("<16s16sBQHI8sI")    # label, uuid, type, txn_id, op_index, chunk_index, path_hash, payload_len
 if _NONCE.size != 24 or _AAD.size != 59:
     raise ImportError("seal layout drifted from docs/statefs.md")
+
+
+KEY_CHECK_LABEL = b"statefs.keycheck.v2\x00"
+
+
+def key_check(key: bytes, device_uuid: bytes, salt: bytes) -> bytes:
+    """16 bytes that tell a wrong payload key from a right one at mount:
+    keyed BLAKE2b (key = the payload key) over label || uuid || salt."""
+    return hashlib.blake2b(KEY_CHECK_LABEL + device_uuid + salt, key=key, digest_size=16).digest()
 
 
 def record_key_context(sb: "Superblock") -> bytes:

@@ -53,6 +53,7 @@ OPS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "txn_delete": (_KEY,),
     "commit": (),
     "abort": (),
+    "compact": (),
 }
 TXN_KINDS = ("put", "delete")
 

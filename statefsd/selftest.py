@@ -82,7 +82,8 @@ def selftest(args, provider) -> int:
         except FormatError:
             fresh = True
         if fresh:
-            sb = Engine.mkfs(dev, encryption=encryption)
+            sb = Engine.mkfs(dev, encryption=encryption,
+                             key_provider=provider if encryption == "on" else None)
     say(encryption_banner(sb))
     encrypted = sb.encryption != fmt.ENCRYPTION_OFF
     key = provider(sb) if encrypted else None

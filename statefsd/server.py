@@ -151,6 +151,9 @@ class Session:
     def op_info(self, args: dict) -> dict:
         return {"info": self.engine.info()}
 
+    def op_compact(self, args: dict) -> dict:
+        return {"compaction": self.engine.compact()}
+
     def op_get(self, args: dict) -> dict:
         return {"value": self.engine.get(args["key"])}
 

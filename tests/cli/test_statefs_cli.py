@@ -178,3 +178,13 @@ def test_unreachable_daemon_is_econn_naming_the_socket(tmp_path):
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["put", "only-key"], ["put", "k", "v", "--file", "f"]])
 def test_usage_errors_exit_2(args, sock):
     assert statefs(*args, socket=sock).returncode == Code.EUSAGE
+
+
+def test_compact_rewrites_the_log_and_keeps_every_value(sock):
+    for i in range(20):
+        statefs("put", "compact/k", f"value-{i}", socket=sock)
+    result = statefs("compact", socket=sock)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["log_after"] < stats["log_before"]
+    assert statefs("get", "compact/k", socket=sock).stdout == b"value-19"

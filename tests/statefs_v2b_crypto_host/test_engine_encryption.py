@@ -60,9 +60,24 @@ def test_mount_without_a_key_is_refused_with_no_plaintext_fallback(enc_image):
         Engine.mount(FileDevice(enc_image))
 
 
-def test_wrong_key_makes_every_sealed_value_fail_authentication(enc_image):
+def test_a_wrong_key_is_refused_at_mount_once_the_image_knows_its_key(enc_image):
+    with mount(enc_image) as e:  # first read-write mount records the key check
+        e.put("a", b"secret")
+    with pytest.raises(KeyUnavailable, match="does not match"):
+        mount(enc_image, key_provider=lambda sb: bytes(32))
+
+
+def test_wrong_key_without_a_key_check_makes_every_sealed_value_fail_authentication(enc_image):
+    with mount(enc_image, read_only=True):
+        pass  # a read-only mount records nothing
     with mount(enc_image) as e:
         e.put("a", b"secret")
+    with mount(enc_image, read_only=True) as r:
+        sb = r.sb
+    for off in fmt.SUPERBLOCK_OFFSETS:  # an image from before key checks existed
+        with open(enc_image, "r+b") as f:
+            f.seek(off)
+            f.write(fmt.encode_superblock(sb.evolve(key_check=bytes(16))))
     events = []
     with mount(enc_image, key_provider=lambda sb: bytes(32), audit=lambda ev, **f: events.append((ev, f))) as e:
         assert e.list() == []  # the txn is discarded deterministically
