@@ -70,27 +70,34 @@ def _no_audit(event: str, **fields) -> None:
 
 
 def read_superblock(device: BlockDevice) -> tuple[fmt.Superblock, list[str]]:
-    """The newest valid superblock slot, and what was wrong with the others."""
-    found: list[fmt.Superblock] = []
+    """The newest valid superblock, and what was wrong with the slots."""
+    sb, _slot, problems = read_superblock_slot(device)
+    return sb, problems
+
+
+def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list[str]]:
+    """The newest valid superblock, the slot it came from, and what was
+    wrong with the slots."""
+    found: list[tuple[fmt.Superblock, int]] = []
     problems: list[str] = []
     magic_seen = False
-    for name, offset in zip("AB", fmt.SUPERBLOCK_OFFSETS):
+    for index, (name, offset) in enumerate(zip("AB", fmt.SUPERBLOCK_OFFSETS)):
         slot = device.read(offset, fmt.BLOCK_SIZE)
         magic_seen |= slot[:8] == fmt.SUPERBLOCK_MAGIC
         status = fmt.decode_superblock(slot)
         if status.superblock is None:
             problems.append(f"slot {name}: {status.problem}")
         else:
-            found.append(status.superblock)
+            found.append((status.superblock, index))
     if not found:
         if not magic_seen:
             raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
         raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)})")
-    sb = max(found, key=lambda s: s.generation)
+    sb, slot = max(found, key=lambda pair: pair[0].generation)
     if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
         raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "
                            f"device has only {device.size // fmt.BLOCK_SIZE} (truncated image?)")
-    return sb, problems
+    return sb, slot, problems
 
 
 class _Request:
@@ -105,8 +112,10 @@ class _Request:
 
 class Engine:
     def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
-                 read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None) -> None:
+                 read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None,
+                 sb_slot: int = 0) -> None:
         self.device = device
+        self._sb_slot = sb_slot
         self.cipher = cipher
         self.sb = sb
         self.read_only = read_only
@@ -184,7 +193,7 @@ class Engine:
     @classmethod
     def _mount(cls, device: BlockDevice, read_only: bool, audit: AuditFn,
                key_provider: KeyProvider | None) -> "Engine":
-        sb, slot_problems = read_superblock(device)
+        sb, slot, slot_problems = read_superblock_slot(device)
         cipher = None
         if sb.encryption != fmt.ENCRYPTION_OFF:
             if key_provider is None:
@@ -207,7 +216,7 @@ class Engine:
                                f"refusing to mount read-write (mount read-only to read the "
                                f"{result.committed} committed transactions before it)",
                                offset=first.offset)
-        engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher)
+        engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher, sb_slot=slot)
         if bad:
             audit("mount_read_only_prefix", image=device.path, committed=result.committed,
                   offset=bad[0].offset, reason=bad[0].reason)
@@ -388,8 +397,7 @@ class Engine:
 
     def _txn_bytes(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
         per_chunk = fmt.HEADER_SIZE + (fmt.SEAL_OVERHEAD if self.cipher else 0)
-        prepare = 2 + sum(6 + len(op.path) for op, _ in ops)
-        size = 2 * fmt.HEADER_SIZE + prepare + 68  # PREPARE + COMMIT
+        size = 2 * fmt.HEADER_SIZE + fmt.prepare_size([op for op, _ in ops]) + fmt.COMMIT_PAYLOAD_SIZE
         for op, _ in ops:
             if op.kind == fmt.OP_PUT:
                 size += op.chunk_count * per_chunk + op.value_len
@@ -489,7 +497,11 @@ class Engine:
         region = 1 - self.sb.active_region
         start_block, blocks = self.sb.regions[region]
         start, end = start_block * fmt.BLOCK_SIZE, (start_block + blocks) * fmt.BLOCK_SIZE
-        epoch = self.sb.log_epoch % 0xFFFFFFFF + 1
+        # A fresh random epoch per attempt: the records of an earlier attempt
+        # that never got its superblock switch stay stale by the epoch rule.
+        epoch = self.sb.log_epoch
+        while epoch in (0, self.sb.log_epoch):
+            epoch = int.from_bytes(os.urandom(4), "little")
         used_before = self._pos - self._region_start
         batches = _snapshot_batches(sorted(self.index.items()))
         if self._next_txn + len(batches) > self.sb.txn_reserved:
@@ -537,10 +549,15 @@ class Engine:
         self._write_superblock(new)
 
     def _write_superblock(self, sb: fmt.Superblock) -> None:
-        slot = fmt.SUPERBLOCK_OFFSETS[sb.generation % 2]
-        self.device.write(slot, fmt.encode_superblock(sb))
+        """Write ``sb`` into the slot *not* holding the current superblock
+        (slot = generation % 2, so the generation may skip one): a torn
+        write can then only damage the older copy."""
+        if sb.generation % 2 == self._sb_slot:
+            sb = sb.evolve(generation=sb.generation + 1)
+        self.device.write(fmt.SUPERBLOCK_OFFSETS[sb.generation % 2], fmt.encode_superblock(sb))
         self.device.flush()
         self.sb = sb
+        self._sb_slot = sb.generation % 2
 
 
 def _snapshot_batches(items: list[tuple[bytes, Entry]]) -> list[list[tuple[bytes, Entry]]]:

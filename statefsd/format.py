@@ -374,10 +374,13 @@ def decode_prepare(payload: bytes) -> list[Op]:
             raise ValueError(f"PREPARE op kind {kind} unknown")
         if not 1 <= plen <= MAX_KEY_BYTES or pos + plen > len(payload):
             raise ValueError(f"PREPARE path length {plen} invalid")
+        path = bytes(payload[pos:pos + plen])
+        if b"\x00" in path or not _is_utf8(path):
+            raise ValueError("PREPARE path is not UTF-8 without NUL")
         if vlen > MAX_VALUE_BYTES or (kind == OP_DELETE and vlen):
             raise ValueError(f"PREPARE value length {vlen} invalid")
         total += vlen
-        ops.append(Op(kind, bytes(payload[pos:pos + plen]), vlen))
+        ops.append(Op(kind, path, vlen))
         pos += plen
     if pos != len(payload):
         raise ValueError("PREPARE payload has trailing bytes")
@@ -386,7 +389,21 @@ def decode_prepare(payload: bytes) -> list[Op]:
     return ops
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def prepare_size(ops: list[Op]) -> int:
+    """Length of the PREPARE payload encode_prepare(ops) produces."""
+    return _PREPARE_HEAD.size + sum(_PREPARE_OP.size + len(op.path) for op in ops)
+
+
 _COMMIT = struct.Struct("<32s32sI")
+COMMIT_PAYLOAD_SIZE = _COMMIT.size
 
 
 class CommitBody(NamedTuple):

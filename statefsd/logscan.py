@@ -8,10 +8,10 @@ region from its start and accepts a record only if *all* hold:
 2. ``epoch`` equals the superblock's ``log_epoch`` (older epochs are stale
    data from before a compaction, or from an earlier file system);
 3. ``seq`` is exactly one more than the previous record's;
-4. ``mount_gen`` is not lower than the previous record's (a lower one is
-   stale tail data of an earlier mount that a later mount has partly
-   overwritten);
-5. ``group`` equals the current group, or the next one at a group start.
+4. ``mount_gen`` is not lower than that of the last complete group (a
+   lower one is stale tail data of an earlier mount that a later mount has
+   partly overwritten);
+5. ``group`` is exactly one more than the last complete group's.
 
 Records are handed out one *complete* group at a time: a group whose last
 record (flag GROUP_END) is missing is discarded whole, deterministically, so

@@ -123,7 +123,7 @@ class Replayer:
             self.findings.append(Finding(end.corruption_offset, "corruption",
                                          f"{end.corruption}; a durable record follows at "
                                          f"offset {end.evidence_offset}"))
-        elif end.torn_bytes:
+        elif end.torn_bytes and not self.stopped:
             self.findings.append(Finding(end.offset, "torn-tail",
                                          f"incomplete last group of {end.torn_bytes} bytes discarded "
                                          f"({end.stop_reason})"))

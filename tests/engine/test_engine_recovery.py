@@ -254,3 +254,47 @@ def test_a_full_log_is_compacted_instead_of_returning_enospc_when_live_data_fits
         last = {k: e.get(k) for k in e.list()}
     with image.mount() as e:
         assert {k: e.get(k) for k in e.list()} == last
+
+
+def test_the_space_a_transaction_needs_is_computed_exactly(image):
+    with image.mount() as e:
+        for muts in ([Mutation("delete", "x" * 300)] * 3, [Mutation("put", "k", bytes(70000))],
+                     [Mutation("put", f"p{i}", b"v") for i in range(50)]):
+            start = e.log_end
+            e.commit(muts)
+            assert e.log_end - start == fmt.align_up(e._txn_bytes(e._validate(muts)))
+
+
+def test_a_mount_never_overwrites_the_only_valid_superblock(image):
+    with image.mount() as e:
+        e.put("a", b"1")
+        newest = e.sb.generation % 2
+    image.patch(fmt.SUPERBLOCK_OFFSETS[newest] + 100, b"garbage!")
+    survivor = image.read(fmt.SUPERBLOCK_OFFSETS[1 - newest], fmt.BLOCK_SIZE)
+    with image.mount() as e:
+        assert e.get("a") == b"1"
+        assert e.sb.generation % 2 == newest  # the mount wrote over the damaged slot
+    assert image.read(fmt.SUPERBLOCK_OFFSETS[1 - newest], fmt.BLOCK_SIZE) == survivor
+
+
+def test_a_compaction_cut_before_its_switch_leaves_no_records_a_later_compaction_could_adopt():
+    from statefsd.engine import Engine
+    from statefsd.simdev import Outcome, SimulatedDevice
+    dev = SimulatedDevice(2 << 20)
+    Engine.mkfs(dev)
+    e = Engine.mount(dev)
+    e.put("a", b"1" * 1000)
+    e.put("b", b"2")
+    mark = len(dev.trace)
+    e.compact()
+    # the cut: snapshot written and flushed, superblock switch lost
+    flushes = [op.index for op in dev.trace.ops[mark:] if op.kind == "flush"]
+    point = next(p for p in dev.trace.crash_points(start=flushes[-2] + 1, stop=flushes[-2] + 1))
+    crashed = point.device(Outcome.keep_all(0))
+    e = Engine.mount(crashed)
+    e.delete("a")
+    e.delete("b")
+    e.compact()
+    e.close()
+    with Engine.mount(SimulatedDevice.from_image(crashed.image())) as again:
+        assert again.list() == []

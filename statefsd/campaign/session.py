@@ -1,0 +1,203 @@
+"""A workload's view of the store: every commit is recorded for the checker.
+
+The session mounts the system under test on a simulated device and records,
+for each transaction, its txn id, what it wrote and the trace positions at
+which commit() was called and had returned. Runs are deterministic from the
+seed, including concurrent commits: the :class:`GateDevice` holds each
+group write until the main thread lets that writer through, so who lands in
+which group, and when each commit returns, never depends on the scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from statefsd.engine import Engine, Mutation
+from statefsd.errors import NoSpace
+from statefsd.simdev import SimulatedDevice, Trace
+
+from statefsd.campaign.systems import DeviceProxy, System
+from statefsd.campaign.timeline import DELETED, Timeline, Txn, digest
+
+WAIT_SECONDS = 30.0             # a thread that does not reach the gate by then is a harness bug
+
+
+def wait_until(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"campaign: timed out waiting for {what}")
+        time.sleep(0.0002)
+
+
+class GateDevice(DeviceProxy):
+    """While holding, a write waits until the main thread admits its thread."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self._cv = threading.Condition()
+        self._holding = False
+        self._waiting: set[int] = set()
+        self._admitted: set[int] = set()
+
+    def hold(self) -> None:
+        with self._cv:
+            self._holding = True
+
+    def release(self) -> None:
+        with self._cv:
+            self._holding = False
+            self._cv.notify_all()
+
+    def waiting(self) -> set[int]:
+        with self._cv:
+            return set(self._waiting)
+
+    def admit(self, ident: int) -> None:
+        with self._cv:
+            self._admitted.add(ident)
+            self._cv.notify_all()
+
+    def write(self, offset: int, data: bytes) -> None:
+        me = threading.get_ident()
+        with self._cv:
+            if self._holding:
+                self._waiting.add(me)
+                self._cv.notify_all()
+                if not self._cv.wait_for(lambda: me in self._admitted or not self._holding, WAIT_SECONDS):
+                    raise RuntimeError("campaign: a gated write was never admitted")
+                self._waiting.discard(me)
+                self._admitted.discard(me)
+        self.inner.write(offset, data)
+
+
+@dataclass
+class Run:
+    """A workload run: its trace, the transactions it submitted, and the image's identity."""
+
+    trace: Trace
+    timeline: Timeline
+    salt: bytes
+    encrypted: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class Session:
+    def __init__(self, system: System, device: SimulatedDevice, *, seed: int, encrypted: bool,
+                 salt: bytes) -> None:
+        self.system = system
+        self.device = device
+        self.gate = GateDevice(device)
+        self.rng = random.Random(seed)
+        self.encrypted = encrypted
+        self.salt = salt
+        self.txns: list[Txn] = []
+        self.rejected = 0
+        self.abandoned = 0
+        self._serial = 0
+        self.engine: Engine = system.mount(self.gate)
+
+    # -- helpers for workloads -------------------------------------------------------------------
+
+    def ops(self) -> int:
+        return len(self.device.trace)
+
+    def value(self, size: int) -> bytes:
+        """A value no other write of this run has (a serial number, then seeded bytes)."""
+        self._serial += 1
+        if size < 8:
+            size = 8
+        return struct.pack("<Q", self._serial) + self.rng.randbytes(size - 8)
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def commit(self, mutations: list[Mutation]) -> int | None:
+        """Commit and record; None if the engine refused it for lack of space (nothing written)."""
+        submit = self.ops()
+        try:
+            txn_id = self.engine.commit(mutations)
+        except NoSpace:
+            self.rejected += 1
+            return None
+        self._record(txn_id, mutations, submit, self.ops())
+        return txn_id
+
+    def put(self, path: str, size: int) -> int | None:
+        return self.commit([Mutation("put", path, self.value(size))])
+
+    def delete(self, path: str) -> int | None:
+        return self.commit([Mutation("delete", path)])
+
+    def abandon(self, mutations: list[Mutation]) -> None:
+        """A transaction its client abandoned (disconnect) before commit: at engine level it is
+        never submitted, so nothing is written; its values are unique, so if one ever showed up
+        the state would match no prefix (invariant 3)."""
+        self.abandoned += 1
+
+    def concurrent(self, batches: list[list[Mutation]]) -> None:
+        """Commit each batch from its own thread, as one leader group then one follower group."""
+        results: list[tuple[int, int] | None] = [None] * len(batches)
+        submit = self.ops()
+
+        def worker(i: int) -> None:
+            try:
+                txn_id = self.engine.commit(batches[i])
+            except NoSpace:
+                return
+            results[i] = (txn_id, self.ops())
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(batches))]
+        self.gate.hold()
+        try:
+            threads[0].start()
+            wait_until(lambda: threads[0].ident in self.gate.waiting() or not threads[0].is_alive(),
+                       "the leader's group write")
+            if not threads[0].is_alive():
+                raise RuntimeError("campaign: concurrent() needs a leader transaction that fits the log")
+            for i, t in enumerate(threads[1:], start=1):
+                t.start()
+                # The engine's queue is private; reading its length is the one way to know a
+                # follower is waiting (and in which order) without racing it.
+                wait_until(lambda i=i: len(self.engine._queue) == i, f"follower {i} to queue")
+            # The leader records its ack before the next group is admitted.
+            self._drain(threads[:1], only=threads[0].ident)
+            self._drain(threads[1:])
+        finally:
+            self.gate.release()
+        for t in threads:
+            t.join(WAIT_SECONDS)
+        for i, result in enumerate(results):
+            if result is None:
+                self.rejected += 1
+            else:
+                self._record(result[0], batches[i], submit, result[1])
+
+    def _drain(self, threads: list[threading.Thread], only: int | None = None) -> None:
+        while any(t.is_alive() for t in threads):
+            for ident in self.gate.waiting():
+                if only is None or ident == only:
+                    self.gate.admit(ident)
+            for t in threads:
+                t.join(0.0005)
+
+    def remount(self) -> None:
+        self.engine.close()
+        self.engine = self.system.mount(self.gate)
+
+    def maintain(self, step: Callable[[Engine], object]) -> None:
+        """A step that must not change the logical state (e.g. compaction, once it exists)."""
+        step(self.engine)
+
+    def finish(self) -> Run:
+        self.engine.close()
+        return Run(self.device.trace, Timeline({}, self.txns), self.salt, self.encrypted,
+                   [f"{len(self.txns)} txns, {self.rejected} refused (ENOSPC), {self.abandoned} abandoned"])
+
+    def _record(self, txn_id: int, mutations: list[Mutation], submit: int, ack: int) -> None:
+        writes = tuple((m.path, DELETED if m.kind == "delete" else digest(bytes(m.value))) for m in mutations)
+        self.txns.append(Txn(txn_id, writes, submit, ack))

@@ -1,0 +1,151 @@
+"""Workloads: deterministic, seeded operation sequences, registered as plug-ins.
+
+A workload is a function of a :class:`Session`; ``@workload(name)``
+registers it twice, plain and with encryption on (``name-enc``). A run's
+bytes depend only on (system, workload, seed, crash model), which is what
+makes a reproduction code enough to rebuild a crash state.
+
+Adding a workload (compaction, once ``Engine.compact`` exists, is already
+wired below; fsck joins through ``fsckhook``): write a function that drives
+the session, decorate it, and it runs in the default campaign.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.simdev import CrashModel
+
+from statefsd.campaign.session import Run, Session
+from statefsd.campaign.systems import System, format_image
+
+KEYS = [f"k/{i}" for i in range(8)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    steps: Callable[[Session], None]
+    encrypted: bool
+    doc: str
+
+
+WORKLOADS: dict[str, Workload] = {}
+
+
+def workload(name: str):
+    def register(fn: Callable[[Session], None]):
+        doc = " ".join((fn.__doc__ or "").split())
+        WORKLOADS[name] = Workload(name, fn, False, doc)
+        WORKLOADS[name + "-enc"] = Workload(name + "-enc", fn, True, doc + " Encryption on.")
+        return fn
+    return register
+
+
+def run_workload(system: System, wl: Workload, seed: int, model: CrashModel) -> Run:
+    label = f"{wl.name}/{seed}"
+    device = format_image(label, encryption=wl.encrypted, model=model)
+    salt = read_superblock(device)[0].salt
+    session = Session(system, device, seed=hash_seed(label), encrypted=wl.encrypted, salt=salt)
+    wl.steps(session)
+    return session.finish()
+
+
+def hash_seed(label: str) -> int:
+    """A seed from text that does not depend on PYTHONHASHSEED."""
+    return int.from_bytes(label.encode(), "little") % (1 << 61)
+
+
+def _mutation(s: Session, path: str, *, p_delete: float, max_size: int) -> Mutation:
+    if s.rng.random() < p_delete:
+        return Mutation("delete", path)
+    return Mutation("put", path, s.value(s.rng.randrange(8, max_size)))
+
+
+# -- the workloads ---------------------------------------------------------------------------------
+
+
+@workload("single-puts")
+def single_puts(s: Session) -> None:
+    """Single-key puts of 1 to 3 sectors over six keys, so most are overwrites."""
+    for _ in range(28):
+        s.put(s.rng.choice(KEYS[:6]), s.rng.randrange(8, 1400))
+
+
+@workload("multi-key")
+def multi_key(s: Session) -> None:
+    """Transactions of 2 to 6 puts and deletes over shared keys, written as groups of several
+    sectors; one transaction is abandoned by its client before commit (nothing is written)."""
+    for i in range(22):
+        paths = s.rng.sample(KEYS, s.rng.randrange(2, 7))
+        mutations = [_mutation(s, p, p_delete=0.25, max_size=900) for p in paths]
+        if i == 9:
+            s.abandon(mutations)
+        else:
+            s.commit(mutations)
+
+
+@workload("deletes-overwrites")
+def deletes_overwrites(s: Session) -> None:
+    """Puts, overwrites, single deletes, deletes inside transactions (also of missing keys),
+    empty values, and a remount after each round."""
+    for _ in range(3):
+        for path in KEYS[:4]:
+            s.put(path, s.rng.randrange(8, 700))
+        s.commit([Mutation("put", KEYS[0], b""), Mutation("delete", KEYS[1]), Mutation("delete", "never/was")])
+        s.delete(KEYS[2])
+        s.commit([Mutation("put", KEYS[2], s.value(300)), Mutation("put", KEYS[1], s.value(40))])
+        s.delete(KEYS[3])
+        s.remount()
+
+
+@workload("large-values")
+def large_values(s: Session) -> None:
+    """Values of 70 to 140 KiB (two or three 64 KiB PAYLOAD chunks): single puts, a transaction
+    mixing a large and small values with a delete, and large values overwritten by small ones."""
+    kib = 1024
+    s.put("big/a", s.rng.randrange(70 * kib, 140 * kib))
+    s.put("small", 100)
+    s.commit([Mutation("put", "big/b", s.value(s.rng.randrange(66 * kib, 100 * kib))),
+              Mutation("put", "small", s.value(50)), Mutation("delete", "big/a")])
+    s.put("big/a", 200)
+    s.put("big/b", s.rng.randrange(65 * kib, 90 * kib))
+    s.commit([Mutation("put", "big/b", s.value(10)), Mutation("put", "big/c", s.value(3000))])
+
+
+@workload("near-full")
+def near_full(s: Session) -> None:
+    """Fill the log with 8 to 16 KiB values until the engine refuses (ENOSPC), then deletes,
+    which may use the space kept for them, and more refused puts."""
+    n = 0
+    while s.put(f"fill/{n}", s.rng.randrange(8 << 10, 16 << 10)) is not None:
+        n += 1
+    s.commit([Mutation("put", "x", s.value(2000)), Mutation("delete", "fill/0")])   # refused whole
+    for i in range(0, min(n, 6), 2):
+        s.delete(f"fill/{i}")
+    s.commit([Mutation("delete", "fill/1"), Mutation("delete", "fill/3")])
+    s.put("after-full", 1000)
+
+
+@workload("group-commit")
+def group_commit(s: Session) -> None:
+    """Commits from 2 to 5 threads at once: a leader group, then one group holding every
+    follower's transaction; single commits in between."""
+    for _ in range(7):
+        batches = [[_mutation(s, p, p_delete=0.2, max_size=600)
+                    for p in s.rng.sample(KEYS, s.rng.randrange(1, 4))]
+                   for _ in range(s.rng.randrange(2, 6))]
+        s.concurrent(batches)
+        s.put(s.rng.choice(KEYS), s.rng.randrange(8, 400))
+
+
+if hasattr(Engine, "compact"):
+    @workload("compaction")
+    def compaction(s: Session) -> None:
+        """Overwrites, then compaction (which must not change the logical state), then more."""
+        for _ in range(2):
+            for _ in range(12):
+                s.put(s.rng.choice(KEYS[:4]), s.rng.randrange(8, 2000))
+            s.maintain(lambda engine: engine.compact())
