@@ -92,13 +92,16 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     from statefsd.blockdev import FileDevice
     from statefsd.engine import Engine
-    from statefsd.keys import encryption_banner, keystore_key_provider
+    from statefsd.keys import KeystoreSigner, encryption_banner, keystore_key_provider
     from statefsd.server import Server, bind_socket, encryption_mode
 
+    # With a keystore, checkpoints are signed and verified with the device key;
+    # an unreachable keystore that was asked for is an error, not a downgrade.
+    signer = KeystoreSigner(args.keystore_socket) if args.keystore_socket else None
     device = FileDevice(args.image, read_only=args.read_only)
     # The provider asks keystored only if the image turns out to be encrypted.
     engine = Engine.mount(device, read_only=args.read_only, audit=audit,
-                          key_provider=keystore_key_provider(args.keystore_socket))
+                          key_provider=keystore_key_provider(args.keystore_socket), signer=signer)
     try:
         mode = encryption_mode(engine.info())
         print(encryption_banner(engine.sb), flush=True)

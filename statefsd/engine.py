@@ -29,7 +29,7 @@ import hashlib
 import os
 import sys
 import threading
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 from statefsd import format as fmt
 from statefsd.blockdev import BlockDevice
@@ -42,6 +42,15 @@ from statefsd.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
 KeyProvider = Callable[[fmt.Superblock], bytes]
+CHECKPOINT_EVERY = 1024   # commits between signed checkpoints (also at unmount and compaction)
+
+
+class Signer(Protocol):
+    """The device's signing key, as keystored exposes it."""
+
+    public_key: bytes
+
+    def sign(self, label: str, message: bytes) -> bytes: ...
 
 
 class Mutation(NamedTuple):
@@ -113,9 +122,11 @@ class _Request:
 class Engine:
     def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
                  read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None,
-                 sb_slot: int = 0) -> None:
+                 sb_slot: int = 0, signer: "Signer | None" = None) -> None:
         self.device = device
         self._sb_slot = sb_slot
+        self.signer = signer
+        self._unsigned_commits = 0
         self.cipher = cipher
         self.sb = sb
         self.read_only = read_only
@@ -174,14 +185,17 @@ class Engine:
 
     @classmethod
     def mount(cls, device: BlockDevice, *, read_only: bool = False,
-              audit: AuditFn | None = None, key_provider: KeyProvider | None = None) -> "Engine":
+              audit: AuditFn | None = None, key_provider: KeyProvider | None = None,
+              signer: "Signer | None" = None) -> "Engine":
         """Mount ``device`` (the engine owns it from now on, and closes it
         on failure too). An encrypted image needs ``key_provider``, which
         returns the payload key for a superblock (from keystored); there is
-        no plaintext fallback."""
+        no plaintext fallback. With a ``signer`` (the device key, through
+        keystored) every checkpoint is verified at mount and new ones are
+        signed."""
         audit = audit or _no_audit
         try:
-            return cls._mount(device, read_only, audit, key_provider)
+            return cls._mount(device, read_only, audit, key_provider, signer)
         except StateFSError as exc:
             audit("mount_refused", image=device.path, code=exc.code.name, reason=exc.message)
             device.close()
@@ -192,7 +206,7 @@ class Engine:
 
     @classmethod
     def _mount(cls, device: BlockDevice, read_only: bool, audit: AuditFn,
-               key_provider: KeyProvider | None) -> "Engine":
+               key_provider: KeyProvider | None, signer: "Signer | None") -> "Engine":
         sb, slot, slot_problems = read_superblock_slot(device)
         cipher = None
         if sb.encryption != fmt.ENCRYPTION_OFF:
@@ -204,7 +218,7 @@ class Engine:
                 raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image "
                                      f"(another device identity?); refusing to mount")
             cipher = RecordCipher(key, sb)
-        result = replay(device, sb, cipher)
+        result = replay(device, sb, cipher, signer.public_key if signer else None)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
               **result.summary())
         for f in result.findings:
@@ -216,7 +230,8 @@ class Engine:
                                f"refusing to mount read-write (mount read-only to read the "
                                f"{result.committed} committed transactions before it)",
                                offset=first.offset)
-        engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher, sb_slot=slot)
+        engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher, sb_slot=slot,
+                     signer=signer)
         if bad:
             audit("mount_read_only_prefix", image=device.path, committed=result.committed,
                   offset=bad[0].offset, reason=bad[0].reason)
@@ -228,6 +243,11 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        if not self.read_only and self.signer is not None and self._unsigned_commits:
+            try:
+                self.checkpoint()
+            except StateFSError as exc:
+                self.audit("checkpoint_failed", reason=str(exc))
         with self._cv:
             while self._writing:
                 self._cv.wait()
@@ -342,6 +362,8 @@ class Engine:
                 self.compact()
             except NoSpace:
                 pass  # the live data itself is too large; commits will say ENOSPC
+        elif self.signer is not None and self._unsigned_commits >= CHECKPOINT_EVERY:
+            self.checkpoint()
         return txn_id
 
     def _compaction_would_free(self, needed: int) -> bool:
@@ -445,6 +467,7 @@ class Engine:
                 else:
                     self.index[path] = entry
             req.done = True
+        self._unsigned_commits += len(accepted)
 
     def _fail(self, accepted: list[_Request], exc: StateFSError) -> None:
         # After a failed write or flush nobody knows what is durable (the
@@ -523,6 +546,9 @@ class Engine:
                 self.device.write(at, blob)
                 written += len(blob)
                 index.update(entries[0])
+            if self.signer is not None:
+                blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
+                self.device.write(cur.offset - len(blob), blob)
             self.device.flush()
             # The commit point of compaction: one superblock write, then flush.
             self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1, active_region=region,
@@ -537,10 +563,42 @@ class Engine:
         self._pos, self._seq, self._group = cur.offset, cur.seq, cur.group
         self._chain, self._next_txn = cur.chain, cur.txn_id
         self.index = index
+        self._unsigned_commits = 0 if self.signer else self._unsigned_commits
         stats = {"live_keys": len(index), "live_bytes": sum(e.size for e in index.values()),
                  "log_before": used_before, "log_after": written, "epoch": epoch}
         self.audit("compaction", **stats)
         return stats
+
+    def checkpoint(self) -> None:
+        """Append a CHECKPOINT signed by the device key over the chain head,
+        as a group of its own (one write, one flush)."""
+        if self.signer is None:
+            raise KeyUnavailable("checkpoints need the device key: start statefsd with --keystore-socket")
+        if self.read_only:
+            raise ReadOnly(f"{self.device.path} is mounted read-only")
+        with self._cv:
+            while self._writing:
+                self._cv.wait()
+            self._writing = True
+        try:
+            cur = self._cursor()
+            start = cur.offset
+            blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
+            if start + len(blob) > self._region_end:
+                raise NoSpace(f"{self.device.path}: no room for a checkpoint")
+            try:
+                self.device.write(start, blob)
+                self.device.flush()
+            except DeviceIOError as exc:
+                self._fail([], exc)
+                raise
+            self._pos, self._seq, self._group = cur.offset, cur.seq, cur.group
+            self._unsigned_commits = 0
+            self.audit("checkpoint", chain_head=cur.chain.hex(), seq=cur.seq - 1)
+        finally:
+            with self._cv:
+                self._writing = False
+                self._cv.notify_all()
 
     def _reserve_txn_ids(self, upto: int) -> None:
         """Durably reserve txn ids through at least ``upto`` (invariant 8)."""
@@ -583,6 +641,20 @@ class _LogCursor:
         self.epoch, self.group, self.seq, self.offset = epoch, group, seq, offset
         self.chain, self.txn_id, self.mount_gen = chain, txn_id, mount_gen
         self.txn_ids: list[int] = []
+
+    def encode_checkpoint(self, signer: "Signer", device_uuid: bytes) -> bytes:
+        """A group holding one CHECKPOINT over the current chain head."""
+        message = fmt.checkpoint_message(device_uuid, self.epoch, self.seq, self.chain)
+        body = fmt.CheckpointBody(self.chain, signer.public_key,
+                                  signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message))
+        rec = fmt.pack_record(fmt.CHECKPOINT, flags=fmt.FLAG_GROUP_END, epoch=self.epoch, group=self.group,
+                              seq=self.seq, mount_gen=self.mount_gen, txn_id=0,
+                              payload=fmt.encode_checkpoint(body))
+        self.seq += 1
+        self.group += 1
+        blob = rec + bytes(fmt.align_up(len(rec)) - len(rec))
+        self.offset += len(blob)
+        return blob
 
     def encode_group(self, txns: list[list[tuple[fmt.Op, bytes]]], cipher: RecordCipher | None):
         parts: list[bytes] = []

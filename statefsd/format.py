@@ -74,13 +74,15 @@ SEAL_OVERHEAD = 16                # AEAD tag appended to a sealed payload
 MAX_PAYLOAD = 128 << 10           # any record payload (PREPARE is the largest)
 TXN_RESERVE_BATCH = 4096          # txn ids reserved per superblock write
 
-# Record types. 0x15.. are reserved for later minor versions.
+# Record types. 0x16.. are reserved for later minor versions.
 PREPARE = 0x10
 PAYLOAD = 0x11
 COMMIT = 0x12
 ABORT = 0x13
 DELETE = 0x14
-RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT: "ABORT", DELETE: "DELETE"}
+CHECKPOINT = 0x15
+RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT: "ABORT", DELETE: "DELETE",
+                CHECKPOINT: "CHECKPOINT"}
 
 # Record flags.
 FLAG_GROUP_END = 0x01             # next record starts at the next GROUP_ALIGN boundary
@@ -420,6 +422,38 @@ def decode_commit(payload: bytes) -> CommitBody:
     if len(payload) != _COMMIT.size:
         raise ValueError(f"COMMIT payload is {len(payload)} bytes, expected {_COMMIT.size}")
     return CommitBody._make(_COMMIT.unpack(payload))
+
+
+# A CHECKPOINT record vouches, with the device's Ed25519 key (held by
+# keystored), for the chain head at its position in the log.
+CHECKPOINT_SIGN_LABEL = "statefs.checkpoint.v1"   # keystored signing label
+CHECKPOINT_MESSAGE_LABEL = b"statefs.checkpoint.v2\x00"
+_CHECKPOINT = struct.Struct("<32s32s64s")          # chain_head, public_key, signature
+_CHECKPOINT_MESSAGE = struct.Struct("<24s16sIQ32s")  # label, uuid, log_epoch, seq, chain_head
+if _CHECKPOINT_MESSAGE.size != 84:
+    raise ImportError("checkpoint layout drifted from docs/statefs.md")
+
+
+class CheckpointBody(NamedTuple):
+    chain_head: bytes
+    public_key: bytes
+    signature: bytes
+
+
+def checkpoint_message(device_uuid: bytes, log_epoch: int, seq: int, chain_head: bytes) -> bytes:
+    """The bytes keystored signs (under CHECKPOINT_SIGN_LABEL) for a checkpoint
+    record with sequence number ``seq``."""
+    return _CHECKPOINT_MESSAGE.pack(CHECKPOINT_MESSAGE_LABEL, device_uuid, log_epoch, seq, chain_head)
+
+
+def encode_checkpoint(body: CheckpointBody) -> bytes:
+    return _CHECKPOINT.pack(*body)
+
+
+def decode_checkpoint(payload: bytes) -> CheckpointBody:
+    if len(payload) != _CHECKPOINT.size:
+        raise ValueError(f"CHECKPOINT payload is {len(payload)} bytes, expected {_CHECKPOINT.size}")
+    return CheckpointBody._make(_CHECKPOINT.unpack(payload))
 
 
 def chain_hash(commit_record: bytes) -> bytes:

@@ -26,3 +26,16 @@ def encryption_banner(sb: fmt.Superblock) -> str:
     if sb.encryption == fmt.ENCRYPTION_OFF:
         return "statefsd: encryption off"
     return f"statefsd: encryption on ({fmt.ENCRYPTION_NAMES[sb.encryption]})"
+
+
+class KeystoreSigner:
+    """The device's Ed25519 key, used through keystored: the private key
+    never leaves it. The public key is fetched once, at start."""
+
+    def __init__(self, socket_path: str) -> None:
+        from keystored.client import KeystoreClient
+        self._client = KeystoreClient(socket_path)
+        self.public_key = self._client.public_key()
+
+    def sign(self, label: str, message: bytes) -> bytes:
+        return self._client.sign(label, message)

@@ -10,6 +10,10 @@ and only when, its COMMIT is found and everything about it checks out:
    match, and its prev_hash equals the hash of the previous COMMIT (the
    chain), starting from the superblock's chain_base.
 
+A CHECKPOINT must name the current chain head; with the device's public key
+at hand its Ed25519 signature must verify too (else: corruption, since
+someone rewrote history without the device key).
+
 A PREPARE with no COMMIT before the next PREPARE or the end of the log is an
 orphan: dropped whole, reported, not an error. A txn closed by ABORT is
 dropped. Records with good checksums that break the rules above cannot come
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 
 from statefsd import format as fmt
 from statefsd.errors import IntegrityError
+from keystored.domain import verify_signature
 from statefsd.logscan import Record, ScanEnd, scan_groups
 
 
@@ -73,6 +78,8 @@ class ReplayResult:
     records: int = 0
     findings: list[Finding] = field(default_factory=list)
     unverified_chunks: int = 0  # sealed chunks not authenticated (no key given)
+    checkpoints: int = 0        # CHECKPOINT records whose chain head matched
+    verified_checkpoints: int = 0   # ... and whose signature verified under the device key
 
     @property
     def corruption(self) -> list[Finding]:
@@ -85,15 +92,19 @@ class ReplayResult:
         return {"committed_txns": self.committed, "records": self.records, "keys": len(self.index),
                 "max_txn_id": self.max_txn_id, "log_end": self.end.offset,
                 "torn_tail_bytes": self.end.torn_bytes, "stop_reason": self.end.stop_reason,
-                "unverified_chunks": self.unverified_chunks, "findings": kinds}
+                "unverified_chunks": self.unverified_chunks, "checkpoints": self.checkpoints,
+                "verified_checkpoints": self.verified_checkpoints, "findings": kinds}
 
 
 class Replayer:
     """Applies records in log order; see the module docstring for the rules."""
 
-    def __init__(self, sb: fmt.Superblock, cipher=None) -> None:
+    def __init__(self, sb: fmt.Superblock, cipher=None, device_key: bytes | None = None) -> None:
         self.sb = sb
         self.cipher = cipher
+        self.device_key = device_key    # Ed25519 public key checkpoints must verify under
+        self.checkpoints = 0
+        self.verified_checkpoints = 0
         self.unverified_chunks = 0
         self.index: dict[bytes, Entry] = {}
         self.chain = sb.chain_base
@@ -128,7 +139,8 @@ class Replayer:
                                          f"incomplete last group of {end.torn_bytes} bytes discarded "
                                          f"({end.stop_reason})"))
         return ReplayResult(self.index, end, self.chain, self.max_txn_id, self.committed,
-                            self.records, self.findings, self.unverified_chunks)
+                            self.records, self.findings, self.unverified_chunks, self.checkpoints,
+                            self.verified_checkpoints)
 
     # -- record handlers ----------------------------------------------------
 
@@ -247,6 +259,25 @@ class Replayer:
                 self.index.pop(op.path, None)
         self.committed += 1
 
+    def _checkpoint(self, rec: Record, h: fmt.RecordHeader) -> None:
+        if self.open is not None:
+            self._drop_open("orphan", "checkpoint before its COMMIT")
+        try:
+            body = fmt.decode_checkpoint(rec.payload)
+        except ValueError as exc:
+            return self.corrupt(rec, str(exc))
+        if body.chain_head != self.chain:
+            return self.corrupt(rec, "checkpoint does not match the hash chain: history was rewritten")
+        self.checkpoints += 1
+        if self.device_key is None:
+            return
+        if body.public_key != self.device_key:
+            return self.corrupt(rec, "checkpoint signed by a key that is not this device's")
+        message = fmt.checkpoint_message(self.sb.device_uuid, h.epoch, h.seq, body.chain_head)
+        if not verify_signature(body.public_key, fmt.CHECKPOINT_SIGN_LABEL, message, body.signature):
+            return self.corrupt(rec, "checkpoint signature does not verify: forged history")
+        self.verified_checkpoints += 1
+
     def _abort(self, rec: Record, h: fmt.RecordHeader) -> None:
         if self.open is not None and self.open.prepare.header.txn_id == h.txn_id:
             self._drop_open("aborted", "transaction aborted")
@@ -260,14 +291,16 @@ _HANDLERS = {
     fmt.DELETE: Replayer._delete,
     fmt.COMMIT: Replayer._commit,
     fmt.ABORT: Replayer._abort,
+    fmt.CHECKPOINT: Replayer._checkpoint,
 }
 
 
-def replay(device, sb: fmt.Superblock, cipher=None) -> ReplayResult:
+def replay(device, sb: fmt.Superblock, cipher=None, device_key: bytes | None = None) -> ReplayResult:
     """Scan the active region and rebuild the committed state. With a
     cipher, every sealed chunk is authenticated; without, it is counted as
-    unverified."""
-    r = Replayer(sb, cipher)
+    unverified. With the device's public key, every checkpoint signature is
+    verified too."""
+    r = Replayer(sb, cipher, device_key)
     for item in scan_groups(device, sb):
         if isinstance(item, ScanEnd):
             return r.finish(item)

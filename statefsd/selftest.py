@@ -31,7 +31,7 @@ from statefsd import format as fmt
 from statefsd.blockdev import FileDevice
 from statefsd.engine import Engine, Mutation, read_superblock
 from statefsd.errors import FormatError, IntegrityError, StateFSError
-from statefsd.keys import encryption_banner, keystore_key_provider
+from statefsd.keys import KeystoreSigner, encryption_banner, keystore_key_provider
 from statefsd.simdev import Outcome, SimulatedDevice
 
 SCRATCH_BYTES = 2 << 20
@@ -89,7 +89,8 @@ def selftest(args, provider) -> int:
     key = provider(sb) if encrypted else None
     fixed = (lambda _sb: key) if encrypted else None
 
-    device_round_trip(args.image, provider)
+    socket_path = getattr(args, "keystore_socket", None)
+    device_round_trip(args.image, provider, KeystoreSigner(socket_path) if socket_path else None)
     if encrypted:
         tamper_round_trip(fixed)
         say("SELFTEST: statefs v2 enc ok")
@@ -100,13 +101,15 @@ def selftest(args, provider) -> int:
     return 0
 
 
-def device_round_trip(image: str, provider) -> None:
+def device_round_trip(image: str, provider, signer=None) -> None:
     value = hashlib.sha256(os.urandom(16)).digest() * 6000  # ~190 KiB: several chunks
     token = os.urandom(16).hex().encode()
-    with Engine.mount(FileDevice(image), key_provider=provider) as e:
+    with Engine.mount(FileDevice(image), key_provider=provider, signer=signer) as e:
         e.commit([Mutation("put", "selftest/value", value), Mutation("put", PERSIST_KEY, token)])
         check(e.get("selftest/value") == value, "read back on the device")
-    with Engine.mount(FileDevice(image), key_provider=provider) as e:
+    with Engine.mount(FileDevice(image), key_provider=provider, signer=signer) as e:
+        if signer is not None:
+            check(e.replay_summary["verified_checkpoints"] >= 1, "no verified checkpoint after unmount")
         check(e.get("selftest/value") == value, "value after replay on the device")
         check(e.get(PERSIST_KEY) == token, "token after replay on the device")
     say(f"SELFTEST: device round trip ok (token {token.decode()})")
