@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Boot StateFS in a QEMU guest (TCG) and check its self-tests on a real virtio disk.
+#
+#   scripts/qemu-test.sh           4 boots: for encryption off, then on: `selftest` (mkfs +
+#                                  the engine's checks), then `persist` on the same disk;
+#                                  markers checked after each boot, fsck-statefs on the host.
+#   scripts/qemu-test.sh --smoke   one boot: the guest's Python imports StateFS and its deps.
+#
+# Options: -v (stream the guest consoles), --keep (keep disks and logs).
+# Env: QEMU_TEST_TIMEOUT (seconds per boot, default 240), QEMU_DISK_SIZE (default 64M).
+# Installs its tools with apt-get and builds the guest (cached) via qemu/build_guest.py.
+# How it works: qemu/README.md.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=$REPO/.venv/bin/python
+TIMEOUT=${QEMU_TEST_TIMEOUT:-240}
+DISK_SIZE=${QEMU_DISK_SIZE:-64M}
+SMOKE=0 KEEP=0 ECHO=()
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) SMOKE=1 ;;
+        --keep) KEEP=1 ;;
+        -v) ECHO=(--echo) ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "qemu-test: unknown argument $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [ ! -x "$PY" ]; then
+    echo "qemu-test: no venv at $REPO/.venv: create it and pip install the project with [dev]" >&2
+    exit 2
+fi
+cd "$REPO"
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c 'import qemu.qmp, packaging' 2>/dev/null; then
+    "$PY" -m pip install -q 'qemu.qmp>=0.0.3' packaging || exit 2
+fi
+
+WORK=$(mktemp -d /tmp/statefs-qemu.XXXXXX)
+FAILURES=()
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+T0=$(now)
+
+finish() {
+    local total
+    total=$(since "$T0")
+    if [ ${#FAILURES[@]} -eq 0 ]; then
+        echo "qemu-test: PASS ($total s)"
+        [ $KEEP = 1 ] && echo "qemu-test: disks and logs kept in $WORK" || rm -rf "$WORK"
+        exit 0
+    fi
+    echo "qemu-test: FAIL ($total s):"
+    printf '  - %s\n' "${FAILURES[@]}"
+    echo "qemu-test: disks and logs kept in $WORK"
+    exit 1
+}
+
+fail() {  # what-failed [serial-log]
+    FAILURES+=("$1")
+    echo "qemu-test: FAIL: $1"
+    if [ -n "${2:-}" ] && [ -s "$2" ]; then
+        echo "---- last 40 console lines of $2"
+        tail -n 40 "$2" | tr -d '\r'
+        echo "----"
+    fi
+}
+
+# boot NAME MODE ENC DISK [STATE_DISK] [run_guest args...]: one boot, then the marker check.
+boot() {
+    local name=$1 mode=$2 enc=$3 disk=$4 state=${5:-} log=$WORK/$1.log rc start
+    local out=$WORK/$1.stdout
+    [ ${#ECHO[@]} -gt 0 ] && out=/dev/stdout  # -v: the console streams to the terminal
+    local args=(--mode "$mode" --enc "$enc" --disk "$disk" --serial-log "$log"
+                --timeout "$TIMEOUT" "${ECHO[@]}" "${@:6}")
+    [ -n "$state" ] && args+=(--state-disk "$state")  # created (ext4) if missing
+    start=$(now)
+    "$PY" qemu/run_guest.py "${args[@]}" >"$out" 2>"$WORK/$name.stderr"
+    rc=$?
+    printf 'qemu-test: %-18s %6s s  (exit status %s)\n' "$name" "$(since "$start")" "$rc"
+    if [ $rc = 124 ] || [ $rc = 125 ]; then  # 125: QEMU ended without a guest status
+        sed 's/^/    /' "$WORK/$name.stderr" | tail -n 20
+        local why="QEMU ended without a guest status"
+        [ $rc = 124 ] && why="timed out after $TIMEOUT s"
+        fail "$name: $why" "$log"
+        return 1
+    fi
+    if ! "$PY" qemu/check_markers.py --mode "$mode" --enc "$enc" "$log" >"$WORK/$name.check"; then
+        sed 's/^/    /' "$WORK/$name.check"
+        fail "$name: markers (see above)" "$log"
+        return 1
+    fi
+    [ $rc = 0 ] || { fail "$name: guest exit status $rc" "$log"; return 1; }
+    return 0
+}
+
+fsck_image() {  # NAME DISK
+    local probe='import importlib.util as u; exit(u.find_spec("fsck_statefs.__main__") is None)'
+    if ! "$PY" -c "$probe" 2>/dev/null; then
+        fail "$1: fsck_statefs is missing (no fsck_statefs/__main__.py): cannot check $2"
+        return 1
+    fi
+    if ! "$PY" -m fsck_statefs "$2" >"$WORK/$1.fsck" 2>&1; then
+        sed 's/^/    /' "$WORK/$1.fsck" | tail -n 20
+        fail "$1: fsck-statefs reported problems on the image"
+        return 1
+    fi
+    echo "qemu-test: $1: fsck-statefs clean"
+}
+
+B0=$(now)
+if ! "$PY" qemu/build_guest.py; then
+    fail "guest build"
+    finish
+fi
+echo "qemu-test: guest ready in $(since "$B0") s"
+
+if [ $SMOKE = 1 ]; then
+    boot smoke smoke off "$WORK/smoke.img" "" --create "$DISK_SIZE"
+    finish
+fi
+
+for enc in off on; do
+    disk=$WORK/disk-enc-$enc.img
+    state=
+    [ $enc = on ] && state=$WORK/keys-enc-$enc.img  # keystored's keys must survive the reboot
+    if boot "selftest-enc-$enc" selftest $enc "$disk" "$state" --create "$DISK_SIZE"; then
+        fsck_image "selftest-enc-$enc" "$disk"
+        boot "persist-enc-$enc" persist $enc "$disk" "$state" &&
+            fsck_image "persist-enc-$enc" "$disk"
+    else
+        fail "persist-enc-$enc: skipped (the first boot failed)"
+    fi
+done
+finish
