@@ -25,10 +25,12 @@ once (group commit); followers wait for their result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import threading
+import time
 from typing import Callable, NamedTuple, Protocol
 
 from statefsd import format as fmt
@@ -146,6 +148,8 @@ class Engine:
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
         self._writing = False
+        self._compact_lock = threading.Lock()
+        self._compactor: threading.Thread | None = None
         self._closed = False
         self._mount_gen = sb.generation
         if not read_only:
@@ -243,6 +247,8 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        if self._compactor is not None:
+            self._compactor.join()
         if not self.read_only and self.signer is not None and self._unsigned_commits:
             try:
                 self.checkpoint()
@@ -283,6 +289,11 @@ class Engine:
 
     def get(self, path: str) -> bytes:
         raw, entry = self._entry(path)
+        return self._read(raw, entry)
+
+    def _read(self, raw: bytes, entry: Entry) -> bytes:
+        """The value an index entry points at, checked (CRC, header, AEAD)."""
+        path = raw.decode("utf-8", "replace")
         if not entry.chunks:
             return b""
         first = entry.chunks[0][0]
@@ -353,18 +364,31 @@ class Engine:
         try:
             txn_id = self._commit_ops(ops)
         except NoSpace:
-            if not self._compaction_would_free(self._txn_bytes(ops)):
-                raise
-            self.compact()
+            needed = self._txn_bytes(ops)
+            with self._compact_lock:  # waits for a compaction already running
+                if self._region_end - self._pos < needed + self._delete_reserve:
+                    if not self._compaction_would_free(needed):
+                        raise
+                    self._compact()
             txn_id = self._commit_ops(ops)
         if self.compaction_due():
-            try:
-                self.compact()
-            except NoSpace:
-                pass  # the live data itself is too large; commits will say ENOSPC
+            self._compact_in_background()
         elif self.signer is not None and self._unsigned_commits >= CHECKPOINT_EVERY:
             self.checkpoint()
         return txn_id
+
+    def _compact_in_background(self) -> None:
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.compact()
+            except StateFSError as exc:  # ENOSPC: live data too large; commits will say so
+                self.audit("compaction_failed", reason=str(exc))
+
+        self._compactor = threading.Thread(target=run, name="statefs-compactor", daemon=True)
+        self._compactor.start()
 
     def _compaction_would_free(self, needed: int) -> bool:
         live = sum(e.size + fmt.HEADER_SIZE * 2 + len(p) for p, e in self.index.items())
@@ -502,72 +526,99 @@ class Engine:
 
     def compact(self) -> dict:
         """Write the live state into the other region and switch to it with
-        one superblock write. Commits wait meanwhile; reads go on."""
+        one superblock write, online: commits and reads go on while the
+        snapshot is written; commits pause only while the transactions they
+        made meanwhile are copied over and the superblock is switched."""
         if self.read_only:
             raise ReadOnly(f"{self.device.path} is mounted read-only")
+        with self._compact_lock:
+            return self._compact()
+
+    @contextlib.contextmanager
+    def _writer(self):
+        """Hold the log's single writer role (the group-commit leader's)."""
         with self._cv:
             while self._writing:
                 self._cv.wait()
             self._writing = True
         try:
-            return self._compact_locked()
+            yield
         finally:
             with self._cv:
                 self._writing = False
                 self._cv.notify_all()
 
-    def _compact_locked(self) -> dict:
+    def _compact(self) -> dict:
         region = 1 - self.sb.active_region
         start_block, blocks = self.sb.regions[region]
         start, end = start_block * fmt.BLOCK_SIZE, (start_block + blocks) * fmt.BLOCK_SIZE
+        limit = end - self._delete_reserve
         # A fresh random epoch per attempt: the records of an earlier attempt
         # that never got its superblock switch stay stale by the epoch rule.
         epoch = self.sb.log_epoch
         while epoch in (0, self.sb.log_epoch):
             epoch = int.from_bytes(os.urandom(4), "little")
-        used_before = self._pos - self._region_start
-        batches = _snapshot_batches(sorted(self.index.items()))
-        if self._next_txn + len(batches) > self.sb.txn_reserved:
-            self._reserve_txn_ids(self._next_txn + len(batches))
-        cur = _LogCursor(epoch=epoch, group=1, seq=0, offset=start, chain=self._chain,
-                         txn_id=self._next_txn, mount_gen=self._mount_gen)
+        with self._writer():  # phase 0: a consistent snapshot, and txn ids for it
+            snapshot = dict(self.index)
+            batches = _snapshot_batches(sorted(snapshot.items()))
+            cur = _LogCursor(epoch=epoch, group=1, seq=0, offset=start, chain=self._chain,
+                             txn_id=self._next_txn, mount_gen=self._mount_gen)
+            self._next_txn += len(batches)
+            if self._next_txn - 1 > self.sb.txn_reserved:
+                self._reserve_txn_ids(self._next_txn)
+            used_before = self._pos - self._region_start
         index: dict[bytes, Entry] = {}
-        written = 0
+        pause = 0.0
         try:
-            for batch in batches:
-                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), self.get(path.decode()))
-                       for path, entry in batch]
-                need = fmt.align_up(self._txn_bytes(ops))
-                if cur.offset + need > end - self._delete_reserve:
-                    raise NoSpace(f"{self.device.path}: live data does not fit in a log region; "
-                                  f"delete keys (committed data is intact)")
-                at = cur.offset
-                blob, entries = cur.encode_group([ops], self.cipher)
-                self.device.write(at, blob)
-                written += len(blob)
-                index.update(entries[0])
-            if self.signer is not None:
-                blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
-                self.device.write(cur.offset - len(blob), blob)
-            self.device.flush()
-            # The commit point of compaction: one superblock write, then flush.
-            self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1, active_region=region,
-                                                  log_epoch=epoch, chain_base=self._chain))
-        except OSError as exc:
-            self._fail([], DeviceIOError(f"{self.device.path}: compaction: {exc}"))
-            raise self._failure from None
-        except DeviceIOError as exc:
-            self._fail([], exc)
-            raise
-        self._region_start, self._region_end = start, end
-        self._pos, self._seq, self._group = cur.offset, cur.seq, cur.group
-        self._chain, self._next_txn = cur.chain, cur.txn_id
-        self.index = index
-        self._unsigned_commits = 0 if self.signer else self._unsigned_commits
+            for batch in batches:  # phase 1: commits go on in the old region
+                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), self._read(path, entry)) for path, entry in batch]
+                self._append_snapshot_txn(cur, ops, index, limit)
+            with self._writer():  # phase 2: what changed meanwhile, then the switch
+                paused = time.monotonic()
+                delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), self._read(path, entry))
+                         for path, entry in self.index.items() if snapshot.get(path) is not entry]
+                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in self.index]
+                for i in range(0, len(delta), fmt.MAX_TXN_OPS):
+                    cur.txn_id = self._next_txn
+                    if cur.txn_id > self.sb.txn_reserved:
+                        self._reserve_txn_ids(cur.txn_id)
+                    self._append_snapshot_txn(cur, delta[i:i + fmt.MAX_TXN_OPS], index, limit)
+                    self._next_txn = cur.txn_id
+                if self.signer is not None:
+                    blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
+                    self.device.write(cur.offset - len(blob), blob)
+                self.device.flush()
+                # The commit point of compaction: one superblock write, then flush.
+                self._write_superblock(self.sb.evolve(
+                    generation=self.sb.generation + 1, active_region=region, log_epoch=epoch,
+                    chain_base=cur.chain_base))
+                self._region_start, self._region_end = start, end
+                self._pos, self._seq, self._group, self._chain = cur.offset, cur.seq, cur.group, cur.chain
+                self.index = index
+                self._unsigned_commits = 0 if self.signer else self._unsigned_commits
+                pause = time.monotonic() - paused
+        except (OSError, DeviceIOError) as exc:
+            err = exc if isinstance(exc, DeviceIOError) else DeviceIOError(f"{self.device.path}: compaction: {exc}")
+            self._fail([], err)
+            raise err from None
         stats = {"live_keys": len(index), "live_bytes": sum(e.size for e in index.values()),
-                 "log_before": used_before, "log_after": written, "epoch": epoch}
+                 "log_before": used_before, "log_after": cur.offset - start, "epoch": epoch,
+                 "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3)}
         self.audit("compaction", **stats)
         return stats
+
+    def _append_snapshot_txn(self, cur: "_LogCursor", ops, index: dict, limit: int) -> None:
+        if cur.offset + fmt.align_up(self._txn_bytes(ops)) > limit:
+            raise NoSpace(f"{self.device.path}: live data does not fit in a log region; "
+                          f"delete keys (committed data is intact)")
+        at = cur.offset
+        blob, entries = cur.encode_group([ops], self.cipher)
+        self.device.write(at, blob)
+        for path, entry in entries[0]:
+            if entry is None:
+                index.pop(path, None)
+            else:
+                index[path] = entry
 
     def checkpoint(self) -> None:
         """Append a CHECKPOINT signed by the device key over the chain head,
@@ -576,11 +627,7 @@ class Engine:
             raise KeyUnavailable("checkpoints need the device key: start statefsd with --keystore-socket")
         if self.read_only:
             raise ReadOnly(f"{self.device.path} is mounted read-only")
-        with self._cv:
-            while self._writing:
-                self._cv.wait()
-            self._writing = True
-        try:
+        with self._writer():
             cur = self._cursor()
             start = cur.offset
             blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
@@ -595,10 +642,6 @@ class Engine:
             self._pos, self._seq, self._group = cur.offset, cur.seq, cur.group
             self._unsigned_commits = 0
             self.audit("checkpoint", chain_head=cur.chain.hex(), seq=cur.seq - 1)
-        finally:
-            with self._cv:
-                self._writing = False
-                self._cv.notify_all()
 
     def _reserve_txn_ids(self, upto: int) -> None:
         """Durably reserve txn ids through at least ``upto`` (invariant 8)."""
@@ -640,6 +683,7 @@ class _LogCursor:
                  mount_gen: int) -> None:
         self.epoch, self.group, self.seq, self.offset = epoch, group, seq, offset
         self.chain, self.txn_id, self.mount_gen = chain, txn_id, mount_gen
+        self.chain_base = chain   # the prev_hash of the first COMMIT this cursor writes
         self.txn_ids: list[int] = []
 
     def encode_checkpoint(self, signer: "Signer", device_uuid: bytes) -> bytes:
