@@ -1,0 +1,359 @@
+"""Differential test: an image decoder written from docs/statefs.md alone
+(spec_reader.py) must agree with statefsd on every image statefsd writes.
+
+statefsd is used here only to PRODUCE images and to give its own view of them
+(a read-only mount); the decoder imports nothing from statefsd.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import re
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from statefsd.blockdev import FileDevice, create_image
+from statefsd.engine import Engine, Mutation
+from statefsd.errors import CorruptImage, FormatError, KeyUnavailable
+
+from tests.format import spec_reader
+from tests.format.spec_reader import Refused, read_image
+
+KEY = bytes.fromhex("9f" * 8 + "3c" * 8 + "a5" * 8 + "17" * 8)  # fixed payload key
+SPEC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "statefs.md"
+PATHS = ["a", "b/c", "greeting", "ключ/é", "emoji-\U0001f600", "p" * 512, "cfg/net/eth0", "z"]
+IMAGE_BYTES = 4 << 20
+
+
+def _key_provider(_sb):
+    return KEY
+
+
+# --- producing images with statefsd ----------------------------------------------
+
+def _value(rng: random.Random, large: bool) -> bytes:
+    if large:
+        n = rng.choice([65536, 65537, 131072, rng.randint(65537, 200_000)])
+    else:
+        n = rng.choice([0, 1, rng.randint(2, 300)])
+    return rng.randbytes(n)
+
+
+def _workload(path: str, seed: int, encryption: str) -> dict[str, bytes]:
+    """Runs a seeded random workload; returns the acknowledged state (the model)."""
+    rng = random.Random(seed)
+    kp = _key_provider if encryption == "on" else None
+    create_image(path, IMAGE_BYTES)
+    with FileDevice(path) as dev:
+        # Half of the encrypted images record key_check at mkfs, half at first mount.
+        Engine.mkfs(dev, encryption=encryption, key_provider=kp if seed % 2 else None)
+    eng = Engine.mount(FileDevice(path), key_provider=kp)
+    model: dict[str, bytes] = {}
+    for _ in range(40):
+        r = rng.random()
+        if r < 0.45:  # 0.35..0.45: a value of more than one chunk
+            k, v = rng.choice(PATHS), _value(rng, large=r >= 0.35)
+            eng.put(k, v)
+            model[k] = v
+        elif r < 0.55 and model:
+            k = rng.choice(sorted(model))
+            eng.delete(k)
+            del model[k]
+        elif r < 0.80:
+            muts = []
+            for _ in range(rng.randint(1, 5)):
+                k = rng.choice(PATHS)  # repeats allowed: the last op on a path wins
+                if rng.random() < 0.7:
+                    v = _value(rng, large=rng.random() < 0.1)
+                    muts.append(Mutation("put", k, v))
+                    model[k] = v
+                else:
+                    muts.append(Mutation("delete", k))
+                    model.pop(k, None)
+            eng.commit(muts)
+        elif r < 0.90:
+            eng.close()
+            eng = Engine.mount(FileDevice(path), key_provider=kp)
+        else:
+            eng.compact()
+    model["big/final"] = rng.randbytes(150_000)  # three chunks, live in every image
+    eng.put("big/final", model["big/final"])
+    for i in range(6):  # several small trailing groups, so mid-log damage has groups after it
+        eng.put(f"tail/{i}", bytes([i]) * 40)
+        model[f"tail/{i}"] = bytes([i]) * 40
+    assert {k: eng.get(k) for k in eng.list()} == model
+    eng.close()
+    return model
+
+
+def _statefsd_view(path: str) -> dict:
+    eng = Engine.mount(FileDevice(path, read_only=True), read_only=True, key_provider=_key_provider)
+    try:
+        return {"state": {k: eng.get(k) for k in eng.list()}, "info": eng.info()}
+    finally:
+        eng.close()
+
+
+def _rw_mount_refuses_as_corrupt(path: str) -> bool:
+    try:
+        eng = Engine.mount(FileDevice(path), key_provider=_key_provider)
+    except CorruptImage:
+        return True
+    eng.close()
+    return False
+
+
+def _assert_agrees(ours: dict, theirs: dict) -> None:
+    assert ours["state"] == theirs["state"]
+    assert ours["chain_head"].hex() == theirs["info"]["chain_head"]
+    replay = theirs["info"]["replay"]
+    assert ours["max_txn_id"] == replay["max_txn_id"]
+    assert ours["log_end"] == replay["log_end"]
+    assert ours["torn_tail_bytes"] == replay["torn_tail_bytes"]
+
+
+CASES = [(seed, "off") for seed in range(6)] + [(seed, "on") for seed in range(10, 14)]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """(seed, encryption) -> (image bytes, acknowledged state), built once per module."""
+    out = {}
+    for seed, enc in CASES:
+        path = str(tmp_path_factory.mktemp("img") / f"{enc}-{seed}.img")
+        model = _workload(path, seed, enc)
+        out[seed, enc] = (pathlib.Path(path).read_bytes(), model)
+    return out
+
+
+def _write(tmp_path, data: bytes) -> str:
+    path = tmp_path / "copy.img"
+    path.write_bytes(data)
+    return str(path)
+
+
+# --- undamaged, torn and corrupt images ------------------------------------------
+
+@pytest.mark.parametrize("seed,enc", CASES)
+def test_spec_reader_decodes_undamaged_image_exactly_like_statefsd(images, tmp_path, seed, enc):
+    data, model = images[seed, enc]
+    path = _write(tmp_path, data)
+    ours = read_image(path, key=KEY if enc == "on" else None)
+    assert not ours["corrupt"]
+    assert ours["state"] == model  # every acknowledged write, nothing else
+    _assert_agrees(ours, _statefsd_view(path))
+
+
+@pytest.mark.parametrize("seed,enc", CASES)
+def test_torn_tail_is_dropped_identically_and_not_called_corruption(images, tmp_path, seed, enc):
+    data, _ = images[seed, enc]
+    log_end = read_image(data, key=KEY if enc == "on" else None)["log_end"]
+    torn = bytearray(data)
+    torn[log_end - 512:log_end] = bytes(512)  # the last group's sectors never landed
+    path = _write(tmp_path, bytes(torn))
+    ours = read_image(path, key=KEY if enc == "on" else None)
+    assert not ours["corrupt"]
+    assert ours["log_end"] < log_end  # the last group is gone
+    _assert_agrees(ours, _statefsd_view(path))
+    assert not _rw_mount_refuses_as_corrupt(path)
+
+
+@pytest.mark.parametrize("seed,enc", CASES)
+def test_damage_in_the_middle_of_the_log_is_corruption_for_both_readers(images, tmp_path, seed, enc):
+    data, _ = images[seed, enc]
+    clean = read_image(data, key=KEY if enc == "on" else None)
+    start = clean["superblock"]["regions"][clean["superblock"]["active_region"]][0] * 4096
+    # A 512-aligned offset before the log end always lies inside a record: group
+    # padding ends just before a 512 boundary, never on one.
+    mid = (start + (clean["log_end"] - start) // 2) // 512 * 512
+    bad = bytearray(data)
+    bad[mid] ^= 0x40
+    path = _write(tmp_path, bytes(bad))
+    ours = read_image(path, key=KEY if enc == "on" else None)
+    assert ours["corrupt"]
+    _assert_agrees(ours, _statefsd_view(path))  # both serve the same consistent prefix
+    assert _rw_mount_refuses_as_corrupt(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(CASES), where=st.floats(0, 1.02), bit=st.integers(0, 7))
+def test_any_single_bit_flip_in_the_log_gets_the_same_verdict_from_both(images, tmp_path, case, where, bit):
+    data, _ = images[case]
+    key = KEY if case[1] == "on" else None
+    clean = read_image(data, key=key)
+    start = clean["superblock"]["regions"][clean["superblock"]["active_region"]][0] * 4096
+    off = start + int(where * (clean["log_end"] - start))
+    bad = bytearray(data)
+    bad[off] ^= 1 << bit
+    path = _write(tmp_path, bytes(bad))
+    ours = read_image(path, key=key)
+    _assert_agrees(ours, _statefsd_view(path))
+    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(path)
+
+
+# --- encryption ------------------------------------------------------------------
+
+def test_encrypted_image_without_key_yields_paths_but_no_values(images):
+    data, model = images[10, "on"]
+    ours = read_image(data)
+    assert set(ours["state"]) == set(model)
+    # An empty value has no PAYLOAD record, so it is known without the key.
+    assert ours["state"] == {k: (b"" if v == b"" else None) for k, v in model.items()}
+
+
+def test_encrypted_image_with_wrong_key_is_refused_by_both(images, tmp_path):
+    data, _ = images[11, "on"]  # odd seed: key_check recorded at mkfs
+    with pytest.raises(Refused, match="wrong key"):
+        read_image(data, key=bytes(32))
+    path = _write(tmp_path, data)
+    with pytest.raises(KeyUnavailable):
+        Engine.mount(FileDevice(path, read_only=True), read_only=True, key_provider=lambda sb: bytes(32))
+
+
+def test_sealed_payloads_are_not_plaintext_on_disk(images):
+    data, model = images[12, "on"]
+    values = [v for v in model.values() if len(set(v[:32])) > 8]  # random, not b"\0" * 40
+    assert values and not any(v[:32] in data for v in values)
+
+
+def test_fresh_image_is_empty_and_its_chain_head_is_the_genesis_hash(tmp_path):
+    path = str(tmp_path / "fresh.img")
+    create_image(path, 1 << 20)
+    with FileDevice(path) as dev:
+        Engine.mkfs(dev)
+    ours = read_image(path)
+    sb = ours["superblock"]
+    assert ours["state"] == {} and ours["log_end"] == sb["regions"][0][0] * 4096
+    assert ours["chain_head"] == spec_reader.genesis_hash(sb["device_uuid"])
+    _assert_agrees(ours, _statefsd_view(path))
+
+
+# --- superblock choice and refusals ---------------------------------------------
+
+def _resealed(slot: bytes, **fields) -> bytes:
+    offsets = {"minor": (10, "<H"), "major": (8, "<H"), "generation": (16, "<Q"),
+               "chain_base": (160, "<32s")}
+    s = bytearray(slot)
+    for name, value in fields.items():
+        off, fmt = offsets[name]
+        struct.pack_into(fmt, s, off, value)
+    struct.pack_into("<I", s, 252, spec_reader.crc32c(bytes(s[:252])))
+    return bytes(s)
+
+
+@pytest.mark.parametrize("version", [{"minor": 1}, {"major": 3}, {"major": 1}])
+def test_unknown_version_in_either_slot_is_refused_by_both(images, tmp_path, version):
+    data, _ = images[0, "off"]
+    bad = data[:4096] + _resealed(data[4096:8192], **version) + data[8192:]  # the losing slot
+    with pytest.raises(Refused, match="version"):
+        read_image(bad)
+    with pytest.raises(FormatError):
+        Engine.mount(FileDevice(_write(tmp_path, bad), read_only=True), read_only=True)
+
+
+def test_damaged_newest_slot_falls_back_to_the_other_in_both(images, tmp_path):
+    data, _ = images[1, "off"]
+    sb = read_image(data)["superblock"]
+    newest = 0 if sb["generation"] == struct.unpack_from("<Q", data, 16)[0] else 1
+    bad = bytearray(data)
+    bad[newest * 4096 + 100] ^= 0xFF
+    path = _write(tmp_path, bytes(bad))
+    ours = read_image(path)
+    assert ours["superblock"]["generation"] < sb["generation"]
+    _assert_agrees(ours, _statefsd_view(path))
+
+
+def test_generation_tie_is_won_by_slot_a_in_both(images, tmp_path):
+    data, model = images[3, "off"]
+    newest = read_image(data)["superblock"]["generation"]
+    good = next(data[i:i + 4096] for i in (0, 4096) if struct.unpack_from("<Q", data, i + 16)[0] == newest)
+    # Same generation in slot B, but a chain_base that would break the chain.
+    bad = good + _resealed(good, chain_base=bytes(32)) + data[8192:]
+    path = _write(tmp_path, bad)
+    ours = read_image(path)
+    assert not ours["corrupt"] and ours["state"] == model
+    _assert_agrees(ours, _statefsd_view(path))
+
+
+@pytest.mark.parametrize("damage,ours_reason,theirs", [
+    (lambda d: bytes(len(d)), "not a StateFS", FormatError),
+    (lambda d: d[:len(d) // 2], "truncated", CorruptImage),
+    (lambda d: d[:100] + b"\1" + d[101:4196] + b"\1" + d[4197:], "damaged", CorruptImage),
+])
+def test_images_without_a_usable_superblock_are_refused_by_both(images, tmp_path, damage, ours_reason, theirs):
+    bad = damage(images[2, "off"][0])
+    with pytest.raises(Refused, match=ours_reason):
+        read_image(bad)
+    with pytest.raises(theirs):
+        Engine.mount(FileDevice(_write(tmp_path, bad), read_only=True), read_only=True)
+
+
+# --- the spec's own test vectors and worked example ------------------------------
+
+def _spec_crc32c(data: bytes) -> int:  # the bit-wise reference of section 4.1
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_checksum_and_hash_test_vectors_of_the_spec_hold():
+    assert spec_reader.crc32c(b"123456789") == _spec_crc32c(b"123456789") == 0xE3069283
+    blob = random.Random(7).randbytes(3000)
+    assert spec_reader.crc32c(blob) == _spec_crc32c(blob)
+    assert spec_reader.path_hash(b"greeting") == bytes.fromhex("d8041d017525074d")
+    assert spec_reader.genesis_hash(bytes(16)).hex() == (
+        "51ea90af7df6c7c6b638c052e4284995e734b052fcda4f2e5ed48fef1062ea2a")
+
+
+def test_encryption_test_vectors_of_the_spec_hold():
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+    key, salt, uuid = bytes(range(32)), bytes(range(0x20, 0x40)), bytes(range(0x40, 0x50))
+    assert spec_reader.key_check(key, uuid, salt).hex() == "13a9a9a1538ede478f76a09a219adef4"
+    nonce, aad = spec_reader.seal_nonce_aad(salt, uuid, 1, 0, 0, spec_reader.path_hash(b"greeting"), 21)
+    assert nonce.hex() == "2021222324252627" + "0100000000000000" + "0000" + "00000000" + "1100"
+    assert aad.hex() == ("73746174656673 2e7365616c2e763200 404142434445464748494a4b4c4d4e4f 11"
+                         " 0100000000000000 0000 00000000 d8041d017525074d 15000000").replace(" ", "")
+    sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(b"hello", aad, nonce, key)
+    assert sealed.hex() == "a4fb9c61c5a484bdecaf7ea37ebe5b8b5f47459ea6"
+    assert spec_reader._open(key, nonce, aad, sealed) == b"hello"
+
+
+def _worked_example_image() -> bytes:
+    """Rebuilds the 1 MiB image of section 13 from the spec's hex dumps."""
+    text = SPEC.read_text(encoding="utf-8").split("## 13. Worked example")[1].split("## 14.")[0]
+    img = bytearray(1 << 20)
+    expected = None
+    for line in text.splitlines():
+        m = re.match(r"([0-9a-f]{6})  (?:00 \.\. 00 \((\d+) bytes\)|((?:[0-9a-f]{2} )*[0-9a-f]{2})(?:  |$))", line)
+        if not m:
+            continue
+        off = int(m[1], 16)
+        chunk = bytes(int(m[2])) if m[2] else bytes.fromhex(m[3])
+        # Dump lines of one structure follow each other without gaps.
+        assert expected is None or off == expected or off % 512 == 0, line
+        img[off:off + len(chunk)] = chunk
+        expected = off + len(chunk)
+    # "Slot B is identical except generation = 1, txn_reserved = 0 and its CRC 14 e0 bc 51."
+    slot_b = bytearray(img[:4096])
+    struct.pack_into("<Q", slot_b, 16, 1)
+    struct.pack_into("<Q", slot_b, 0x58, 0)
+    slot_b[0xFC:0x100] = bytes.fromhex("14e0bc51")
+    assert spec_reader._decode_slot(bytes(slot_b))[0] is not None  # the stated CRC is right
+    img[4096:8192] = slot_b
+    return bytes(img)
+
+
+def test_worked_example_of_the_spec_decodes_to_its_stated_result():
+    ours = read_image(_worked_example_image())
+    assert ours["superblock"]["generation"] == 2
+    assert ours["state"] == {"motd": b""}
+    assert ours["max_txn_id"] == 2
+    assert ours["log_end"] == 0x2400 and ours["torn_tail_bytes"] == 0
+    assert not ours["corrupt"] and ours["findings"] == []
+    assert ours["chain_head"].hex() == "bc3753d3fa66f413feebfe6156c9638d68c0d1a39f42765fce6bdd39c4727cdc"
