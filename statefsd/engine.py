@@ -111,6 +111,22 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
     return sb, slot, problems
 
 
+COUNTER_HEADROOM = 1 << 32   # far more ids and generations than any device will use
+
+
+def counters_problem(sb: fmt.Superblock, result: ReplayResult) -> str:
+    """A read-write mount must be able to count on: txn ids, generations and
+    groups near the end of their range can only be forged or damaged."""
+    u64 = (1 << 64) - 1
+    if max(sb.txn_reserved, result.max_txn_id) > u64 - COUNTER_HEADROOM:
+        return "txn id counter is at the end of its range (forged or damaged)"
+    if max(sb.generation, result.end.mount_gen) > u64 - COUNTER_HEADROOM:
+        return "generation counter is at the end of its range (forged or damaged)"
+    if result.end.next_group > 0xFFFFFFFF - (1 << 20):
+        return "group counter is at the end of its range"
+    return ""
+
+
 class _Request:
     __slots__ = ("ops", "done", "txn_id", "error")
 
@@ -234,6 +250,10 @@ class Engine:
                                f"refusing to mount read-write (mount read-only to read the "
                                f"{result.committed} committed transactions before it)",
                                offset=first.offset)
+        if not read_only:
+            problem = counters_problem(sb, result)
+            if problem:
+                raise CorruptImage(f"{device.path}: {problem}; refusing to mount read-write")
         engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher, sb_slot=slot,
                      signer=signer)
         if bad:
