@@ -3,11 +3,14 @@
 #
 #   scripts/qemu-test.sh           4 boots: for encryption off, then on: `selftest` (mkfs +
 #                                  the engine's checks), then `persist` on the same disk;
-#                                  markers checked after each boot, fsck-statefs on the host.
+#                                  markers checked after each boot, fsck-statefs on the host;
+#                                  then power cuts: qemu/powercut.py (crashes over QMP, and
+#                                  lost write cache states rebuilt from a blklogwrites log).
 #   scripts/qemu-test.sh --smoke   one boot: the guest's Python imports StateFS and its deps.
 #
 # Options: -v (stream the guest consoles), --keep (keep disks and logs).
-# Env: QEMU_TEST_TIMEOUT (seconds per boot, default 240), QEMU_DISK_SIZE (default 64M).
+# Env: QEMU_TEST_TIMEOUT (seconds per boot, default 240), QEMU_DISK_SIZE (default 64M),
+#      POWERCUT_ARGS (extra qemu/powercut.py arguments, e.g. "--seed 7 --cycles 5").
 # Installs its tools with apt-get and builds the guest (cached) via qemu/build_guest.py.
 # How it works: qemu/README.md.
 set -uo pipefail
@@ -22,7 +25,7 @@ for arg in "$@"; do
         --smoke) SMOKE=1 ;;
         --keep) KEEP=1 ;;
         -v) ECHO=(--echo) ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "qemu-test: unknown argument $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -133,4 +136,34 @@ for enc in off on; do
         fail "persist-enc-$enc: skipped (the first boot failed)"
     fi
 done
+
+# Power cuts (issue 7): its last line is "guest crash states: N, violations: V".
+powercut() {
+    local out=$WORK/powercut.out start rc last
+    start=$(now)
+    # shellcheck disable=SC2086  # POWERCUT_ARGS is a list of arguments
+    if [ ${#ECHO[@]} -gt 0 ]; then
+        "$PY" qemu/powercut.py --workdir "$WORK/powercut" ${POWERCUT_ARGS:-} 2>&1 | tee "$out"
+    else
+        "$PY" qemu/powercut.py --workdir "$WORK/powercut" ${POWERCUT_ARGS:-} >"$out" 2>&1
+    fi
+    rc=$?
+    last=$(tail -n 1 "$out")
+    printf 'qemu-test: %-18s %6s s  (%s)\n' powercut "$(since "$start")" "$last"
+    if [[ ! $last =~ ^guest\ crash\ states:\ ([0-9]+),\ violations:\ ([0-9]+)$ ]]; then
+        tail -n 20 "$out" | sed 's/^/    /'
+        fail "powercut: no summary line (see $out)"
+    elif [ "${BASH_REMATCH[1]}" = 0 ]; then
+        tail -n 20 "$out" | sed 's/^/    /'
+        fail "powercut: no guest crash state was checked"
+    elif [ "${BASH_REMATCH[2]}" != 0 ]; then
+        { grep '^powercut: seed' "$out"; grep '^powercut: VIOLATION' "$out" | head -n 4
+          grep -E '^powercut: (states with|reproduce)' "$out"; } | sed 's/^/    /'
+        fail "powercut: ${BASH_REMATCH[2]} violations in ${BASH_REMATCH[1]} guest crash states (see $out)"
+    elif [ $rc != 0 ]; then
+        grep '^powercut: ERROR' "$out" | sed 's/^/    /'
+        fail "powercut: exit status $rc: a stage could not run (see $out)"
+    fi
+}
+powercut
 finish
