@@ -1,0 +1,5 @@
+import sys
+
+from fsck_statefs.cli import main
+
+sys.exit(main())

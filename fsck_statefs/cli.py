@@ -1,0 +1,181 @@
+"""fsck-statefs IMAGE [--repair] [--dry-run] [--json] [--keystore-socket PATH] [-v]
+
+Checks a StateFS image without a daemon and exits with an fsck(8) status
+(statefsd.errors.FsckExit): 0 clean, 1 errors corrected, 4 errors left
+uncorrected, 8 operational error (cannot open, image held by statefsd, not a
+StateFS image, key unavailable), 16 usage error. Torn tails and orphaned
+transactions are what a power cut leaves: reported as notes, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from statefsd.blockdev import FileDevice
+from statefsd.engine import KeyProvider, Signer
+from statefsd.errors import Busy, DeviceIOError, FsckExit, StateFSError
+
+from fsck_statefs.check import Progress, check
+from fsck_statefs.repair import blockers, plan, repair
+from fsck_statefs.report import Report
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would exit 2; fsck(8) says 16
+        self.print_usage(sys.stderr)
+        print(f"fsck-statefs: {message}", file=sys.stderr)
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fsck-statefs", description="Check (and optionally repair) a StateFS image. "
+                "Needs no daemon; refuses an image that statefsd holds.",
+                epilog="exit status (fsck(8)): 0 no errors (torn tails and orphaned transactions are "
+                       "notes), 1 errors corrected, 4 errors left uncorrected, 8 operational error "
+                       "(cannot open, image in use, not a StateFS image, key unavailable), 16 usage error")
+    p.add_argument("image", help="image file or block device")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild the active log without corrupt or unauthenticated transactions")
+    p.add_argument("--dry-run", action="store_true", help="say what --repair would do and write nothing (with or without --repair)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--keystore-socket", metavar="PATH",
+                   help="keystored socket: authenticate every sealed payload with the image key")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show scan rate and every note")
+    return p
+
+
+def run(image: str, *, repair_image: bool = False, dry_run: bool = False,
+        key_provider: KeyProvider | None = None, signer: Signer | None = None,
+        progress: Progress | None = None) -> Report:
+    """Check (and with ``repair_image`` repair) ``image``; never raises a
+    StateFSError: those become an operational error in the report. With
+    ``signer`` (keystored's device key) checkpoints are verified, and a
+    repair signs the log it rewrites."""
+    writes = repair_image and not dry_run
+    try:
+        device = FileDevice(image, read_only=not writes)
+    except StateFSError as exc:
+        return _operational(image, exc)
+    try:
+        device_key = signer.public_key if signer is not None else None
+        checked = check(device, key_provider=key_provider, device_key=device_key, progress=progress)
+        report = checked.report
+        if not report.errors:
+            report.exit_code = FsckExit.CLEAN
+            if repair_image or dry_run:
+                report.repair = {"performed": False, "planned": [], "log": ["nothing to repair"]}
+            return report
+        report.exit_code = FsckExit.UNCORRECTED
+        if not (repair_image or dry_run):
+            return report
+        blocked = blockers(checked)
+        if blocked:
+            report.repair = {"performed": False, "planned": [], "blocked": blocked,
+                             "log": [f"cannot repair: {b}" for b in blocked]}
+            return report
+        steps = plan(checked, signed=signer is not None)
+        if dry_run:
+            report.repair = {"performed": False, "dry_run": True, "planned": steps,
+                             "log": [f"would {s}" for s in steps] + ["dry run: nothing written"]}
+            return report
+        report.repair = {"performed": False, "planned": steps, "log": []}
+        _repair_and_recheck(device, checked, report, key_provider, signer)
+        return report
+    except StateFSError as exc:
+        return _operational(image, exc)
+    finally:
+        device.close()
+
+
+def _repair_and_recheck(device, checked, report: Report, key_provider, signer) -> None:
+    events: list[dict] = []
+    try:
+        stats = repair(device, checked, audit=lambda event, **f: events.append({"event": event, **f}),
+                       signer=signer)
+    except (DeviceIOError, Busy):
+        raise
+    except StateFSError as exc:
+        # Compaction writes only into the inactive region until its final
+        # superblock write, so a failure leaves the image as it was.
+        report.repair.update(error=str(exc), log=[f"repair failed, image unchanged: {exc}"])
+        return
+    report.repair.update(performed=True, compaction=stats, events=events,
+                         log=[f"done: {s}" for s in report.repair["planned"]])
+    # fsck re-checks its own work before claiming success.
+    again = check(device, key_provider=key_provider,
+                  device_key=signer.public_key if signer is not None else None).report
+    report.repair["recheck"] = {"errors": len(again.errors), "notes": len(again.notes),
+                                "findings": [i.line() for i in again.issues], "summary": again.summary,
+                                "space": again.space}
+    if again.errors:
+        report.repair["log"].append(f"re-check still finds {len(again.errors)} errors")
+        report.exit_code = FsckExit.UNCORRECTED
+    else:
+        report.repair["log"].append(f"re-check clean: {again.summary['keys']} keys in "
+                                    f"{again.summary['committed_txns']} transactions")
+        report.exit_code = FsckExit.CORRECTED
+
+
+def _operational(image: str, exc: StateFSError) -> Report:
+    message = str(exc)
+    if isinstance(exc, Busy):
+        message += " (statefsd holds an exclusive lock on the image while it runs; stop it first)"
+    return Report(image=image, operational_error=message, exit_code=FsckExit.OPERATIONAL)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr, only when stderr is a terminal."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TransferSpeedColumn
+    with Bar("scanning log", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+             console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("scan", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError:
+        return FsckExit.USAGE
+    except SystemExit as exc:  # --help
+        return FsckExit.CLEAN if not exc.code else FsckExit.USAGE
+    key_provider = signer = None
+    try:
+        if args.keystore_socket:
+            from statefsd.keys import KeystoreSigner, keystore_key_provider
+            key_provider = keystore_key_provider(args.keystore_socket)
+            signer = KeystoreSigner(args.keystore_socket)
+        with _progress_bar(sys.stderr.isatty()) as progress:
+            report = run(args.image, repair_image=args.repair, dry_run=args.dry_run,
+                         key_provider=key_provider, signer=signer, progress=progress)
+    except StateFSError as exc:  # keystored unreachable or refusing
+        report = _operational(args.image, exc)
+    except KeyboardInterrupt:
+        print("fsck-statefs: interrupted", file=sys.stderr)
+        return FsckExit.OPERATIONAL
+    except Exception as exc:  # a bug: still no traceback, still an fsck(8) status
+        print(f"fsck-statefs: internal error (please report): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return FsckExit.OPERATIONAL
+    if report.operational_error:
+        print(f"fsck-statefs: cannot check {args.image}: {report.operational_error}", file=sys.stderr)
+    try:
+        print(report.to_json() if args.json else report.to_text(args.verbose), flush=True)
+    except BrokenPipeError:  # e.g. piped into head: the reader left, the status still counts
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the way Python's docs advise
+    return int(report.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
