@@ -140,7 +140,7 @@ class _Request:
 class Engine:
     def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
                  read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None,
-                 sb_slot: int = 0, signer: "Signer | None" = None) -> None:
+                 sb_slot: int, signer: "Signer | None" = None) -> None:
         self.device = device
         self._sb_slot = sb_slot
         self.signer = signer
