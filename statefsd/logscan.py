@@ -28,6 +28,7 @@ which is not an error.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -156,28 +157,31 @@ def scan_groups(device: BlockDevice, sb: fmt.Superblock) -> Iterator[list[Record
 
 def _look_for_durable_records_beyond(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
     """Search past the stop for a record that could only exist if the
-    stopping point had been flushed (see the module docstring)."""
-    magic_at = 4  # offset of the record magic inside the header
+    stopping point had been flushed (see the module docstring).
+
+    Candidates are found by searching for this epoch's four bytes (at header
+    offset 8), not the record magic: a region is full of stale records of
+    older epochs, and the epoch is random, so this keeps the search at
+    memory speed instead of parsing every stale header."""
+    epoch_at = 8
+    needle = struct.pack("<I", sb.log_epoch)
     pos = end.offset
     step = READ_WINDOW
     while pos < window.end:
         chunk = window.device.read(pos, min(step + fmt.HEADER_SIZE, window.end - pos))
-        hit = chunk.find(fmt.RECORD_MAGIC, magic_at)
-        while hit != -1:
-            off = pos + hit - magic_at
-            if hit - magic_at >= step:
-                break
-            if hit + fmt.HEADER_SIZE - magic_at <= len(chunk):
-                h = fmt.unpack_header(chunk, hit - magic_at)
-                if (h.epoch == sb.log_epoch and h.group >= end.next_group + 1
-                        and h.mount_gen >= end.mount_gen
+        hit = chunk.find(needle, epoch_at)
+        while hit != -1 and hit - epoch_at < step:
+            start = hit - epoch_at
+            if start + fmt.HEADER_SIZE <= len(chunk) and chunk[start + 4:start + 6] == fmt.RECORD_MAGIC:
+                h = fmt.unpack_header(chunk, start)
+                if (h.group >= end.next_group + 1 and h.mount_gen >= end.mount_gen
                         and h.seq >= end.next_seq and not fmt.header_problem(h)
-                        and _crc_ok_at(window, off, h)):
+                        and _crc_ok_at(window, pos + start, h)):
                     end.corruption = end.stop_reason
                     end.corruption_offset = end.stop_offset
-                    end.evidence_offset = off
+                    end.evidence_offset = pos + start
                     return
-            hit = chunk.find(fmt.RECORD_MAGIC, hit + 1)
+            hit = chunk.find(needle, hit + 1)
         pos += step
 
 
