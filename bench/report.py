@@ -1,0 +1,135 @@
+"""Ratios against the project's targets, and the human-readable tables."""
+
+from __future__ import annotations
+
+import operator
+
+from rich.console import Console
+from rich.table import Table
+
+# name: (comparison, threshold, what it compares)
+TARGETS = {
+    "single_client_vs_sqlite": (">=", 1.5, "(a) 1 client, 100 B: StateFS txn/s / SQLite txn/s"),
+    "clients16_vs_sqlite": (">=", 5.0, "(b) 16 clients, 100 B: StateFS txn/s / SQLite txn/s"),
+    "encrypted_vs_plain_4k": (">=", 0.9, "(b) 16 clients, 4 KiB: encrypted txn/s / plain txn/s"),
+    "bulk_encrypted_vs_disk": (">=", 0.5, "(d) 1 MiB values: encrypted MB/s / disk write+fsync MB/s"),
+    "mount_1m_vs_1k_after_compaction": ("<=", 1.5, "(e) mount after compaction: largest history / 1k"),
+    "fsck_mb_per_s": (">=", 300.0, "(f) fsck scan rate, MB/s"),
+    "compaction_write_amp": ("<=", 1.2, "(g) bytes compaction wrote / live bytes"),
+    "compaction_p99_vs_idle": ("<=", 3.0, "(g) probe p99 during compaction / idle p99"),
+}
+_OPS = {">=": operator.ge, "<=": operator.le}
+
+
+def _dig(tree, *path):
+    for step in path:
+        try:
+            tree = tree[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return tree
+
+
+def _div(a, b):
+    if a is None or b is None or not b:
+        return None
+    return round(a / b, 4)
+
+
+def ratios(figures: dict) -> dict:
+    a, b = figures.get("a_single_client"), figures.get("b_concurrent_clients")
+    d, e = figures.get("d_bulk_1mib"), figures.get("e_mount")
+    g = figures.get("g_compaction")
+    rows = _dig(e, "histories") or []
+    return {
+        "single_client_vs_sqlite": _div(_dig(a, "statefs", "100", "txn_per_s"), _dig(a, "sqlite", "100", "txn_per_s")),
+        "clients16_vs_sqlite": _div(_dig(b, "statefs", "100", "txn_per_s"), _dig(b, "sqlite", "100", "txn_per_s")),
+        "encrypted_vs_plain_4k": _div(_dig(b, "statefs_encrypted", "4096", "txn_per_s"),
+                                      _dig(b, "statefs", "4096", "txn_per_s")),
+        "bulk_encrypted_vs_disk": _div(_dig(d, "statefs_encrypted", "mb_per_s"),
+                                       _dig(d, "disk_write_fsync", "mb_per_s")),
+        "mount_1m_vs_1k_after_compaction": _div(_dig(rows, -1, "mount_after_s"), _dig(rows, 0, "mount_after_s"))
+        if len(rows) > 1 else None,
+        "fsck_mb_per_s": _dig(figures, "f_fsck", "mb_per_s"),
+        "compaction_write_amp": _dig(g, "write_amplification"),
+        "compaction_p99_vs_idle": _dig(g, "p99_during_vs_idle"),
+    }
+
+
+def judge(values: dict) -> dict:
+    out = {}
+    for name, (op, threshold, what) in TARGETS.items():
+        value = values.get(name)
+        out[name] = {"value": value, "op": op, "target": threshold, "what": what,
+                     "met": None if value is None else bool(_OPS[op](value, threshold))}
+    return out
+
+
+# ------------------------------------------------------------------ tables
+
+def _n(x, digits=1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return f"{x:,}"
+
+
+def _throughput_table(title: str, fig: dict) -> Table:
+    t = Table(title=title)
+    for col in ("store", "value", "clients", "puts/txn", "txn/s", "puts/s", "MB/s", "p50 us", "p99 us"):
+        t.add_column(col, justify="left" if col == "store" else "right")
+    for store, by_size in fig.items():
+        for size, r in by_size.items():
+            t.add_row(store, f"{size} B", str(r["clients"]), str(r["puts_per_txn"]), _n(r["txn_per_s"]),
+                      _n(r["puts_per_s"]), _n(r["mb_per_s"], 2), _n(r["p50_us"]), _n(r["p99_us"]))
+    return t
+
+
+def render(doc: dict, console: Console) -> None:
+    figures = doc["figures"]
+    for key, title in (("a_single_client", "(a) one client, one put per txn"),
+                       ("b_concurrent_clients", "(b) concurrent client processes, one put per txn"),
+                       ("c_100_puts_per_txn", "(c) one client, 100 puts per txn")):
+        if key in figures and "error" not in figures[key]:
+            console.print(_throughput_table(title, figures[key]))
+    d = figures.get("d_bulk_1mib")
+    if d and "error" not in d:
+        t = Table(title="(d) bulk 1 MiB values, one per durable txn")
+        for col in ("store", "MB/s", "p50 us", "p99 us"):
+            t.add_column(col, justify="left" if col == "store" else "right")
+        for store, r in d.items():
+            t.add_row(store, _n(r["mb_per_s"]), _n(r["p50_us"]), _n(r["p99_us"]))
+        console.print(t)
+    e = figures.get("e_mount")
+    if e and "error" not in e:
+        t = Table(title=f"(e) mount time vs history ({e['keys']} keys, image {e['image_bytes'] >> 20} MiB)")
+        for col in ("txns", "build txn/s", "mount before s", "compaction s", "mount after s"):
+            t.add_column(col, justify="right")
+        for r in e["histories"]:
+            t.add_row(_n(r["txns"]), _n(r["build_txn_per_s"]), _n(r["mount_before_s"], 4),
+                      _n(r["compaction_s"], 4), _n(r["mount_after_s"], 4))
+        console.print(t)
+        for note in e.get("notes", []):
+            console.print(f"  note: {note}")
+    t = Table(title="(f) fsck, (g) compaction, (h) memory")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    f, g, h = figures.get("f_fsck") or {}, figures.get("g_compaction") or {}, figures.get("h_memory") or {}
+    t.add_row("fsck scan MB/s", _n(f.get("mb_per_s")) if f.get("mb_per_s") is not None else f.get("note", "-"))
+    t.add_row("compactions observed", _n(g.get("compactions")))
+    t.add_row("compaction write amplification", _n(g.get("write_amplification"), 3))
+    t.add_row("probe p99 idle (us)", _n(g.get("p99_idle_us")))
+    t.add_row("probe p99 during compaction (us)", _n(g.get("p99_during_compaction_us")))
+    t.add_row(f"statefsd RSS at {_n(h.get('keys'))} keys (MiB)", _n(h.get("rss_mib"), 2))
+    console.print(t)
+    for key, fig in figures.items():
+        if isinstance(fig, dict) and "error" in fig:
+            console.print(f"[red]{key} failed: {fig['error']}[/red]")
+    t = Table(title="ratios against targets (each from this run's figures)")
+    for col in ("ratio", "value", "target", "met"):
+        t.add_column(col, justify="right" if col in ("value", "target") else "left")
+    for name, r in doc["targets"].items():
+        met = "-" if r["met"] is None else ("[green]met[/green]" if r["met"] else "[red]missed[/red]")
+        t.add_row(name, _n(r["value"], 3), f"{r['op']} {r['target']}", met)
+    console.print(t)
