@@ -65,10 +65,11 @@ class FileDevice(BlockDevice):
     aligned buffer, so a 512-byte write reaches the device as a 512-byte
     write. Through the page cache it would go out as a whole 4 KiB page,
     rewriting sectors of earlier, acknowledged groups, which a power cut may
-    then tear (DESIGN.md invariant 7; found by qemu/powercut.py). Reads use
-    the ordinary descriptor: Linux keeps its page cache coherent with direct
-    writes. Where O_DIRECT is not supported (tmpfs), writes are buffered and
-    ``direct`` is False.
+    then tear (DESIGN.md invariant 7; found by qemu/powercut.py). Reads are
+    direct too: a buffered read racing a direct write to the same page can
+    leave a stale page in the cache (seen as a checksum failure during
+    online compaction). Where O_DIRECT is not supported (tmpfs), all I/O is
+    buffered and ``direct`` is False.
 
     ``lock=True`` takes an exclusive, non-blocking flock so that one process
     owns the image; a second gets :class:`Busy` with a clear message.
@@ -91,19 +92,27 @@ class FileDevice(BlockDevice):
             if lock:
                 self._lock()
             self.size = self._device_size() // SECTOR * SECTOR
-            if direct and not read_only:
+            if direct:
                 self._open_direct()
         except BaseException:
             os.close(self.fd)
             raise
 
     def _open_direct(self) -> None:
+        mode = os.O_RDONLY if self.read_only else os.O_RDWR
         try:
-            self.wfd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            self.wfd = os.open(self.path, mode | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
-            return  # e.g. tmpfs: buffered writes it is
+            return  # e.g. tmpfs: buffered I/O it is
         self.direct = True
-        self._local = threading.local()  # one aligned buffer per writing thread
+        self._local = threading.local()  # one aligned buffer per thread
+
+    def _aligned_buffer(self, size: int) -> mmap.mmap:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or size > len(buf):
+            # mmap memory is page aligned, as O_DIRECT wants
+            buf = self._local.buf = mmap.mmap(-1, max(1 << 20, (size + 0xFFFFF) & ~0xFFFFF))
+        return buf
 
     def _lock(self) -> None:
         try:
@@ -121,6 +130,8 @@ class FileDevice(BlockDevice):
         return os.lseek(self.fd, 0, os.SEEK_END)
 
     def read(self, offset: int, length: int) -> bytes:
+        if self.direct:
+            return self._read_direct(offset, length)
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
@@ -142,11 +153,26 @@ class FileDevice(BlockDevice):
         except OSError as exc:
             raise DeviceIOError(f"{self.path}: write at {offset}: {exc.strerror}") from None
 
+    def _read_direct(self, offset: int, length: int) -> bytes:
+        start = offset // SECTOR * SECTOR
+        end = min(-(-(offset + length) // SECTOR) * SECTOR, self.size)
+        data = b""
+        if end > start:
+            buf = self._aligned_buffer(end - start)
+            view = memoryview(buf)[:end - start]
+            try:
+                got = os.preadv(self.wfd, [view], start)
+            except OSError as exc:
+                raise DeviceIOError(f"{self.path}: read at {offset}: {exc.strerror}") from None
+            finally:
+                view.release()
+            data = buf[offset - start:min(offset - start + length, got)] if got > offset - start else b""
+        if len(data) < length:  # past the end reads as zeros, like a short device
+            data += bytes(length - len(data))
+        return data
+
     def _write_direct(self, offset: int, data: bytes) -> None:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(data) > len(buf):
-            # mmap memory is page aligned, as O_DIRECT wants
-            buf = self._local.buf = mmap.mmap(-1, max(1 << 20, (len(data) + 0xFFFFF) & ~0xFFFFF))
+        buf = self._aligned_buffer(len(data))
         buf[:len(data)] = data
         view = memoryview(buf)[:len(data)]
         try:

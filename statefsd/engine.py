@@ -150,6 +150,7 @@ class Engine:
         self.read_only = read_only
         self.audit = audit
         self.index: dict[bytes, Entry] = result.index
+        self._live_bytes = sum(e.size for e in self.index.values())  # kept up to date by the writer
         self.replay_summary = result.summary()
         self._chain = result.chain_hash
         self._pos = result.end.offset
@@ -164,6 +165,7 @@ class Engine:
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
         self._writing = False
+        self._exclusive_waiters = 0
         self._compact_lock = threading.Lock()
         self._compactor: threading.Thread | None = None
         self._closed = False
@@ -358,7 +360,7 @@ class Engine:
             "encryption": fmt.ENCRYPTION_NAMES[self.sb.encryption],
             "format": f"{self.sb.version_major}.{self.sb.version_minor}",
             "generation": self.sb.generation, "log_epoch": self.sb.log_epoch,
-            "keys": len(entries), "live_bytes": sum(e.size for e in entries),
+            "keys": len(entries), "live_bytes": self._live_bytes,
             "log_used": self._pos - self._region_start,
             "log_size": self._region_end - self._region_start,
             "next_txn_id": self._next_txn, "chain_head": self._chain.hex(),
@@ -411,7 +413,8 @@ class Engine:
         self._compactor.start()
 
     def _compaction_would_free(self, needed: int) -> bool:
-        live = sum(e.size + fmt.HEADER_SIZE * 2 + len(p) for p, e in self.index.items())
+        # live bytes plus a generous per-key allowance for headers and paths
+        live = self._live_bytes + len(self.index) * (fmt.HEADER_SIZE * 2 + fmt.MAX_KEY_BYTES // 4)
         size = self._region_end - self._region_start - self._delete_reserve
         return live * 5 // 4 + needed < size and self._pos - self._region_start > live * 5 // 4
 
@@ -422,7 +425,7 @@ class Engine:
                 raise ReadOnly(f"{self.device.path} is unmounted")
             self._queue.append(req)
             while not req.done:
-                if self._writing:
+                if self._writing or self._exclusive_waiters:
                     self._cv.wait()
                     continue
                 batch, self._queue = self._queue, []
@@ -506,10 +509,12 @@ class Engine:
         self._seq, self._group, self._chain, self._next_txn = applied["state"]
         for req, entries in zip(accepted, applied["entries"]):
             for path, entry in entries:
-                if entry is None:
-                    self.index.pop(path, None)
-                else:
+                old = self.index.pop(path, None) if entry is None else self.index.get(path)
+                if entry is not None:
                     self.index[path] = entry
+                    self._live_bytes += entry.size
+                if old is not None:
+                    self._live_bytes -= old.size
             req.done = True
         self._unsigned_commits += len(accepted)
 
@@ -541,8 +546,7 @@ class Engine:
         than twice the live bytes."""
         used = self._pos - self._region_start
         size = self._region_end - self._region_start
-        live = sum(e.size for e in self.index.values())
-        return used > size * 3 // 4 and used > 2 * live
+        return used > size * 3 // 4 and used > 2 * self._live_bytes
 
     def compact(self) -> dict:
         """Write the live state into the other region and switch to it with
@@ -556,10 +560,14 @@ class Engine:
 
     @contextlib.contextmanager
     def _writer(self):
-        """Hold the log's single writer role (the group-commit leader's)."""
+        """Hold the log's single writer role (the group-commit leader's).
+        Waiting here keeps new commit leaders out, so a stream of commits
+        cannot starve compaction or a checkpoint."""
         with self._cv:
+            self._exclusive_waiters += 1
             while self._writing:
                 self._cv.wait()
+            self._exclusive_waiters -= 1
             self._writing = True
         try:
             yield
@@ -578,6 +586,7 @@ class Engine:
         epoch = self.sb.log_epoch
         while epoch in (0, self.sb.log_epoch):
             epoch = int.from_bytes(os.urandom(4), "little")
+        began = time.monotonic()
         with self._writer():  # phase 0: a consistent snapshot, and txn ids for it
             snapshot = dict(self.index)
             batches = _snapshot_batches(sorted(snapshot.items()))
@@ -615,15 +624,17 @@ class Engine:
                 self._region_start, self._region_end = start, end
                 self._pos, self._seq, self._group, self._chain = cur.offset, cur.seq, cur.group, cur.chain
                 self.index = index
+                self._live_bytes = sum(e.size for e in index.values())
                 self._unsigned_commits = 0 if self.signer else self._unsigned_commits
                 pause = time.monotonic() - paused
         except (OSError, DeviceIOError) as exc:
             err = exc if isinstance(exc, DeviceIOError) else DeviceIOError(f"{self.device.path}: compaction: {exc}")
             self._fail([], err)
             raise err from None
-        stats = {"live_keys": len(index), "live_bytes": sum(e.size for e in index.values()),
+        stats = {"live_keys": len(index), "live_bytes": self._live_bytes,
                  "log_before": used_before, "log_after": cur.offset - start, "epoch": epoch,
-                 "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3)}
+                 "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3),
+                 "duration_ms": round((time.monotonic() - began) * 1000, 3)}
         self.audit("compaction", **stats)
         return stats
 

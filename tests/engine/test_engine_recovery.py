@@ -328,7 +328,7 @@ def test_commits_go_on_during_compaction_and_none_is_lost(tmp_path):
     done.set()
     for t in threads:
         t.join()
-    assert stats["delta_ops"] > 0  # commits really happened while the snapshot was written
+    assert stats["delta_ops"] > 0, stats  # commits really happened while the snapshot was written
     expected = {k: e.get(k) for k in e.list()}
     for k, v in written.items():
         assert expected[k] == v
