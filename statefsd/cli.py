@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mkfs", help="format an image file or block device")
     p.add_argument("image")
     p.add_argument("--size", help="create (zero-filled) an image file of this size, e.g. 64M")
-    p.add_argument("--encryption", choices=("on", "off"), default="off")
+    p.add_argument("--encryption", choices=("on", "off"),
+                   default=os.environ.get("STATEFS_ENCRYPTION", "off"),
+                   help="encrypt values at rest (default: $STATEFS_ENCRYPTION or off)")
     p.add_argument("--force", action="store_true", help="overwrite an existing StateFS image")
 
     p = sub.add_parser("put", parents=[common], help="store a value")
