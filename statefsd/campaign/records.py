@@ -8,21 +8,28 @@ PAYLOAD its nonce ``format.seal_nonce(salt, txn_id, op_index, chunk_index)``
 pair). Writing the same bytes again under the same nonce leaks nothing (a
 verbatim copy, as compaction may make), so a repeat counts only when the
 sealed bytes differ; likewise a txn id counts as reused only when its
-PREPARE names different operations. A :class:`History` is what was issued before a cut, possibly over
-several traces (the workload, then a recovery that was itself cut); any id
-or nonce a later recovery writes again is a violation, whether or not the
-earlier write survived the cut: a dropped write may still have reached the
-medium in part.
+PREPARE names different operations.
+
+A :class:`History` is what was issued before a cut, possibly over several
+traces (the workload, then a recovery that was itself cut); any id or nonce
+a later recovery writes again is a violation, whether or not the earlier
+write survived the cut: a dropped write may still have reached the medium
+in part.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from statefsd import format as fmt
 from statefsd.simdev import Trace
 
-from statefsd.campaign.timeline import Violation, digest
+from statefsd.campaign.timeline import Violation
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def records_in(data: bytes):

@@ -33,9 +33,10 @@ class Settings:
     model: str = CrashModel().spec()
     limit: int = 24             # outcomes per crash point: exhaustive up to this many, else sampled
     extra: int = 3              # plus this many random byte cuts (partial sectors)
-    second_every: int = 4       # every Nth crash point also gets a second cut in its recovery (0: never)
+    second_every: int = 8       # every Nth crash point also gets a second cut in its recovery (0: never)
     second_limit: int = 6
     second_extra: int = 1
+    fsck_every: int = 4         # run fsck (invariant 6) on every Nth crash state (0: never)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,10 @@ class Result:
     states: int = 0             # first-cut crash states checked
     second: int = 0             # second-cut crash states checked (cut during recovery)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     violations: list[tuple[str, int, str]] = field(default_factory=list)   # (code, invariant, message)
     note: str = ""
+    error: str = ""             # the campaign itself failed on this run (a harness bug, not a verdict)
 
 
 def mix(*parts) -> int:
@@ -69,14 +72,14 @@ def build_run(code_or_task) -> Run:
 
 
 def run_task(task: Task) -> Result:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     st = task.settings
     result = Result(task.workload, task.seed)
     run = build_run(task)
     result.ops = len(run.trace)
     result.note = "; ".join(run.notes)
-    fsck, _ = fsckhook.resolve()
-    checker = Checker(SYSTEMS[st.system](), run.salt, fsck)
+    checker = Checker(SYSTEMS[st.system](), run.salt, fsckhook.resolve()[0], fsck_every=st.fsck_every,
+                      signer=run.signer)
     index = WriteIndex.of(run.trace, run.salt)
     base = Code(st.system, task.workload, task.seed, st.model, len(run.trace), "_")
     for v in History().check(index):
@@ -95,6 +98,7 @@ def run_task(task: Task) -> Result:
             if n == second and rec.trace is not None:
                 result.second += _second_cuts(checker, code, rec, history, st, result)
     result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu
     return result
 
 
@@ -123,7 +127,7 @@ def reproduce(code: Code, log) -> list:
     log(f"workload {code.workload} seed {code.seed}: {len(run.trace)} trace ops; {'; '.join(run.notes)}")
     fsck, note = fsckhook.resolve()
     log(note)
-    checker = Checker(SYSTEMS[code.system](), run.salt, fsck, log)
+    checker = Checker(SYSTEMS[code.system](), run.salt, fsck, log, signer=run.signer)
     index = WriteIndex.of(run.trace, run.salt)
     violations = list(History().check(index))
     point = next(run.trace.crash_points(code.index, code.index))
@@ -145,17 +149,24 @@ def reproduce(code: Code, log) -> list:
     return violations
 
 
+def _run_task_safely(task: Task) -> Result:
+    try:
+        return run_task(task)
+    except Exception as exc:    # reported and failing the campaign, but the other runs go on
+        return Result(task.workload, task.seed, error=f"{type(exc).__name__}: {exc}")
+
+
 def execute(tasks: list[Task], workers: int, on_result=None) -> list[Result]:
-    """Run ``tasks`` on ``workers`` processes (1: in this process), largest first."""
+    """Run ``tasks`` on ``workers`` processes (1: in this process)."""
     results = []
     if workers <= 1:
         for task in tasks:
-            results.append(run_task(task))
+            results.append(_run_task_safely(task))
             if on_result:
                 on_result(results[-1])
         return results
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for result in pool.imap_unordered(run_task, tasks, chunksize=1):
+        for result in pool.imap_unordered(_run_task_safely, tasks, chunksize=1):
             results.append(result)
             if on_result:
                 on_result(result)

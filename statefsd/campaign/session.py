@@ -21,8 +21,8 @@ from statefsd.engine import Engine, Mutation
 from statefsd.errors import NoSpace
 from statefsd.simdev import SimulatedDevice, Trace
 
-from statefsd.campaign.systems import DeviceProxy, System
-from statefsd.campaign.timeline import DELETED, Timeline, Txn, digest
+from statefsd.campaign.systems import DeviceProxy, FixedSigner, System
+from statefsd.campaign.timeline import DELETED, Timeline, Txn
 
 WAIT_SECONDS = 30.0             # a thread that does not reach the gate by then is a harness bug
 
@@ -85,22 +85,24 @@ class Run:
     salt: bytes
     encrypted: bool
     notes: list[str] = field(default_factory=list)
+    signer: FixedSigner | None = None
 
 
 class Session:
     def __init__(self, system: System, device: SimulatedDevice, *, seed: int, encrypted: bool,
-                 salt: bytes) -> None:
+                 salt: bytes, signer: FixedSigner | None = None) -> None:
         self.system = system
         self.device = device
         self.gate = GateDevice(device)
         self.rng = random.Random(seed)
         self.encrypted = encrypted
         self.salt = salt
+        self.signer = signer
         self.txns: list[Txn] = []
         self.rejected = 0
         self.abandoned = 0
         self._serial = 0
-        self.engine: Engine = system.mount(self.gate)
+        self.engine: Engine = system.mount(self.gate, signer=signer)
 
     # -- helpers for workloads -------------------------------------------------------------------
 
@@ -140,14 +142,22 @@ class Session:
         self.abandoned += 1
 
     def concurrent(self, batches: list[list[Mutation]]) -> None:
-        """Commit each batch from its own thread, as one leader group then one follower group."""
+        """Commit each batch from its own thread, as one leader group then one follower group.
+
+        The leader is admitted alone until it has returned. A leader that needs the engine again
+        after its group (an automatic compaction) while the follower group waits at the gate
+        would stall: the gate then times out with an error rather than hang the campaign."""
         results: list[tuple[int, int] | None] = [None] * len(batches)
+        errors: list[BaseException] = []
         submit = self.ops()
 
         def worker(i: int) -> None:
             try:
                 txn_id = self.engine.commit(batches[i])
             except NoSpace:
+                return
+            except BaseException as exc:  # re-raised in the main thread below
+                errors.append(exc)
                 return
             results[i] = (txn_id, self.ops())
 
@@ -171,6 +181,8 @@ class Session:
             self.gate.release()
         for t in threads:
             t.join(WAIT_SECONDS)
+        if errors:
+            raise errors[0]
         for i, result in enumerate(results):
             if result is None:
                 self.rejected += 1
@@ -187,7 +199,7 @@ class Session:
 
     def remount(self) -> None:
         self.engine.close()
-        self.engine = self.system.mount(self.gate)
+        self.engine = self.system.mount(self.gate, signer=self.signer)
 
     def maintain(self, step: Callable[[Engine], object]) -> None:
         """A step that must not change the logical state (e.g. compaction, once it exists)."""
@@ -196,8 +208,9 @@ class Session:
     def finish(self) -> Run:
         self.engine.close()
         return Run(self.device.trace, Timeline({}, self.txns), self.salt, self.encrypted,
-                   [f"{len(self.txns)} txns, {self.rejected} refused (ENOSPC), {self.abandoned} abandoned"])
+                   [f"{len(self.txns)} txns, {self.rejected} refused (ENOSPC), {self.abandoned} abandoned"],
+                   self.signer)
 
     def _record(self, txn_id: int, mutations: list[Mutation], submit: int, ack: int) -> None:
-        writes = tuple((m.path, DELETED if m.kind == "delete" else digest(bytes(m.value))) for m in mutations)
+        writes = tuple((m.path, DELETED if m.kind == "delete" else bytes(m.value)) for m in mutations)
         self.txns.append(Txn(txn_id, writes, submit, ack))

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from keystored.domain import sign_payload
 from statefsd import format as fmt
 from statefsd.blockdev import BlockDevice
 from statefsd.engine import Engine, read_superblock
@@ -22,6 +26,18 @@ FIXED_KEY = hashlib.sha256(b"statefs.campaign.payload-key").digest()
 def key_provider(sb: fmt.Superblock) -> bytes:
     """The payload key of every encrypted campaign image (a fixed test key, not keystored)."""
     return FIXED_KEY
+
+
+class FixedSigner:
+    """A device signing key held in-process, signing by keystored's rule (Ed25519 is
+    deterministic, so signed runs reproduce byte for byte)."""
+
+    def __init__(self) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(derive("signing-key", 32))
+        self.public_key = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def sign(self, label: str, message: bytes) -> bytes:
+        return self._key.sign(sign_payload(label, message))
 
 
 def derive(label: str, size: int) -> bytes:
@@ -83,6 +99,7 @@ class System:
     def wrap(self, device: BlockDevice) -> BlockDevice:
         return device
 
-    def mount(self, device: BlockDevice, *, read_only: bool = False, audit=None) -> Engine:
+    def mount(self, device: BlockDevice, *, read_only: bool = False, audit=None,
+              signer: FixedSigner | None = None) -> Engine:
         return self.engine_class.mount(self.wrap(device), read_only=read_only, audit=audit,
-                                       key_provider=key_provider)
+                                       key_provider=key_provider, signer=signer)

@@ -12,22 +12,17 @@ transactions that
 
 Values are unique per write, so a state that matches no prefix is diagnosed
 as a lost acknowledged value (1), a half-applied transaction (2), or a value
-no submitted transaction wrote (3). States are compared as
-``{path: digest of value}``.
+no submitted transaction wrote (3). States are ``{path: value}`` dicts; the
+values are the workload's own bytes objects, shared, not copied.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
-State = dict[str, bytes]         # path -> digest of the value
+State = dict[str, bytes]         # path -> value
 DELETED = None
-
-
-def digest(value: bytes) -> bytes:
-    return hashlib.blake2b(value, digest_size=16).digest()
 
 
 class Violation(NamedTuple):
@@ -38,7 +33,7 @@ class Violation(NamedTuple):
 @dataclass(frozen=True)
 class Txn:
     txn_id: int
-    writes: tuple[tuple[str, bytes | None], ...]  # (path, digest) or (path, DELETED), in op order
+    writes: tuple[tuple[str, bytes | None], ...]  # (path, value) or (path, DELETED), in op order
     submit: int
     ack: int
 
@@ -63,7 +58,7 @@ class Timeline:
         self.states = [self.base]
         for t in self.txns:
             self.states.append(t.apply(self.states[-1]))
-        self.writer: dict[bytes, list[int]] = {}   # digest -> txn ids that wrote it
+        self.writer: dict[bytes, list[int]] = {}   # value -> txn ids that wrote it
         for t in self.txns:
             for _, d in t.writes:
                 if d is not DELETED:

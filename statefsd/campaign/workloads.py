@@ -1,13 +1,16 @@
 """Workloads: deterministic, seeded operation sequences, registered as plug-ins.
 
 A workload is a function of a :class:`Session`; ``@workload(name)``
-registers it twice, plain and with encryption on (``name-enc``). A run's
+registers it twice, plain and with encryption on (``name-enc``), and with
+``signed=True`` a third time, mounted with a device signing key so that
+signed checkpoints are written at unmount and compaction (``name-signed``). A run's
 bytes depend only on (system, workload, seed, crash model), which is what
 makes a reproduction code enough to rebuild a crash state.
 
-Adding a workload (compaction, once ``Engine.compact`` exists, is already
-wired below; fsck joins through ``fsckhook``): write a function that drives
-the session, decorate it, and it runs in the default campaign.
+Adding a workload: write a function that drives the session (``maintain``
+runs steps like compaction that must not change the logical state),
+decorate it, and it runs in the default campaign. fsck joins through
+``fsckhook``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.engine import Mutation, read_superblock
 from statefsd.simdev import CrashModel
 
 from statefsd.campaign.session import Run, Session
-from statefsd.campaign.systems import System, format_image
+from statefsd.campaign.systems import FixedSigner, System, format_image
 
 KEYS = [f"k/{i}" for i in range(8)]
 
@@ -30,16 +33,20 @@ class Workload:
     steps: Callable[[Session], None]
     encrypted: bool
     doc: str
+    signed: bool = False
 
 
 WORKLOADS: dict[str, Workload] = {}
 
 
-def workload(name: str):
+def workload(name: str, *, signed: bool = False):
     def register(fn: Callable[[Session], None]):
         doc = " ".join((fn.__doc__ or "").split())
         WORKLOADS[name] = Workload(name, fn, False, doc)
         WORKLOADS[name + "-enc"] = Workload(name + "-enc", fn, True, doc + " Encryption on.")
+        if signed:
+            WORKLOADS[name + "-signed"] = Workload(name + "-signed", fn, False,
+                                                   doc + " Signed checkpoints.", signed=True)
         return fn
     return register
 
@@ -48,7 +55,8 @@ def run_workload(system: System, wl: Workload, seed: int, model: CrashModel) -> 
     label = f"{wl.name}/{seed}"
     device = format_image(label, encryption=wl.encrypted, model=model)
     salt = read_superblock(device)[0].salt
-    session = Session(system, device, seed=hash_seed(label), encrypted=wl.encrypted, salt=salt)
+    session = Session(system, device, seed=hash_seed(label), encrypted=wl.encrypted, salt=salt,
+                      signer=FixedSigner() if wl.signed else None)
     wl.steps(session)
     return session.finish()
 
@@ -87,7 +95,7 @@ def multi_key(s: Session) -> None:
             s.commit(mutations)
 
 
-@workload("deletes-overwrites")
+@workload("deletes-overwrites", signed=True)
 def deletes_overwrites(s: Session) -> None:
     """Puts, overwrites, single deletes, deletes inside transactions (also of missing keys),
     empty values, and a remount after each round."""
@@ -141,11 +149,12 @@ def group_commit(s: Session) -> None:
         s.put(s.rng.choice(KEYS), s.rng.randrange(8, 400))
 
 
-if hasattr(Engine, "compact"):
-    @workload("compaction")
-    def compaction(s: Session) -> None:
-        """Overwrites, then compaction (which must not change the logical state), then more."""
-        for _ in range(2):
-            for _ in range(12):
-                s.put(s.rng.choice(KEYS[:4]), s.rng.randrange(8, 2000))
-            s.maintain(lambda engine: engine.compact())
+@workload("compaction", signed=True)
+def compaction(s: Session) -> None:
+    """Overwrites of four keys until the engine compacts on its own (log 75% full), an explicit
+    compaction back over the stale records of the first region, then more writes."""
+    for _ in range(40):
+        s.put(s.rng.choice(KEYS[:4]), s.rng.randrange(6 << 10, 14 << 10))
+    s.maintain(lambda engine: engine.compact())
+    for _ in range(4):
+        s.put(s.rng.choice(KEYS[:5]), s.rng.randrange(8, 3000))
