@@ -23,6 +23,7 @@ from typing import Mapping
 from statefsd.blockdev import BlockDevice
 from statefsd.engine import Engine
 from statefsd.errors import StateFSError
+from statefsd.simdev import encode_ranges
 
 PREFIX = "crash/"
 KEY = re.compile(r"crash/(\d{1,9})/([ab])")
@@ -120,13 +121,5 @@ def check_engine(engine: Engine, required: Mapping[int, int | None]) -> Verdict:
 
 
 def _ranges(values: list[int]) -> str:
-    parts, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    if len(parts) > 6:
-        parts = parts[:6] + ["..."]
-    return ",".join(parts)
+    parts = encode_ranges(values).split(",")
+    return ",".join(parts[:6] + ["..."] if len(parts) > 6 else parts)

@@ -310,7 +310,7 @@ class Outcome:
             out.append(f"{token}x{count}" if count >= 3 else token * count)
         text = "".join(out) or "_"
         if self.order is not None:
-            text += "/" + _encode_ranges(self.order)
+            text += "/" + encode_ranges(self.order)
         return text
 
     @classmethod
@@ -358,7 +358,8 @@ def _decode_token(m: re.Match, text: str) -> Fate:
         raise InvalidArgument(f"bad outcome code {text!r}: {exc.message}") from None
 
 
-def _encode_ranges(values: Sequence[int]) -> str:
+def encode_ranges(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5": compact, for outcome codes and reports."""
     parts = []
     i = 0
     while i < len(values):

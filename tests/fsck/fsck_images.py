@@ -132,3 +132,13 @@ def fsck(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     if "Traceback" in proc.stderr:
         raise AssertionError(f"fsck-statefs crashed:\n{proc.stderr}")
     return proc
+
+
+def forge_superblock(path: str, **changes) -> None:
+    """Rewrite both slots with these fields and valid checksums (what a forger can do)."""
+    with FileDevice(path) as dev:
+        sb, _ = read_superblock(dev)
+        block = fmt.encode_superblock(sb.evolve(**changes))
+        for offset in fmt.SUPERBLOCK_OFFSETS:
+            dev.write(offset, block)
+        dev.flush()

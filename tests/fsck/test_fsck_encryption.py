@@ -13,7 +13,7 @@ from statefsd import format as fmt
 from statefsd.blockdev import FileDevice
 from statefsd.engine import read_superblock
 
-from fsck_images import fixed_key, fsck, make_image, patch, put_each, records, state, tamper_sealed_txn
+from fsck_images import forge_superblock as _forge_superblock, fixed_key, fsck, make_image, patch, put_each, records, state, tamper_sealed_txn
 from fsck_statefs.cli import run
 
 VALUES = {"a": b"alpha" * 100, "b": b"bravo" * 30_000, "c": b"charlie"}
@@ -96,14 +96,6 @@ def test_unreachable_keystore_is_an_operational_error(enc, tmp_path):
     assert proc.returncode == 8
     assert "cannot check" in proc.stderr
 
-
-def _forge_superblock(path: str, **changes) -> None:
-    with FileDevice(path) as dev:
-        sb, _ = read_superblock(dev)
-        block = fmt.encode_superblock(sb.evolve(**changes))
-        for offset in fmt.SUPERBLOCK_OFFSETS:
-            dev.write(offset, block)
-        dev.flush()
 
 
 def test_a_key_that_does_not_match_the_image_is_refused_before_any_check(enc):

@@ -11,24 +11,12 @@ from __future__ import annotations
 import pytest
 
 from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
-from statefsd.engine import read_superblock
 from statefsd.errors import StateFSError
 
-from fsck_images import append_group, digest, make_image, mount, put_each
+from fsck_images import forge_superblock as _forge_superblock, append_group, digest, make_image, mount, put_each
 from fsck_statefs.cli import run
 
 TOP = (1 << 64) - 1
-
-
-def _forge_superblock(path: str, **changes) -> None:
-    """Rewrite both slots with valid checksums (what a forger can do)."""
-    with FileDevice(path) as dev:
-        sb, _ = read_superblock(dev)
-        block = fmt.encode_superblock(sb.evolve(**changes))
-        for offset in fmt.SUPERBLOCK_OFFSETS:
-            dev.write(offset, block)
-        dev.flush()
 
 
 def _forged(tmp_path, how: str) -> str:
