@@ -60,7 +60,9 @@ def run(image: str, *, repair_image: bool = False, dry_run: bool = False,
     repair signs the log it rewrites."""
     writes = repair_image and not dry_run
     try:
-        device = FileDevice(image, read_only=not writes)
+        # The flock keeps statefsd out, so a read-only check may use the page
+        # cache (readahead); a repair writes with O_DIRECT like statefsd.
+        device = FileDevice(image, read_only=not writes, direct=writes)
     except StateFSError as exc:
         return _operational(image, exc)
     try:
