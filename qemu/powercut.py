@@ -132,8 +132,7 @@ def crash_cycles(disk: Path, work: Path, args, rng: random.Random, tally: Tally)
     """Stage 1: boot, crash, recover on the host; ``required``: what must survive from now on."""
     required: dict[int, int] = {}
     for cycle in range(1, args.cycles + 1):
-        want = rng.randint(args.min_acks, 2 * args.min_acks)
-        delay = round(rng.uniform(0, args.max_delay), 3)
+        want, delay = crash_moment(rng, args)
         how = rng.choice(("kill", "quit"))
         guest = Guest(disk, "crashloop", workdir=work / f"cycle-{cycle}")
         start = time.monotonic()
@@ -166,6 +165,11 @@ def crash_cycles(disk: Path, work: Path, args, rng: random.Random, tally: Tally)
                   problems + verdict.violations, f"{SELF} --seed {args.seed} (timing-dependent)")
 
 
+def crash_moment(rng: random.Random, args) -> tuple[int, float]:
+    """When to cut: after this many ACKs, plus this many seconds."""
+    return rng.randint(args.min_acks, 2 * args.min_acks), round(rng.uniform(0, args.max_delay), 3)
+
+
 def _span(acks: dict[int, int]) -> str:
     return f"{min(acks)}..{max(acks)}" if acks else "none"
 
@@ -178,8 +182,7 @@ def log_boot(initial_disk: Path, work: Path, args, rng: random.Random, tally: Ta
     shutil.copyfile(initial_disk, work / "initial.img")
     disk = work / "logged.img"
     shutil.copyfile(initial_disk, disk)
-    want = rng.randint(args.min_acks, 2 * args.min_acks)
-    delay = round(rng.uniform(0, args.max_delay), 3)
+    want, delay = crash_moment(rng, args)
     guest = Guest(disk, "crashloop", log_writes=work / "writes.log", workdir=work / "log-boot")
     start = time.monotonic()
     try:
