@@ -321,6 +321,8 @@ def test_encryption_test_vectors_of_the_spec_hold():
                          " 0100000000000000 0000 00000000 d8041d017525074d 15000000").replace(" ", "")
     sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(b"hello", aad, nonce, key)
     assert sealed.hex() == "a4fb9c61c5a484bdecaf7ea37ebe5b8b5f47459ea6"
+    listed = re.search(r"\nsealed ((?:[0-9a-f]{2} )+)", SPEC.read_text(encoding="utf-8"))[1].split()
+    assert bytes.fromhex("".join(listed)) == sealed  # the vector as section 11.4 prints it
     assert spec_reader._open(key, nonce, aad, sealed) == b"hello"
 
 
@@ -339,21 +341,44 @@ def _worked_example_image() -> bytes:
         assert expected is None or off == expected or off % 512 == 0, line
         img[off:off + len(chunk)] = chunk
         expected = off + len(chunk)
-    # "Slot B is identical except generation = 1, txn_reserved = 0 and its CRC 14 e0 bc 51."
-    slot_b = bytearray(img[:4096])
-    struct.pack_into("<Q", slot_b, 16, 1)
-    struct.pack_into("<Q", slot_b, 0x58, 0)
-    slot_b[0xFC:0x100] = bytes.fromhex("14e0bc51")
-    assert spec_reader._decode_slot(bytes(slot_b))[0] is not None  # the stated CRC is right
-    img[4096:8192] = slot_b
+    # "Slot A is identical except generation = 1, txn_reserved = 0 and its CRC 14 e0 bc 51."
+    slot_a = bytearray(img[4096:8192])
+    struct.pack_into("<Q", slot_a, 16, 1)
+    struct.pack_into("<Q", slot_a, 0x58, 0)
+    slot_a[0xFC:0x100] = bytes.fromhex("14e0bc51")
+    assert spec_reader._decode_slot(bytes(slot_a))[0] is not None  # the stated CRC is right
+    img[:4096] = slot_a
     return bytes(img)
 
 
 def test_worked_example_of_the_spec_decodes_to_its_stated_result():
     ours = read_image(_worked_example_image())
-    assert ours["superblock"]["generation"] == 2
+    assert ours["superblock"]["generation"] == 3 and ours["last_mount_gen"] == 3
     assert ours["state"] == {"motd": b""}
     assert ours["max_txn_id"] == 2
     assert ours["log_end"] == 0x2400 and ours["torn_tail_bytes"] == 0
     assert not ours["corrupt"] and ours["findings"] == []
-    assert ours["chain_head"].hex() == "bc3753d3fa66f413feebfe6156c9638d68c0d1a39f42765fce6bdd39c4727cdc"
+    assert ours["chain_head"].hex() == "bdd6198731ec92aba1a78e4fa2f0faa1c007f227002a4f1b061fc46d3a026368"
+
+
+def test_worked_example_of_the_spec_is_byte_for_byte_what_statefsd_writes(tmp_path):
+    """Section 13's recipe, run with the example's device_uuid and log_epoch
+    (random in a real mkfs), must give exactly the bytes the spec shows."""
+    from statefsd import format as fmt
+    spec_image = _worked_example_image()
+    path = str(tmp_path / "example.img")
+    create_image(path, 1 << 20)
+    with FileDevice(path) as dev:
+        sb = Engine.mkfs(dev)
+        uuid = spec_image[4096 + 0x18:4096 + 0x28]
+        sb = sb.evolve(device_uuid=uuid, chain_base=fmt.genesis_hash(uuid),
+                       log_epoch=struct.unpack_from("<I", spec_image, 4096 + 0x54)[0])
+        for offset in fmt.SUPERBLOCK_OFFSETS:
+            dev.write(offset, fmt.encode_superblock(sb))
+    eng = Engine.mount(FileDevice(path))
+    eng.put("greeting", b"hello")
+    eng.commit([Mutation("put", "motd", b""), Mutation("delete", "greeting")])
+    eng.close()
+    written = pathlib.Path(path).read_bytes()
+    diff = [hex(i) for i in range(len(written)) if written[i] != spec_image[i]][:8]
+    assert not diff, f"the spec's worked example differs from statefsd's bytes at {diff}"
