@@ -16,7 +16,12 @@ BLOCK = 4096
 GROUP_ALIGN = 512
 HEADER = struct.Struct("<I2sBBIIQQQ8sIIH6x")  # 5.1
 SUPERBLOCK = struct.Struct("<8sHHIQ16s5QBBHIQ32s32s32s16s44xI")  # 3.1
-PREPARE, PAYLOAD, COMMIT, ABORT, DELETE = 0x10, 0x11, 0x12, 0x13, 0x14
+PREPARE, PAYLOAD, COMMIT, ABORT, DELETE, CHECKPOINT = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+# Every record type this reader decodes (5.3). _parse accepts exactly these;
+# replay decodes those in HANDLERS, the walk those in WALK_TYPES.
+RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT: "ABORT",
+                DELETE: "DELETE", CHECKPOINT: "CHECKPOINT"}
+WALK_TYPES: set[int] = set()
 GROUP_END, SEALED = 0x01, 0x02
 CHUNK = 65536
 MAX_PAYLOAD_SEALED = 131072 + 16
@@ -24,6 +29,8 @@ OP_PUT, OP_DELETE = 1, 2
 GENESIS_LABEL = b"statefs.chain.genesis.v2\0"
 KEY_CHECK_LABEL = b"statefs.keycheck.v2\0"
 SEAL_AAD_LABEL = b"statefs.seal.v2\0"
+CHECKPOINT_SIGN_LABEL = b"statefs.checkpoint.v1"
+CHECKPOINT_MESSAGE_LABEL = b"statefs.checkpoint.v2\0"  # NUL padded to 24 bytes in the message
 
 
 class Refused(Exception):
@@ -47,6 +54,23 @@ def seal_nonce_aad(salt, device_uuid, txn_id, op_index, chunk_index, phash, payl
     aad = struct.pack("<16s16sBQHI8sI", SEAL_AAD_LABEL, device_uuid, PAYLOAD, txn_id,
                       op_index, chunk_index, phash, payload_len)
     return nonce, aad
+
+
+def checkpoint_message(device_uuid: bytes, epoch: int, seq: int, chain_head: bytes) -> bytes:
+    return struct.pack("<24s16sIQ32s", CHECKPOINT_MESSAGE_LABEL, device_uuid, epoch, seq, chain_head)  # 5.3
+
+
+def _signature_ok(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """keystored's sign rule (5.3, docs/keystored.md): Ed25519 over
+    b"statefs/v1/sign\0" || label || b"\0" || message."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    signed = b"statefs/v1/sign\0" + CHECKPOINT_SIGN_LABEL + b"\0" + message
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, signed)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def _open(key, nonce, aad, sealed):
@@ -122,7 +146,7 @@ def _parse(dev: bytes, pos: int, region_end: int):
     """6.2 rule 1: a record whose fields and CRC are sound, or a reason."""
     crc, magic, typ, flags, *rest = HEADER.unpack_from(dev, pos)
     rec = Record(pos, typ, flags, *rest, raw=b"")
-    if magic != b"R2" or not PREPARE <= typ <= DELETE or flags & ~0x03:
+    if magic != b"R2" or typ not in RECORD_TYPES or flags & ~0x03:
         return None, "bad header"
     end = pos + 64 + rec.payload_len
     if rec.payload_len > MAX_PAYLOAD_SEALED or end > region_end:
@@ -220,90 +244,137 @@ def _decode_prepare(p: bytes):
     return ops
 
 
-def replay(groups, sb: dict, key: bytes | None):
-    index, chain, max_txn = {}, sb["chain_base"], 0
-    txn, findings = None, []
-    enc = sb["encryption"] != 0
+class _Replay:
+    """7.2: one method per record type; a rule broken raises _Corrupt."""
+
+    def __init__(self, sb: dict, key: bytes | None, device_key: bytes | None):
+        self.sb, self.key, self.device_key = sb, key, device_key
+        self.enc = sb["encryption"] != 0
+        self.index, self.chain, self.max_txn = {}, sb["chain_base"], 0
+        self.txn, self.findings = None, []
+        self.checkpoints = self.verified_checkpoints = 0
+
+    def _orphan_open_txn(self):
+        if self.txn is not None:
+            self.findings.append(("orphan", self.txn["id"]))
+        self.txn = None
+
+    def prepare(self, rec):
+        self._orphan_open_txn()
+        if rec.txn_id <= self.max_txn or rec.flags & SEALED:
+            raise _Corrupt("PREPARE txn id not increasing or sealed")
+        ops = _decode_prepare(rec.payload)
+        self.max_txn = rec.txn_id
+        self.txn = dict(id=rec.txn_id, ops=ops, records=1, digest=hashlib.sha256(rec.raw),
+                        auth_failed=False)
+
+    def _member(self, rec):
+        txn = self.txn
+        if txn is None or txn["id"] != rec.txn_id or rec.op_index >= len(txn["ops"]):
+            raise _Corrupt("record outside its transaction")
+        op = txn["ops"][rec.op_index]
+        if rec.path_hash != path_hash(op["path"]):
+            raise _Corrupt("path hash mismatch")
+        txn["records"] += 1
+        txn["digest"].update(rec.raw)
+        return txn, op
+
+    def payload(self, rec):
+        txn, op = self._member(rec)
+        plain = min(CHUNK, op["value_len"] - rec.chunk_index * CHUNK)
+        if (op["kind"] != OP_PUT or rec.chunk_index != len(op["chunks"])
+                or bool(rec.flags & SEALED) != self.enc or plain <= 0
+                or rec.payload_len != plain + (16 if self.enc else 0)):
+            raise _Corrupt("bad PAYLOAD")
+        data = rec.payload
+        if self.enc:
+            data = None
+            if self.key is not None:
+                nonce, aad = seal_nonce_aad(self.sb["salt"], self.sb["device_uuid"], rec.txn_id,
+                                            rec.op_index, rec.chunk_index, rec.path_hash, rec.payload_len)
+                data = _open(self.key, nonce, aad, rec.payload)
+                txn["auth_failed"] |= data is None
+        op["chunks"].append(data)
+
+    def delete(self, rec):
+        _, op = self._member(rec)
+        if op["kind"] != OP_DELETE or rec.payload != op["path"] or op["deleted"]:
+            raise _Corrupt("bad DELETE")
+        op["deleted"] = True
+
+    def commit(self, rec):
+        txn = self.txn
+        if txn is None or txn["id"] != rec.txn_id or rec.payload_len != 68:
+            raise _Corrupt("COMMIT outside its transaction or wrong size")
+        prev, digest, count = struct.unpack("<32s32sI", rec.payload)
+        for op in txn["ops"]:
+            if op["kind"] == OP_PUT and len(op["chunks"]) != -(-op["value_len"] // CHUNK):
+                raise _Corrupt("missing chunks")
+            if op["kind"] == OP_DELETE and not op["deleted"]:
+                raise _Corrupt("missing DELETE")
+        if count != txn["records"] or digest != txn["digest"].digest():
+            raise _Corrupt("record count or digest mismatch")
+        if prev != self.chain:
+            raise _Corrupt("hash chain broken")
+        self.chain = hashlib.sha256(rec.raw).digest()
+        self.txn = None
+        if txn["auth_failed"]:
+            self.findings.append(("integrity", txn["id"]))
+            return
+        for op in txn["ops"]:  # 7.3: list order, the last op on a path wins
+            if op["kind"] == OP_DELETE:
+                self.index.pop(op["path"], None)
+            elif any(c is None for c in op["chunks"]):
+                self.index[op["path"]] = None  # encrypted, no key: size only (11.5)
+            else:
+                self.index[op["path"]] = b"".join(op["chunks"])
+
+    def abort(self, rec):
+        if self.txn is not None and self.txn["id"] == rec.txn_id:
+            self.findings.append(("aborted", self.txn["id"]))
+            self.txn = None
+        elif rec.txn_id > self.max_txn:
+            self.max_txn = rec.txn_id
+
+    def checkpoint(self, rec):
+        """7.2 CHECKPOINT rules 1-5; txn_id, flags and the group's other records are not checked."""
+        self._orphan_open_txn()
+        if rec.payload_len != 128:
+            raise _Corrupt("CHECKPOINT payload is not 128 bytes")
+        chain_head, public_key, signature = struct.unpack("<32s32s64s", rec.payload)
+        if chain_head != self.chain:
+            raise _Corrupt("checkpoint does not match the chain: history was rewritten")
+        self.checkpoints += 1
+        if self.device_key is None:
+            return  # unverified
+        if public_key != self.device_key:
+            raise _Corrupt("checkpoint signed by a key that is not this device's")
+        message = checkpoint_message(self.sb["device_uuid"], rec.epoch, rec.seq, chain_head)
+        if not _signature_ok(public_key, message, signature):
+            raise _Corrupt("checkpoint signature does not verify: forged history")
+        self.verified_checkpoints += 1
+
+
+HANDLERS = {PREPARE: _Replay.prepare, PAYLOAD: _Replay.payload, COMMIT: _Replay.commit,
+            ABORT: _Replay.abort, DELETE: _Replay.delete, CHECKPOINT: _Replay.checkpoint}
+
+
+def replay(groups, sb: dict, key: bytes | None, device_key: bytes | None = None) -> _Replay:
+    r = _Replay(sb, key, device_key)
+    rec = None
     try:
         for rec in (r for g in groups for r in g):
-            if rec.type == PREPARE:
-                if txn is not None:
-                    findings.append(("orphan", txn["id"]))
-                txn = None
-                if rec.txn_id <= max_txn or rec.flags & SEALED:
-                    raise _Corrupt("PREPARE txn id not increasing or sealed")
-                ops = _decode_prepare(rec.payload)
-                max_txn = rec.txn_id
-                txn = dict(id=rec.txn_id, ops=ops, records=1, digest=hashlib.sha256(rec.raw),
-                           auth_failed=False)
-            elif rec.type in (PAYLOAD, DELETE):
-                if txn is None or txn["id"] != rec.txn_id or rec.op_index >= len(txn["ops"]):
-                    raise _Corrupt("record outside its transaction")
-                op = txn["ops"][rec.op_index]
-                if rec.path_hash != path_hash(op["path"]):
-                    raise _Corrupt("path hash mismatch")
-                txn["records"] += 1
-                txn["digest"].update(rec.raw)
-                if rec.type == PAYLOAD:
-                    plain = min(CHUNK, op["value_len"] - rec.chunk_index * CHUNK)
-                    if (op["kind"] != OP_PUT or rec.chunk_index != len(op["chunks"])
-                            or bool(rec.flags & SEALED) != enc or plain <= 0
-                            or rec.payload_len != plain + (16 if enc else 0)):
-                        raise _Corrupt("bad PAYLOAD")
-                    data = rec.payload
-                    if enc:
-                        data = None
-                        if key is not None:
-                            nonce, aad = seal_nonce_aad(sb["salt"], sb["device_uuid"], rec.txn_id,
-                                                        rec.op_index, rec.chunk_index,
-                                                        rec.path_hash, rec.payload_len)
-                            data = _open(key, nonce, aad, rec.payload)
-                            txn["auth_failed"] |= data is None
-                    op["chunks"].append(data)
-                else:
-                    if op["kind"] != OP_DELETE or rec.payload != op["path"] or op["deleted"]:
-                        raise _Corrupt("bad DELETE")
-                    op["deleted"] = True
-            elif rec.type == COMMIT:
-                if txn is None or txn["id"] != rec.txn_id or rec.payload_len != 68:
-                    raise _Corrupt("COMMIT outside its transaction or wrong size")
-                prev, digest, count = struct.unpack("<32s32sI", rec.payload)
-                for op in txn["ops"]:
-                    if op["kind"] == OP_PUT and len(op["chunks"]) != -(-op["value_len"] // CHUNK):
-                        raise _Corrupt("missing chunks")
-                    if op["kind"] == OP_DELETE and not op["deleted"]:
-                        raise _Corrupt("missing DELETE")
-                if count != txn["records"] or digest != txn["digest"].digest():
-                    raise _Corrupt("record count or digest mismatch")
-                if prev != chain:
-                    raise _Corrupt("hash chain broken")
-                chain = hashlib.sha256(rec.raw).digest()
-                if txn["auth_failed"]:
-                    findings.append(("integrity", txn["id"]))
-                else:
-                    for op in txn["ops"]:  # 7.3: list order, the last op on a path wins
-                        if op["kind"] == OP_DELETE:
-                            index.pop(op["path"], None)
-                        elif any(c is None for c in op["chunks"]):
-                            index[op["path"]] = None  # encrypted, no key: size only (11.5)
-                        else:
-                            index[op["path"]] = b"".join(op["chunks"])
-                txn = None
-            else:  # ABORT
-                if txn is not None and txn["id"] == rec.txn_id:
-                    findings.append(("aborted", txn["id"]))
-                    txn = None
-                elif rec.txn_id > max_txn:
-                    max_txn = rec.txn_id
-        if txn is not None:
-            findings.append(("orphan", txn["id"]))
+            HANDLERS[rec.type](r, rec)
+        r._orphan_open_txn()
     except _Corrupt as exc:
-        findings.append(("corruption", f"{exc} at offset {rec.off}"))
-    return index, chain, max_txn, findings
+        r.findings.append(("corruption", f"{exc} at offset {rec.off}"))
+    return r
 
 
-def read_image(path_or_bytes, key: bytes | None = None) -> dict:
-    """Decode an image (14). With encryption on and no key, values are None (11.5)."""
+def read_image(path_or_bytes, key: bytes | None = None, device_key: bytes | None = None) -> dict:
+    """Decode an image (14). With encryption on and no key, values are None (11.5).
+    ``device_key`` is the device's Ed25519 public key, handed in from outside
+    the image (7.2); without it checkpoints are matched but not verified."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         dev = bytes(path_or_bytes)
     else:
@@ -316,11 +387,12 @@ def read_image(path_or_bytes, key: bytes | None = None) -> dict:
         if sb["key_check"] != bytes(16) and key_check(key, sb["device_uuid"], sb["salt"]) != sb["key_check"]:
             raise Refused("wrong key")
     log = walk(dev, sb)
-    index, chain, max_txn, findings = replay(log["groups"], sb, key)
-    corrupt = log["evidence"] is not None or any(k == "corruption" for k, _ in findings)
-    return {"state": {p.decode("utf-8"): v for p, v in index.items()}, "chain_head": chain,
-            "max_txn_id": max_txn, "log_end": log["log_end"],
+    r = replay(log["groups"], sb, key, device_key)
+    corrupt = log["evidence"] is not None or any(k == "corruption" for k, _ in r.findings)
+    return {"state": {p.decode("utf-8"): v for p, v in r.index.items()}, "chain_head": r.chain,
+            "max_txn_id": r.max_txn, "log_end": log["log_end"],
             "torn_tail_bytes": log["torn_tail_bytes"], "corrupt": corrupt,
-            "stop_reason": log["stop_reason"], "evidence": log["evidence"], "findings": findings,
+            "stop_reason": log["stop_reason"], "evidence": log["evidence"], "findings": r.findings,
             "next_seq": log["next_seq"], "next_group": log["next_group"],
-            "last_mount_gen": log["last_mount_gen"], "superblock": sb}
+            "last_mount_gen": log["last_mount_gen"], "superblock": sb,
+            "checkpoints": r.checkpoints, "verified_checkpoints": r.verified_checkpoints}

@@ -21,6 +21,7 @@ from statefsd.errors import CorruptImage, FormatError, KeyUnavailable
 
 from tests.format import spec_reader
 from tests.format.spec_reader import Refused, read_image
+from tests.statefs_v2b_crypto_host.test_signed_checkpoints import LocalSigner
 
 KEY = bytes.fromhex("9f" * 8 + "3c" * 8 + "a5" * 8 + "17" * 8)  # fixed payload key
 SPEC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "statefs.md"
@@ -42,15 +43,16 @@ def _value(rng: random.Random, large: bool) -> bytes:
     return rng.randbytes(n)
 
 
-def _workload(path: str, seed: int, encryption: str) -> dict[str, bytes]:
-    """Runs a seeded random workload; returns the acknowledged state (the model)."""
+def _workload(path: str, seed: int, encryption: str, signer=None) -> dict[str, bytes]:
+    """Runs a seeded random workload; returns the acknowledged state (the model).
+    With a signer, statefsd writes signed checkpoints (unmount, compaction)."""
     rng = random.Random(seed)
     kp = _key_provider if encryption == "on" else None
     create_image(path, IMAGE_BYTES)
     with FileDevice(path) as dev:
         # Half of the encrypted images record key_check at mkfs, half at first mount.
         Engine.mkfs(dev, encryption=encryption, key_provider=kp if seed % 2 else None)
-    eng = Engine.mount(FileDevice(path), key_provider=kp)
+    eng = Engine.mount(FileDevice(path), key_provider=kp, signer=signer)
     model: dict[str, bytes] = {}
     for _ in range(40):
         r = rng.random()
@@ -76,7 +78,7 @@ def _workload(path: str, seed: int, encryption: str) -> dict[str, bytes]:
             eng.commit(muts)
         elif r < 0.90:
             eng.close()
-            eng = Engine.mount(FileDevice(path), key_provider=kp)
+            eng = Engine.mount(FileDevice(path), key_provider=kp, signer=signer)
         else:
             eng.compact()
     model["big/final"] = rng.randbytes(150_000)  # three chunks, live in every image
@@ -89,17 +91,18 @@ def _workload(path: str, seed: int, encryption: str) -> dict[str, bytes]:
     return model
 
 
-def _statefsd_view(path: str) -> dict:
-    eng = Engine.mount(FileDevice(path, read_only=True), read_only=True, key_provider=_key_provider)
+def _statefsd_view(path: str, signer=None) -> dict:
+    eng = Engine.mount(FileDevice(path, read_only=True), read_only=True, key_provider=_key_provider,
+                       signer=signer)
     try:
         return {"state": {k: eng.get(k) for k in eng.list()}, "info": eng.info()}
     finally:
         eng.close()
 
 
-def _rw_mount_refuses_as_corrupt(path: str) -> bool:
+def _rw_mount_refuses_as_corrupt(path: str, signer=None) -> bool:
     try:
-        eng = Engine.mount(FileDevice(path), key_provider=_key_provider)
+        eng = Engine.mount(FileDevice(path), key_provider=_key_provider, signer=signer)
     except CorruptImage:
         return True
     eng.close()
@@ -113,9 +116,25 @@ def _assert_agrees(ours: dict, theirs: dict) -> None:
     assert ours["max_txn_id"] == replay["max_txn_id"]
     assert ours["log_end"] == replay["log_end"]
     assert ours["torn_tail_bytes"] == replay["torn_tail_bytes"]
+    assert ours["checkpoints"] == replay["checkpoints"]
+    assert ours["verified_checkpoints"] == replay["verified_checkpoints"]
 
 
-CASES = [(seed, "off") for seed in range(6)] + [(seed, "on") for seed in range(10, 14)]
+SIGNER = LocalSigner()            # the device key of the signed images
+SIGNED_SEEDS = {20, 21, 30, 31}   # images written with signed checkpoints
+CASES = ([(seed, "off") for seed in range(6)] + [(seed, "on") for seed in range(10, 14)]
+         + [(20, "off"), (21, "off"), (30, "on"), (31, "on")])
+
+
+def _signer(seed: int):
+    return SIGNER if seed in SIGNED_SEEDS else None
+
+
+def _ours(image, seed: int, enc: str) -> dict:
+    """The spec reader's view, given what statefsd is given: the payload key
+    and, for signed images, the device's public key."""
+    return read_image(image, key=KEY if enc == "on" else None,
+                      device_key=SIGNER.public_key if seed in SIGNED_SEEDS else None)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +143,7 @@ def images(tmp_path_factory):
     out = {}
     for seed, enc in CASES:
         path = str(tmp_path_factory.mktemp("img") / f"{enc}-{seed}.img")
-        model = _workload(path, seed, enc)
+        model = _workload(path, seed, enc, signer=_signer(seed))
         out[seed, enc] = (pathlib.Path(path).read_bytes(), model)
     return out
 
@@ -141,30 +160,31 @@ def _write(tmp_path, data: bytes) -> str:
 def test_spec_reader_decodes_undamaged_image_exactly_like_statefsd(images, tmp_path, seed, enc):
     data, model = images[seed, enc]
     path = _write(tmp_path, data)
-    ours = read_image(path, key=KEY if enc == "on" else None)
+    ours = _ours(path, seed, enc)
     assert not ours["corrupt"]
     assert ours["state"] == model  # every acknowledged write, nothing else
-    _assert_agrees(ours, _statefsd_view(path))
+    assert ours["verified_checkpoints"] == ours["checkpoints"] > 0 if seed in SIGNED_SEEDS else not ours["checkpoints"]
+    _assert_agrees(ours, _statefsd_view(path, _signer(seed)))
 
 
 @pytest.mark.parametrize("seed,enc", CASES)
 def test_torn_tail_is_dropped_identically_and_not_called_corruption(images, tmp_path, seed, enc):
     data, _ = images[seed, enc]
-    log_end = read_image(data, key=KEY if enc == "on" else None)["log_end"]
+    log_end = _ours(data, seed, enc)["log_end"]
     torn = bytearray(data)
     torn[log_end - 512:log_end] = bytes(512)  # the last group's sectors never landed
     path = _write(tmp_path, bytes(torn))
-    ours = read_image(path, key=KEY if enc == "on" else None)
+    ours = _ours(path, seed, enc)
     assert not ours["corrupt"]
     assert ours["log_end"] < log_end  # the last group is gone
-    _assert_agrees(ours, _statefsd_view(path))
-    assert not _rw_mount_refuses_as_corrupt(path)
+    _assert_agrees(ours, _statefsd_view(path, _signer(seed)))
+    assert not _rw_mount_refuses_as_corrupt(path, _signer(seed))
 
 
 @pytest.mark.parametrize("seed,enc", CASES)
 def test_damage_in_the_middle_of_the_log_is_corruption_for_both_readers(images, tmp_path, seed, enc):
     data, _ = images[seed, enc]
-    clean = read_image(data, key=KEY if enc == "on" else None)
+    clean = _ours(data, seed, enc)
     start = clean["superblock"]["regions"][clean["superblock"]["active_region"]][0] * 4096
     # A 512-aligned offset before the log end always lies inside a record: group
     # padding ends just before a 512 boundary, never on one.
@@ -172,26 +192,56 @@ def test_damage_in_the_middle_of_the_log_is_corruption_for_both_readers(images, 
     bad = bytearray(data)
     bad[mid] ^= 0x40
     path = _write(tmp_path, bytes(bad))
-    ours = read_image(path, key=KEY if enc == "on" else None)
+    ours = _ours(path, seed, enc)
     assert ours["corrupt"]
-    _assert_agrees(ours, _statefsd_view(path))  # both serve the same consistent prefix
-    assert _rw_mount_refuses_as_corrupt(path)
+    _assert_agrees(ours, _statefsd_view(path, _signer(seed)))  # both serve the same consistent prefix
+    assert _rw_mount_refuses_as_corrupt(path, _signer(seed))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(CASES), where=st.floats(0, 1.02), bit=st.integers(0, 7))
 def test_any_single_bit_flip_in_the_log_gets_the_same_verdict_from_both(images, tmp_path, case, where, bit):
     data, _ = images[case]
-    key = KEY if case[1] == "on" else None
-    clean = read_image(data, key=key)
+    clean = _ours(data, *case)
     start = clean["superblock"]["regions"][clean["superblock"]["active_region"]][0] * 4096
     off = start + int(where * (clean["log_end"] - start))
     bad = bytearray(data)
     bad[off] ^= 1 << bit
     path = _write(tmp_path, bytes(bad))
+    ours = _ours(path, *case)
+    _assert_agrees(ours, _statefsd_view(path, _signer(case[0])))
+    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(path, _signer(case[0]))
+
+
+# --- record types and signed checkpoints ------------------------------------------
+
+def test_spec_reader_decodes_every_record_type_statefsd_defines():
+    """statefsd.format is imported only to list its record types: a type the
+    writer may put on disk that the spec reader does not decode fails here."""
+    from statefsd import format as fmt
+    missing = {f"{t:#x} {n}" for t, n in fmt.RECORD_TYPES.items() if spec_reader.RECORD_TYPES.get(t) != n}
+    assert not missing, f"record types statefsd defines but the spec reader does not decode: {missing}"
+    undecoded = set(spec_reader.RECORD_TYPES) - set(spec_reader.HANDLERS) - spec_reader.WALK_TYPES
+    assert not undecoded, f"the spec reader accepts types it has no decoder for: {undecoded}"
+
+
+@pytest.mark.parametrize("seed,enc", [(20, "off"), (30, "on")])
+def test_checkpoints_signed_by_another_key_are_corruption_only_for_a_reader_given_the_device_key(
+        images, tmp_path, seed, enc):
+    data, model = images[seed, enc]
+    path = _write(tmp_path, data)
+    other = LocalSigner()
+    key = KEY if enc == "on" else None
+    ours = read_image(path, key=key, device_key=other.public_key)
+    assert ours["corrupt"] and ours["verified_checkpoints"] == 0
+    assert ours["state"] != model  # replay stopped at the first checkpoint
+    _assert_agrees(ours, _statefsd_view(path, other))
+    assert _rw_mount_refuses_as_corrupt(path, other)
+    # Without the device key the same checkpoints are matched, unverified, and nothing is refused.
     ours = read_image(path, key=key)
+    assert not ours["corrupt"] and ours["state"] == model
+    assert ours["checkpoints"] > 0 and ours["verified_checkpoints"] == 0
     _assert_agrees(ours, _statefsd_view(path))
-    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(path)
 
 
 # --- encryption ------------------------------------------------------------------
