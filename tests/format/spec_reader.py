@@ -1,4 +1,4 @@
-"""An independent StateFS 2.0 image reader, written from docs/statefs.md alone.
+"""An independent StateFS 2.0/2.1 image reader, written from docs/statefs.md alone.
 
 It exists to prove the specification is complete: it imports nothing from
 statefsd. Section numbers in comments refer to docs/statefs.md.
@@ -15,13 +15,15 @@ from crc32c import crc32c  # standard CRC-32C, unmasked (4.1)
 BLOCK = 4096
 GROUP_ALIGN = 512
 HEADER = struct.Struct("<I2sBBIIQQQ8sIIH6x")  # 5.1
-SUPERBLOCK = struct.Struct("<8sHHIQ16s5QBBHIQ32s32s32s16s44xI")  # 3.1
-PREPARE, PAYLOAD, COMMIT, ABORT, DELETE, CHECKPOINT = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+SUPERBLOCK = struct.Struct("<8sHHIQ16s5QBBHIQ32s32s32s16sQB35xI")  # 3.1
+PREPARE, PAYLOAD, COMMIT, ABORT, DELETE, CHECKPOINT, PARITY = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
 # Every record type this reader decodes (5.3). _parse accepts exactly these;
 # replay decodes those in HANDLERS, the walk those in WALK_TYPES.
 RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT: "ABORT",
-                DELETE: "DELETE", CHECKPOINT: "CHECKPOINT"}
-WALK_TYPES: set[int] = set()
+                DELETE: "DELETE", CHECKPOINT: "CHECKPOINT", PARITY: "PARITY"}
+WALK_TYPES = {PARITY}  # 6.5: parity trailers, never replayed
+MAX_GROUP_BYTES = 32 * 2**20  # 6.1 rule 6
+MAX_PARITY_PAYLOAD = 4 * MAX_GROUP_BYTES // 512  # 5.3 PARITY
 GROUP_END, SEALED = 0x01, 0x02
 CHUNK = 65536
 MAX_PAYLOAD_SEALED = 131072 + 16
@@ -91,18 +93,21 @@ def _decode_slot(raw: bytes):
     if crc32c(raw[:252]) != struct.unpack_from("<I", raw, 252)[0]:
         return None, True
     (_, major, minor, bsize, gen, uuid, total, r0s, r0b, r1s, r1b, active, enc, flags,
-     epoch, reserved, desc, salt, chain_base, kcheck, _crc) = SUPERBLOCK.unpack_from(raw)
-    if major != 2 or minor > 0:
+     epoch, reserved, desc, salt, chain_base, kcheck, durable_end, redundancy, _crc) = SUPERBLOCK.unpack_from(raw)
+    if major != 2 or minor > 1:
         raise Refused(f"unsupported format version {major}.{minor}")
     ok = (bsize == BLOCK and active in (0, 1) and enc in (0, 1) and flags == 0
           and r0s >= 2 and r0b >= 1 and r0s + r0b <= total
           and r1s >= r0s + r0b and r1b >= 1 and r1s + r1b <= total)
+    a_start, a_blocks = ((r0s, r0b), (r1s, r1b))[active] if active in (0, 1) else (0, 0)
+    ok = ok and redundancy in (0, 1) and (
+        durable_end == 0 or a_start * BLOCK <= durable_end <= (a_start + a_blocks) * BLOCK)
     if not ok:
         return None, True
     return dict(generation=gen, device_uuid=uuid, total_blocks=total,
                 regions=((r0s, r0b), (r1s, r1b)), active_region=active, encryption=enc,
                 log_epoch=epoch, txn_reserved=reserved, salt=salt, chain_base=chain_base,
-                key_check=kcheck,
+                key_check=kcheck, durable_end=durable_end, redundancy=redundancy, version_minor=minor,
                 key_descriptor=desc.rstrip(b"\0").decode("utf-8", "replace")), True
 
 
@@ -149,11 +154,12 @@ def _parse(dev: bytes, pos: int, region_end: int):
     if magic != b"R2" or typ not in RECORD_TYPES or flags & ~0x03:
         return None, "bad header"
     end = pos + 64 + rec.payload_len
-    if rec.payload_len > MAX_PAYLOAD_SEALED or end > region_end:
+    cap = MAX_PARITY_PAYLOAD if typ == PARITY else MAX_PAYLOAD_SEALED
+    if rec.payload_len > cap or end > region_end:
         return None, "bad payload length"
     if crc32c(dev[pos + 4:end]) != crc:
         return None, "crc mismatch"
-    rec.raw = dev[pos:end]
+    rec.raw = bytes(dev[pos:end])
     return rec, None
 
 
@@ -165,6 +171,8 @@ def _check(dev, pos, region_end, epoch, seq, last_group, last_mount_gen):
     rec, reason = _parse(dev, pos, region_end)
     if rec is None:
         return None, reason
+    if rec.type == PARITY:
+        return None, "PARITY record outside a trailer"  # 6.2 rule 1
     if rec.epoch != epoch:
         return None, "stale epoch"
     if rec.seq != seq:
@@ -176,37 +184,113 @@ def _check(dev, pos, region_end, epoch, seq, last_group, last_mount_gen):
     return rec, None
 
 
-def walk(dev: bytes, sb: dict):
-    start, blocks = sb["regions"][sb["active_region"]]
-    region_end = (start + blocks) * BLOCK
-    pos = group_start = start * BLOCK
-    seq = last_group = last_mount_gen = 0
-    pending, groups = [], []
+def _align(n: int) -> int:
+    return -(-n // GROUP_ALIGN) * GROUP_ALIGN
+
+
+def trailer_size(n: int) -> int:
+    return _align(64 + 4 * n) + 512  # 6.5
+
+
+def _read_group(dev, start, region_end, sb, seq, last_group, last_mount_gen):
+    """6.2 over one group: (records, end of its data) or (None, stop offset, reason)."""
+    pos, records = start, []
     while True:
-        rec, reason = _check(dev, pos, region_end, sb["log_epoch"], seq, last_group, last_mount_gen)
+        if pos - start > MAX_GROUP_BYTES:
+            return None, pos, "group longer than MAX_GROUP_BYTES"  # 6.5
+        rec, reason = _check(dev, pos, region_end, sb["log_epoch"], seq + len(records),
+                             last_group, last_mount_gen)
         if rec is None:
-            break
-        pending.append(rec)
-        seq += 1
+            return None, pos, reason
+        records.append(rec)
         pos = rec.off + len(rec.raw)
         if rec.flags & GROUP_END:
-            groups.append(pending)
-            pending = []
-            last_group, last_mount_gen = rec.group, rec.mount_gen
-            pos = group_start = -(-pos // GROUP_ALIGN) * GROUP_ALIGN
-    # 6.4: a sound record two groups past the last complete one proves corruption.
+            return records, _align(pos), None
+
+
+def _find_parity(dev, s, region_end, sb, group):
+    """6.5: the lowest PARITY record of group `group` that covers exactly from `s`."""
+    for t in range(s + 512, min(s + MAX_GROUP_BYTES, region_end - 64) + 1, 512):
+        n = (t - s) // 512
+        if dev[t + 4:t + 7] != b"R2" + bytes([PARITY]):
+            continue
+        rec, _ = _parse(dev, t, region_end)
+        if (rec is None or rec.flags or rec.epoch != sb["log_epoch"] or rec.group != group
+                or rec.chunk_index != n or rec.payload_len != 4 * n):
+            continue
+        parity_at = t + _align(64 + 4 * n)
+        if parity_at + 512 > region_end:
+            continue
+        return struct.unpack(f"<{n}I", rec.payload), dev[parity_at:parity_at + 512]
+    return None
+
+
+def _repair(dev: bytearray, s, region_end, sb, group):
+    """6.5: rebuild the one data sector of the group at `s` whose CRC is wrong."""
+    found = _find_parity(dev, s, region_end, sb, group)
+    if found is None:
+        return None
+    crcs, parity = found
+    bad = [i for i, c in enumerate(crcs) if crc32c(bytes(dev[s + 512 * i:s + 512 * (i + 1)])) != c]
+    if len(bad) != 1:
+        return None
+    acc = int.from_bytes(parity, "little")
+    for i in range(len(crcs)):
+        if i != bad[0]:
+            acc ^= int.from_bytes(dev[s + 512 * i:s + 512 * (i + 1)], "little")
+    sector = acc.to_bytes(512, "little")
+    if crc32c(sector) != crcs[bad[0]]:
+        return None
+    at = s + 512 * bad[0]
+    dev[at:at + 512] = sector
+    return at, sector
+
+
+def walk(dev: bytearray, sb: dict):
+    """6.2-6.5. `dev` is a private copy: sectors rebuilt from parity are laid into it."""
+    start, blocks = sb["regions"][sb["active_region"]]
+    region_end = (start + blocks) * BLOCK
+    group_start = start * BLOCK
+    seq = last_group = last_mount_gen = 0
+    groups, repaired = [], []
+    while True:
+        records, pos, reason = _read_group(dev, group_start, region_end, sb, seq, last_group, last_mount_gen)
+        if records is None and sb["redundancy"] == 1:
+            fix = _repair(dev, group_start, region_end, sb, last_group + 1)
+            if fix is not None:
+                repaired.append(fix)
+                records, pos, reason = _read_group(dev, group_start, region_end, sb, seq, last_group,
+                                                   last_mount_gen)
+        if records is None:
+            break
+        groups.append(records)
+        seq += len(records)
+        last_group, last_mount_gen = records[-1].group, records[-1].mount_gen
+        group_start = pos
+        if sb["redundancy"] == 1:
+            group_start += trailer_size((pos - records[0].off) // 512)
+    # 6.4: below the durable floor a stop is corruption; above it a sound record
+    # two groups past the last complete one proves corruption.
+    below_floor = bool(sb["durable_end"]) and group_start < sb["durable_end"]
     evidence = None
     o = dev.find(b"R2", group_start + 4, region_end)
     while o != -1 and o - 4 <= region_end - 64:
         rec, _ = _parse(dev, o - 4, region_end)
         if (rec is not None and rec.epoch == sb["log_epoch"] and rec.group >= last_group + 2
-                and rec.mount_gen >= last_mount_gen and rec.seq >= seq - len(pending)):
+                and rec.mount_gen >= last_mount_gen and rec.seq >= seq):
             evidence = o - 4
             break
         o = dev.find(b"R2", o + 1, region_end)
+    if below_floor:
+        outcome = "corruption below the durable floor"
+    elif evidence is not None:
+        outcome = "corruption"
+    else:
+        outcome = "torn tail" if pos > group_start else "clean end"
     return dict(groups=groups, log_end=group_start, stop=pos, stop_reason=reason,
-                torn_tail_bytes=pos - group_start, evidence=evidence, next_seq=seq - len(pending),
-                next_group=last_group + 1, last_mount_gen=last_mount_gen)
+                torn_tail_bytes=pos - group_start, evidence=evidence, next_seq=seq,
+                next_group=last_group + 1, last_mount_gen=last_mount_gen, below_floor=below_floor,
+                outcome=outcome, repaired=repaired)
 
 
 # --- 7. Replay ------------------------------------------------------------
@@ -386,13 +470,15 @@ def read_image(path_or_bytes, key: bytes | None = None, device_key: bytes | None
             raise Refused("payload key must be 32 bytes")
         if sb["key_check"] != bytes(16) and key_check(key, sb["device_uuid"], sb["salt"]) != sb["key_check"]:
             raise Refused("wrong key")
-    log = walk(dev, sb)
+    log = walk(bytearray(dev), sb)
     r = replay(log["groups"], sb, key, device_key)
-    corrupt = log["evidence"] is not None or any(k == "corruption" for k, _ in r.findings)
+    corrupt = (log["below_floor"] or log["evidence"] is not None
+               or any(k == "corruption" for k, _ in r.findings))
     return {"state": {p.decode("utf-8"): v for p, v in r.index.items()}, "chain_head": r.chain,
             "max_txn_id": r.max_txn, "log_end": log["log_end"],
             "torn_tail_bytes": log["torn_tail_bytes"], "corrupt": corrupt,
             "stop_reason": log["stop_reason"], "evidence": log["evidence"], "findings": r.findings,
             "next_seq": log["next_seq"], "next_group": log["next_group"],
             "last_mount_gen": log["last_mount_gen"], "superblock": sb,
-            "checkpoints": r.checkpoints, "verified_checkpoints": r.verified_checkpoints}
+            "checkpoints": r.checkpoints, "verified_checkpoints": r.verified_checkpoints,
+            "outcome": log["outcome"], "repaired": log["repaired"]}

@@ -33,13 +33,17 @@ class Log:
         self.chain, self.t = found["chain_head"], found["max_txn_id"]
         self.pending: list[bytes] = []
 
-    def rec(self, typ, txn, payload=b"", *, flags=0, phash=bytes(8), chunk=0, op=0, **over) -> bytes:
+    def encode(self, typ, txn, payload=b"", *, flags=0, phash=bytes(8), chunk=0, op=0, **over) -> bytes:
+        """One record (5.1), numbered as the next record of the group in progress."""
         f = dict(epoch=self.sb["log_epoch"], group=self.group, seq=self.seq,
                  mount_gen=self.mount_gen, reserved=bytes(6)) | over
         body = bytearray(BODY.pack(b"R2", typ, flags, f["epoch"], f["group"], f["seq"],
                                    f["mount_gen"], txn, phash, len(payload), chunk, op))
         body[54:60] = f["reserved"]
-        raw = struct.pack("<I", sr.crc32c(bytes(body) + payload)) + bytes(body) + payload
+        return struct.pack("<I", sr.crc32c(bytes(body) + payload)) + bytes(body) + payload
+
+    def rec(self, typ, txn, payload=b"", **kw) -> bytes:
+        raw = self.encode(typ, txn, payload, **kw)
         self.pending.append(raw)
         self.seq += 1
         return raw
@@ -97,12 +101,27 @@ class Log:
         self.commit(txn, self.open(txn, ops, sealed=sealed), **kw)
 
     def flush(self) -> None:
-        """Ends the group: place it at the log end, pad to 512 (6.1 rules 1-2)."""
+        """Ends the group: place it at the log end, pad to 512 (6.1 rules 1-2)
+        and, with redundancy on, append its parity trailer (6.5)."""
         blob = b"".join(self.pending)
+        blob += bytes(-len(blob) % 512)
+        if self.sb.get("redundancy") == 1:
+            blob += self.parity_trailer(blob, seq=self.seq - len(self.pending))
         self.img[self.pos:self.pos + len(blob)] = blob
-        self.pos = -(-(self.pos + len(blob)) // 512) * 512
+        self.pos += len(blob)
         self.group += 1
         self.pending = []
+
+    def parity_trailer(self, data: bytes, *, seq: int) -> bytes:
+        """PARITY record (5.3) with the CRC of each data sector, padded to 512, then their XOR (6.5)."""
+        n = len(data) // 512
+        sectors = [data[i * 512:(i + 1) * 512] for i in range(n)]
+        crcs = struct.pack(f"<{n}I", *(sr.crc32c(s) for s in sectors))
+        rec = self.encode(sr.PARITY, 0, crcs, chunk=n, seq=seq)
+        xor = 0
+        for s in sectors:
+            xor ^= int.from_bytes(s, "little")
+        return rec + bytes(-len(rec) % 512) + xor.to_bytes(512, "little")
 
 
 def prepare_payload(ops) -> bytes:

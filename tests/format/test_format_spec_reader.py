@@ -285,7 +285,7 @@ def test_fresh_image_is_empty_and_its_chain_head_is_the_genesis_hash(tmp_path):
 
 def _resealed(slot: bytes, **fields) -> bytes:
     offsets = {"minor": (10, "<H"), "major": (8, "<H"), "generation": (16, "<Q"),
-               "chain_base": (160, "<32s")}
+               "chain_base": (160, "<32s"), "durable_end": (208, "<Q"), "redundancy": (216, "<B")}
     s = bytearray(slot)
     for name, value in fields.items():
         off, fmt = offsets[name]
@@ -294,7 +294,7 @@ def _resealed(slot: bytes, **fields) -> bytes:
     return bytes(s)
 
 
-@pytest.mark.parametrize("version", [{"minor": 1}, {"major": 3}, {"major": 1}])
+@pytest.mark.parametrize("version", [{"minor": 2}, {"major": 3}, {"major": 1}])
 def test_unknown_version_in_either_slot_is_refused_by_both(images, tmp_path, version):
     data, _ = images[0, "off"]
     bad = data[:4096] + _resealed(data[4096:8192], **version) + data[8192:]  # the losing slot
