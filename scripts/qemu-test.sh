@@ -4,7 +4,9 @@
 #   scripts/qemu-test.sh           4 boots: for encryption off, then on: `selftest` (mkfs +
 #                                  the engine's checks), then `persist` on the same disk;
 #                                  markers checked after each boot, fsck-statefs on the host;
-#                                  then power cuts: qemu/powercut.py (crashes over QMP, and
+#                                  then power cuts: qemu/powercut.py (crashes over QMP with
+#                                  encryption off, then on: the host checks the encrypted
+#                                  image with the key file from the guest's key disk; and
 #                                  lost write cache states rebuilt from a blklogwrites log).
 #   scripts/qemu-test.sh --smoke   one boot: the guest's Python imports StateFS and its deps.
 #
@@ -164,6 +166,18 @@ powercut() {
         grep '^powercut: ERROR' "$out" | sed 's/^/    /'
         fail "powercut: exit status $rc: a stage could not run (see $out)"
     fi
+    # Each stage prints "powercut: stage NAME: N states, V violations"; a stage that
+    # checked nothing must not hide behind the others' total.
+    local name line shown
+    for name in crashes-enc-off crashes-enc-on; do
+        [ "$name" = crashes-enc-on ] && [[ " ${POWERCUT_ARGS:-} " =~ \ --enc-cycles[=\ ]0\  ]] && continue
+        line=$(grep "^powercut: stage $name: " "$out")
+        shown=${line#powercut: }
+        printf 'qemu-test: %-18s %s\n' "" "${shown:-no line for stage $name}"
+        if [[ ! $line =~ :\ ([0-9]+)\ states, ]] || [ "${BASH_REMATCH[1]}" = 0 ]; then
+            fail "powercut: stage $name checked no crash state (see $out)"
+        fi
+    done
 }
 powercut
 finish
