@@ -10,6 +10,8 @@ statefsd's key provider and fsck-statefs ``--keystore-socket`` derive the same k
   with HostKeystore.from_state_disk(keys_img, workdir) as ks:
       engine = Engine.mount(FileDevice(img), key_provider=keystore_key_provider(ks.socket))
 
+  qemu/hostkeys.py --state-disk keys.img -- fsck-statefs disk.img --keystore-socket {socket}
+
 ``HostKeystore.fresh(workdir)`` instead lets keystored create a new identity: the host
 formats an encrypted image with it, then writes the key file into a new key disk
 (``make_state_disk(..., files={FILE_NAME: ks.key_file()})``) for the guest to boot with.
@@ -25,7 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from keystored.keyfile import FILE_NAME
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from keystored.keyfile import FILE_NAME  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = b"keystored: ready"
@@ -122,3 +127,32 @@ class HostKeystore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command with a host keystored on the key file of a guest's key disk."""
+    import argparse
+    ap = argparse.ArgumentParser(
+        description="Run COMMAND with a keystored on the host serving the key file of a guest's "
+                    "key disk; the argument {socket} in COMMAND becomes its socket path.",
+        usage="%(prog)s --state-disk KEYS.img -- COMMAND [ARG|{socket}]...")
+    ap.add_argument("--state-disk", required=True, type=Path, help="the guest's ext4 key disk image")
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("no COMMAND given (put it after --)")
+    work = Path(tempfile.mkdtemp(prefix="statefs-hostkeys-"))
+    try:
+        with HostKeystore.from_state_disk(args.state_disk, work / "keys") as ks:
+            return subprocess.run([ks.socket if a == "{socket}" else a for a in command],
+                                  env=repo_env()).returncode
+    except HostKeystoreError as exc:
+        print(f"hostkeys: {exc}", file=sys.stderr)
+        return 8  # fsck(8)'s "operational error": the check could not run
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,8 @@ real guest crashes (qemu/powercut.py, stage crashes-enc-on).
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which(
                                 reason="e2fsprogs (mkfs.ext4, debugfs) not installed")
 
 SIZE = 4 << 20
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_key_disk_gives_back_the_files_it_was_made_with(tmp_path):
@@ -112,3 +115,23 @@ def test_txns_committed_after_the_acked_ones_are_recovered_too(tmp_path):
     verdict, problems = recover_on_host(image, acks, keys, tmp_path / "check")
     assert problems == [] and verdict.ok, problems + verdict.violations
     assert sorted(verdict.visible) == [0, 1, 2, 3, 4]
+
+
+def test_command_line_runs_fsck_with_the_key_of_the_key_disk(tmp_path):
+    image, keys, _ = encrypted_image_with_txns(tmp_path, 2)
+    other_keys = tmp_path / "other-keys.img"
+    format_disk(tmp_path / "other.img", SIZE, other_keys)
+    fsck = [sys.executable, "-m", "fsck_statefs", str(image), "--keystore-socket", "{socket}"]
+    cmd = [sys.executable, str(REPO / "qemu" / "hostkeys.py"), "--state-disk"]
+    ok = subprocess.run([*cmd, str(keys), "--", *fsck], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "authentication: every sealed chunk of the log checked with the image key" in ok.stdout
+    assert "4 live keys" in ok.stdout
+    wrong = subprocess.run([*cmd, str(other_keys), "--", *fsck], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 8 and "does not match this image" in wrong.stderr
+    empty = tmp_path / "empty-keys.img"
+    make_state_disk(empty)
+    none = subprocess.run([*cmd, str(empty), "--", *fsck], capture_output=True, text=True, timeout=120)
+    assert none.returncode == 8
+    assert none.stderr.startswith(f"hostkeys: cannot read /{FILE_NAME} from the key disk")
