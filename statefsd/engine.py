@@ -406,12 +406,23 @@ class Engine:
             return False
         offset, sector = fix
         self.audit("sector_repaired", offset=offset, source="parity", during="read")
-        if self.read_only:
-            self._patches[offset] = sector
-            return True
-        with self._writer():
-            self.device.write(offset, sector)
-            self.device.flush()
+        self._patches[offset] = sector
+        if not self.read_only:
+            # Written back only when the writer role is free at once: a read
+            # inside compaction's catch-up (which holds it) must not wait on
+            # itself. Otherwise the next mount writes it back.
+            with self._cv:
+                if self._writing or self._closed:
+                    return True
+                self._writing = True
+            try:
+                self.device.write(offset, sector)
+                self.device.flush()
+                del self._patches[offset]
+            finally:
+                with self._cv:
+                    self._writing = False
+                    self._cv.notify_all()
         return True
 
     def stat(self, path: str) -> dict:
@@ -709,6 +720,7 @@ class Engine:
                 self._region_start, self._region_end = start, end
                 self._pos, self._seq, self._group, self._chain = cur.offset, cur.seq, cur.group, cur.chain
                 self.index = index
+                self._patches = {}   # they lay over the old region
                 self._live_bytes = sum(e.size for e in index.values())
                 self._unsigned_commits = 0 if self.signer else self._unsigned_commits
                 pause = time.monotonic() - paused
