@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import construct as cs
 import crc32c as _crc32c
+import numpy as np
 
 from statefsd.errors import FormatError
 
@@ -383,19 +384,12 @@ PARITY_TRAILER_SIZE = 2 * GROUP_ALIGN
 
 def xor_sectors(data) -> bytes:
     """XOR of the GROUP_ALIGN-byte sectors of ``data`` (a whole number of
-    sectors). Folded in halves as big integers, so the work stays in C."""
+    sectors), in one vectorised pass: it runs on every group written."""
     sectors = len(data) // GROUP_ALIGN
     if sectors * GROUP_ALIGN != len(data):
         raise ValueError("parity covers whole sectors only")
-    width = 1
-    while width < sectors:
-        width *= 2
-    acc = int.from_bytes(bytes(data) + bytes((width - sectors) * GROUP_ALIGN), "little")
-    size = width * GROUP_ALIGN * 8
-    while size > GROUP_ALIGN * 8:
-        size //= 2
-        acc = (acc & ((1 << size) - 1)) ^ (acc >> size)
-    return acc.to_bytes(GROUP_ALIGN, "little")
+    words = np.frombuffer(data, dtype=np.uint64).reshape(sectors, GROUP_ALIGN // 8)
+    return np.bitwise_xor.reduce(words, axis=0).tobytes()
 
 
 def pack_parity_trailer(group_data, *, epoch: int, group: int, seq: int, mount_gen: int) -> bytes:
@@ -416,9 +410,8 @@ def rebuild_sector(group_data, index: int, parity: bytes, group_xor: bytes | Non
     ``group_xor``, xor_sectors(group_data), saves the pass when several
     sectors of one group are tried."""
     start = index * GROUP_ALIGN
-    damaged = bytes(group_data[start:start + GROUP_ALIGN])
-    rebuilt = int.from_bytes(group_xor or xor_sectors(group_data), "little") ^ int.from_bytes(damaged, "little")
-    return (rebuilt ^ int.from_bytes(parity, "little")).to_bytes(GROUP_ALIGN, "little")
+    return xor_sectors(b"".join((group_xor or xor_sectors(group_data), bytes(group_data[start:start + GROUP_ALIGN]),
+                                 bytes(parity))))
 
 
 # ----------------------------------------------------------------- payloads
