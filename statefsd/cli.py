@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import errno
 import json
 import os
 import stat
 import sys
 
-from statefsd.errors import InternalError, InvalidArgument, StateFSError, UsageError
+from statefsd.errors import DeviceIOError, InternalError, InvalidArgument, StateFSError, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,24 +96,104 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     from statefsd.engine import Engine
 
     path = args.image
-    exists = os.path.exists(path)
-    is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
-    if exists:
-        with FileDevice(path) as device:  # the lock refuses an image in use
-            if not args.force and _holds_statefs(device):
-                raise UsageError(f"{path} already holds a StateFS image; add --force to overwrite it")
-    if is_block:
-        if args.size:
-            raise UsageError("--size does not apply to a block device")
-    elif args.size:
-        create_image(path, parse_size(args.size))
-    elif not exists:
-        raise UsageError(f"{path} does not exist; give --size to create it")
-    with FileDevice(path) as device:
-        Engine.mkfs(device, encryption=args.encryption)
-        size = device.size
+    size = parse_size(args.size) if args.size else None
+    existed = check_safe_to_format(path, size=size, force=args.force)
+    try:
+        if size is not None:
+            try:
+                create_image(path, size)
+            except OSError as exc:
+                raise DeviceIOError(f"cannot create {path}: {exc.strerror}",
+                                    hint="check the directory's permissions and free space") from None
+        with FileDevice(path) as device:
+            Engine.mkfs(device, encryption=args.encryption)
+            size = device.size
+    except BaseException:
+        if not existed:  # a failed mkfs leaves nothing behind that it created
+            _remove_quietly(path)
+        raise
     print(f"statefs: formatted {path}: {size} bytes, encryption {args.encryption}")
     return 0
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------- mkfs: is the target safe to format?
+#
+# mkfs is meant for /dev/vda as much as for image files, so a typo must not
+# destroy a file system, a partition table or somebody's notes. Everything
+# that decides whether formatting may go ahead lives here.
+
+# Whole-target scans stop being cheap on big disks; past this size only the
+# head and tail are read, where partition tables, file-system superblocks
+# and LUKS headers live (blkid still probes the whole signature set).
+_SCAN_ALL_BYTES = 1 << 30
+_SCAN_EDGE_BYTES = 64 << 20
+
+
+def check_safe_to_format(path: str, *, size: int | None, force: bool) -> bool:
+    """Refuse a target mkfs must not touch; return whether it already exists.
+
+    An absent file (with --size) or an existing all-zero file or device is
+    fine. Anything holding a StateFS image, a signature blkid knows (file
+    system, partition table, LUKS, swap) or any non-zero byte is refused
+    unless ``force``. An image held by statefsd or fsck-statefs is refused
+    even with ``force`` (EBUSY).
+    """
+    from statefsd.blockdev import FileDevice
+    from statefsd.format import MIN_IMAGE_BYTES
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InvalidArgument(f"cannot create {path}: directory {parent} does not exist",
+                              hint=f"create it first with mkdir -p {parent}, or choose another path")
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a directory",
+                              hint="give the path of an image file inside it, or a block device")
+    exists = os.path.exists(path)
+    is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
+    if is_block and size is not None:
+        raise UsageError("--size does not apply to a block device",
+                         hint="drop --size; a block device is formatted at its own size")
+    if not exists and size is None:
+        raise UsageError(f"{path} does not exist",
+                         hint="give --size to create an image file, e.g. --size 64M")
+    if size is not None and size < MIN_IMAGE_BYTES:
+        raise UsageError(f"an image of {size} bytes is too small; StateFS needs at least "
+                         f"{MIN_IMAGE_BYTES >> 20} MiB",
+                         hint=f"give a bigger --size, e.g. --size {max(64, MIN_IMAGE_BYTES >> 20)}M")
+    if not exists:
+        return False
+    with FileDevice(path) as device:  # the lock refuses an image in use (EBUSY)
+        found = "" if force else _what_it_holds(path, device)
+        small = size is None and device.size < MIN_IMAGE_BYTES
+    if found:
+        raise UsageError(f"{path} already holds {found}; formatting would destroy it",
+                         hint="check the path; add --force to overwrite it anyway")
+    if small:
+        raise UsageError(f"{path} has {os.path.getsize(path) if not is_block else device.size} bytes; "
+                         f"StateFS needs at least {MIN_IMAGE_BYTES >> 20} MiB",
+                         hint="give a bigger --size to make it an image file of that size, e.g. --size 64M"
+                         if not is_block else "use a bigger device")
+    return True
+
+
+def _what_it_holds(path: str, device) -> str:
+    """Words for what is on the target, or '' when it is all zeros."""
+    if _holds_statefs(device):
+        return "a StateFS image"
+    signature = _blkid_signature(path)
+    if signature:
+        return signature
+    offset = _first_nonzero(device)
+    if offset is not None:
+        return f"data (a non-zero byte at offset {offset})"
+    return ""
 
 
 def _holds_statefs(device) -> bool:
@@ -120,6 +201,73 @@ def _holds_statefs(device) -> bool:
 
     return any(device.read(offset, len(SUPERBLOCK_MAGIC)) == SUPERBLOCK_MAGIC
                for offset in SUPERBLOCK_OFFSETS if offset < device.size)
+
+
+def _blkid_signature(path: str) -> str:
+    """What ``blkid -p`` (util-linux) recognizes on ``path``, e.g. 'an ext4
+    file system'; '' when it finds nothing or is not installed (the zero
+    scan still guards the target then)."""
+    import shutil
+    import subprocess
+
+    blkid = shutil.which("blkid") or next(
+        (p for p in ("/usr/sbin/blkid", "/sbin/blkid") if os.access(p, os.X_OK)), None)
+    if blkid is None:
+        return ""
+    try:
+        probe = subprocess.run([blkid, "-p", "-o", "export", path], capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if probe.returncode != 0:  # 2: nothing found
+        return ""
+    fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+    if "PTTYPE" in fields and "TYPE" not in fields:
+        return f"a partition table ({fields['PTTYPE']})"
+    kind = fields.get("TYPE", "unknown")
+    if kind == "crypto_LUKS":
+        return "a LUKS encrypted volume"
+    usage = {"filesystem": "file system", "crypto": "encrypted volume", "raid": "RAID member"}
+    return f"a{'n' if kind[:1] in 'aeiou' else ''} {kind} {usage.get(fields.get('USAGE', ''), 'signature')}"
+
+
+def _first_nonzero(device) -> int | None:
+    """Offset of the first non-zero byte, or None. Reads every byte (also a
+    tail shorter than a sector, which the device interface hides) through
+    the buffered descriptor; holes of a sparse file are skipped."""
+    chunk = 1 << 20
+    zeros = bytes(chunk)
+    size = os.lseek(device.fd, 0, os.SEEK_END)
+    if size <= _SCAN_ALL_BYTES:
+        ranges = _data_ranges(device.fd, size)
+    else:
+        ranges = [(0, _SCAN_EDGE_BYTES), (size - _SCAN_EDGE_BYTES, size)]
+    for start, end in ranges:
+        for offset in range(start, end, chunk):
+            try:
+                data = os.pread(device.fd, min(chunk, end - offset), offset)
+            except OSError as exc:
+                raise DeviceIOError(f"{device.path}: read at {offset}: {exc.strerror}") from None
+            if data != zeros[:len(data)]:
+                return offset + next(i for i, b in enumerate(data) if b)
+    return None
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The extents that hold data (SEEK_DATA/SEEK_HOLE where the file system
+    supports them; otherwise everything)."""
+    ranges, offset = [], 0
+    try:
+        while offset < size:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            ranges.append((start, end))
+            offset = end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past offset
+            return ranges
+        return [(0, size)]
+    return ranges
 
 
 # -------------------------------------------------------- daemon commands

@@ -210,6 +210,8 @@ def ok_response(request_id: int | None, **fields: Any) -> dict:
 def error_response(request_id: int | None, error: StateFSError) -> dict:
     wire = error.to_wire()
     wire["message"] = printable(wire["message"])
+    if "hint" in wire:
+        wire["hint"] = printable(wire["hint"])
     return {"id": request_id, "ok": False, "error": wire}
 
 

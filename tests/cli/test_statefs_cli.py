@@ -2,6 +2,9 @@
 
 import base64
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -29,6 +32,10 @@ def assert_fails(result, code, fragment=""):
         assert stderr.startswith(f"statefs: {Code(code).name}: "), stderr
     assert fragment in stderr
     assert result.stdout == b""
+
+
+BLKID = shutil.which("blkid") or next((p for p in ("/usr/sbin/blkid", "/sbin/blkid")
+                                      if os.access(p, os.X_OK)), None)
 
 
 @pytest.fixture
@@ -69,11 +76,80 @@ def test_mkfs_formats_an_existing_file_in_place_without_size(tmp_path):
 
 
 def test_mkfs_of_a_missing_file_without_size_is_eusage(tmp_path):
-    assert_fails(statefs("mkfs", str(tmp_path / "absent.img")), Code.EUSAGE, "--size")
+    assert_fails(statefs("mkfs", str(tmp_path / "absent.img")), Code.EUSAGE, "give --size")
 
 
-def test_mkfs_of_an_image_below_the_minimum_size_is_eformat(tmp_path):
-    assert_fails(statefs("mkfs", str(tmp_path / "tiny.img"), "--size", "512K"), Code.EFORMAT, "too small")
+def test_mkfs_below_the_minimum_size_leaves_no_file_and_suggests_a_bigger_size(tmp_path):
+    image = tmp_path / "tiny.img"
+    result = statefs("mkfs", str(image), "--size", "512K")
+    assert_fails(result, Code.EUSAGE, "too small")
+    assert "give a bigger --size" in result.stderr.decode()
+    assert "statefs mkfs" not in result.stderr.decode()
+    assert not image.exists()
+
+
+def test_mkfs_in_a_missing_directory_is_einval_naming_mkdir_not_an_internal_error(tmp_path):
+    image = tmp_path / "newdir" / "x.img"
+    result = statefs("mkfs", str(image), "--size", "8M")
+    assert_fails(result, Code.EINVAL, f"directory {tmp_path / 'newdir'} does not exist")
+    assert f"mkdir -p {tmp_path / 'newdir'}" in result.stderr.decode()
+    assert "EINTERNAL" not in result.stderr.decode() and not image.parent.exists()
+
+
+def test_mkfs_of_a_directory_is_einval(tmp_path):
+    assert_fails(statefs("mkfs", str(tmp_path)), Code.EINVAL, "is a directory")
+
+
+def _ext4(path):
+    if not shutil.which("mkfs.ext4") and not os.path.exists("/sbin/mkfs.ext4"):
+        pytest.skip("mkfs.ext4 (e2fsprogs) is not installed")
+    path.write_bytes(bytes(8 << 20))
+    subprocess.run([shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4", "-q", "-F", str(path)], check=True)
+
+
+def _dos_partition_table(path):
+    image = bytearray(8 << 20)
+    image[446:462] = bytes([0, 0, 2, 0, 0x83, 0, 0, 0]) + struct.pack("<II", 2048, 4096)
+    image[510:512] = b"\x55\xaa"
+    path.write_bytes(bytes(image))
+
+
+HOLDERS = {
+    "text": (lambda p: p.write_text("my notes\n"), "data (a non-zero byte at offset 0)"),
+    "random": (lambda p: p.write_bytes(os.urandom(3 << 20)), "data"),
+    "ext4": (_ext4, "an ext4 file system"),
+    "dos": (_dos_partition_table, "a partition table (dos)"),
+}
+
+
+@pytest.mark.parametrize("size", [None, "2M"], ids=["in-place", "with-size"])
+@pytest.mark.parametrize("kind", sorted(HOLDERS))
+def test_mkfs_refuses_a_file_that_holds_data_or_a_signature_unless_forced(tmp_path, kind, size):
+    make, words = HOLDERS[kind]
+    if kind in ("ext4", "dos") and not BLKID:
+        words = "data (a non-zero byte"  # without blkid the zero scan still refuses
+    target = tmp_path / "target"
+    make(target)
+    before = target.read_bytes()
+    extra = ["--size", size] if size else []
+    result = statefs("mkfs", str(target), *extra)
+    assert_fails(result, Code.EUSAGE, f"{target} already holds {words}")
+    assert "add --force" in result.stderr.decode()
+    assert target.read_bytes() == before
+    if len(before) >= 1 << 20 or size:
+        assert statefs("mkfs", str(target), *extra, "--force").returncode == 0
+        with Engine.mount(FileDevice(str(target))) as engine:
+            assert engine.list() == []
+
+
+def test_mkfs_formats_an_all_zero_or_sparse_file_without_force(tmp_path):
+    zeros, sparse = tmp_path / "zeros.img", tmp_path / "sparse.img"
+    zeros.write_bytes(bytes(2 << 20))
+    with open(sparse, "wb") as f:
+        f.truncate(4 << 20)
+    for image in (zeros, sparse):
+        result = statefs("mkfs", str(image))
+        assert result.returncode == 0, result.stderr
 
 
 def test_mkfs_of_an_image_in_use_by_a_daemon_is_ebusy(daemon):
