@@ -93,7 +93,19 @@ def _clear_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise Busy(f"another process is already listening on {path}")
+    raise Busy(f"another process is already listening on {path}",
+               hint="is keystored already running? use its socket, or stop it first")
+
+
+def _check_socket_path(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InvalidArgument(f"--socket {path}: directory {parent} does not exist",
+                              hint=f"create it first (mkdir -p {parent}) or choose another --socket")
+    if os.path.isdir(path):
+        raise InvalidArgument(f"--socket {path} is a directory",
+                              hint="give a socket path inside it, e.g. --socket " + os.path.join(path, "keystored.sock"))
+    _clear_stale_socket(path)
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -228,6 +240,9 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
         raise UsageError(f"--socket path is longer than {_MAX_SUN_PATH} bytes: {args.socket}")
     access = policy.AccessList.from_allows(args.allow)
     passphrase = read_passphrase(args.passphrase_env)
+    # Everything that can refuse the socket is checked before a key is
+    # created: a start that fails must not leave a new identity behind.
+    _check_socket_path(args.socket)
     lock_fd = lock_state_dir(args.state_dir)
     keystore = Keystore(os.path.join(args.state_dir, keyfile.FILE_NAME), passphrase, access, audit)
     if not keystore.open():
