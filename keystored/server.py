@@ -101,7 +101,7 @@ def _check_socket_path(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InvalidArgument(f"--socket {path}: directory {parent} does not exist",
-                              hint=f"create it first (mkdir -p {parent}) or choose another --socket")
+                              hint=f"create it first with mkdir -p {parent}, or choose another --socket")
     if os.path.isdir(path):
         raise InvalidArgument(f"--socket {path} is a directory",
                               hint="give a socket path inside it, e.g. --socket " + os.path.join(path, "keystored.sock"))

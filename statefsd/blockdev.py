@@ -83,7 +83,16 @@ class FileDevice(BlockDevice):
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise InvalidArgument(f"{path}: no such image or device") from None
+            raise InvalidArgument(f"{path}: no such image or device",
+                                  hint="check the path, or create an image with "
+                                       "'statefs mkfs IMAGE --size 64M'") from None
+        except IsADirectoryError:
+            raise InvalidArgument(f"{path} is a directory, not an image or device",
+                                  hint="give the image file inside it, e.g. "
+                                       f"{os.path.join(path, 'statefs.img')}") from None
+        except PermissionError as exc:
+            raise InvalidArgument(f"{path}: cannot open: {exc.strerror}",
+                                  hint="check the file's permissions, or run as its owner") from None
         except OSError as exc:
             raise DeviceIOError(f"{path}: cannot open: {exc.strerror}") from None
         self.wfd = self.fd

@@ -341,42 +341,45 @@ def cmd_txn(args: argparse.Namespace) -> int:
     return 0
 
 
+TXN_FORMAT_HINT = "the format is in 'statefs txn --help'"
+
+
 def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
     """The txn command's JSON document -> [(kind, key, value)]; EINVAL naming
     the first problem."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"transaction is not valid JSON: {exc}") from None
+        raise InvalidArgument(f"transaction is not valid JSON: {exc}", hint=TXN_FORMAT_HINT) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("ops"), list):
-        raise InvalidArgument('transaction JSON must be an object {"ops": [...]}')
+        raise InvalidArgument('transaction JSON must be an object {"ops": [...]}', hint=TXN_FORMAT_HINT)
     if not doc["ops"]:
-        raise InvalidArgument("transaction has no ops")
+        raise InvalidArgument("transaction has no ops", hint=TXN_FORMAT_HINT)
     ops = []
     for i, op in enumerate(doc["ops"]):
         where = f"ops[{i}]"
         if not isinstance(op, dict) or op.get("op") not in ("put", "delete"):
-            raise InvalidArgument(f'{where} must be an object with "op": "put" or "delete"')
+            raise InvalidArgument(f'{where} must be an object with "op": "put" or "delete"', hint=TXN_FORMAT_HINT)
         key = op.get("key")
         if not isinstance(key, str):
-            raise InvalidArgument(f'{where} needs a string "key"')
+            raise InvalidArgument(f'{where} needs a string "key"', hint=TXN_FORMAT_HINT)
         if op["op"] == "delete":
             ops.append(("delete", key, b""))
             continue
         if ("value" in op) == ("value_b64" in op):
-            raise InvalidArgument(f'{where} needs exactly one of "value" and "value_b64"')
+            raise InvalidArgument(f'{where} needs exactly one of "value" and "value_b64"', hint=TXN_FORMAT_HINT)
         if "value" in op:
             if not isinstance(op["value"], str):
-                raise InvalidArgument(f'{where} "value" must be a string (use "value_b64" for bytes)')
+                raise InvalidArgument(f'{where} "value" must be a string (use "value_b64" for bytes)', hint=TXN_FORMAT_HINT)
             try:
                 value = op["value"].encode("utf-8")
             except UnicodeEncodeError:
-                raise InvalidArgument(f'{where} "value" is not valid Unicode text') from None
+                raise InvalidArgument(f'{where} "value" is not valid Unicode text', hint=TXN_FORMAT_HINT) from None
         else:
             try:
                 value = base64.b64decode(op["value_b64"], validate=True)
             except (binascii.Error, TypeError, ValueError):
-                raise InvalidArgument(f'{where} "value_b64" is not valid base64') from None
+                raise InvalidArgument(f'{where} "value_b64" is not valid base64', hint=TXN_FORMAT_HINT) from None
         ops.append(("put", key, value))
     return ops
 
@@ -386,7 +389,7 @@ def _read_file(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", hint="check the file's path") from None
 
 
 COMMANDS = {

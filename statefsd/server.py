@@ -237,7 +237,11 @@ def bind_socket(path: str) -> socket.socket:
     """Listen on ``path`` with mode 0660, replacing only a stale socket file."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
+            if os.path.isdir(path):
+                raise InvalidArgument(f"--socket {path} is a directory",
+                                      hint=f"give a socket path inside it, e.g. {os.path.join(path, 'statefs.sock')}")
+            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it",
+                                  hint="remove it yourself if it is not needed, or choose another --socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -246,7 +250,8 @@ def bind_socket(path: str) -> socket.socket:
         except OSError as exc:
             raise DeviceIOError(f"cannot probe existing socket {path}: {exc.strerror}") from None
         else:
-            raise Busy(f"socket {path} is served by a running statefsd")
+            raise Busy(f"socket {path} is served by a running statefsd",
+                       hint="is statefsd already running? use its socket, or choose another --socket")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -257,7 +262,10 @@ def bind_socket(path: str) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        parent = os.path.dirname(os.path.abspath(path))
+        hint = (f"create the directory first with mkdir -p {parent}" if not os.path.isdir(parent)
+                else "check the directory's permissions, or choose another --socket")
+        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}", hint=hint) from None
     finally:
         os.umask(old_umask)
     return sock

@@ -224,6 +224,13 @@ def test_txn_with_one_oversize_key_applies_nothing_and_exits_etoobig(sock):
     assert statefs("ls", "atomic/", socket=sock).stdout == b""
 
 
+def test_a_513_byte_key_is_etoobig_asking_for_a_shorter_key_not_a_split_value(sock):
+    result = statefs("put", "k" * (MAX_KEY_BYTES + 1), "v", socket=sock)
+    assert_fails(result, Code.ETOOBIG, f"key of {MAX_KEY_BYTES + 1} bytes exceeds the limit of {MAX_KEY_BYTES}")
+    stderr = result.stderr.decode()
+    assert f"(use a key of at most {MAX_KEY_BYTES} UTF-8 bytes)" in stderr and "split" not in stderr
+
+
 @pytest.mark.parametrize("doc, fragment", [
     (b"{not json", "not valid JSON"),
     (b'[{"op": "put"}]', '{"ops": [...]}'),
@@ -231,7 +238,25 @@ def test_txn_with_one_oversize_key_applies_nothing_and_exits_etoobig(sock):
     (b'{"ops": [{"op": "put", "key": "a", "value_b64": "***"}]}', "not valid base64"),
 ])
 def test_malformed_txn_json_is_einval_naming_the_problem(sock, doc, fragment):
-    assert_fails(statefs("txn", "-", socket=sock, input=doc), Code.EINVAL, fragment)
+    result = statefs("txn", "-", socket=sock, input=doc)
+    assert_fails(result, Code.EINVAL, fragment)
+    assert result.stderr.decode().rstrip().endswith("(the format is in 'statefs txn --help')")
+
+
+@pytest.mark.parametrize("args", [["put", "k", "--file", "/nonexistent/value"], ["txn", "/nonexistent/txn.json"]],
+                         ids=["put-file", "txn-file"])
+def test_a_missing_input_file_is_einval_asking_to_check_the_path(sock, args):
+    result = statefs(*args, socket=sock)
+    assert_fails(result, Code.EINVAL, "cannot read /nonexistent/")
+    assert "(check the file's path)" in result.stderr.decode()
+    assert "docs/statefs.md" not in result.stderr.decode()
+
+
+def test_a_20_mb_value_file_is_etoobig_naming_the_value_limit_not_the_frame_cap(sock, tmp_path):
+    (tmp_path / "big").write_bytes(bytes(20_000_000))
+    result = statefs("put", "cli/big", "--file", str(tmp_path / "big"), socket=sock)
+    assert_fails(result, Code.ETOOBIG, f"value of 20000000 bytes exceeds the limit of {MAX_VALUE_BYTES}")
+    assert "frame" not in result.stderr.decode()
 
 
 def test_oversize_value_is_etoobig(sock, tmp_path):
@@ -239,16 +264,25 @@ def test_oversize_value_is_etoobig(sock, tmp_path):
     assert_fails(statefs("put", "cli/big", "--file", str(tmp_path / "big"), socket=sock), Code.ETOOBIG)
 
 
-def test_key_that_is_not_utf8_is_einval(sock):
+def test_key_that_is_not_utf8_is_einval_showing_the_bad_bytes_escaped_once(sock):
     result = subprocess.run([sys.executable, "-m", "statefsd.cli", "--socket", sock, "put", b"bad\xffkey", "v"],
                             cwd=REPO, env=env_with_repo(), capture_output=True, timeout=60)
-    assert_fails(result, Code.EINVAL, "UTF-8")
+    assert_fails(result, Code.EINVAL, "text 'bad\\xffkey' is not valid UTF-8")
+    assert "\\\\" not in result.stderr.decode()
 
 
 def test_unreachable_daemon_is_econn_naming_the_socket(tmp_path):
     path = str(tmp_path / "nobody.sock")
-    assert_fails(statefs("get", "k", socket=path), Code.ECONN, path)
+    result = statefs("get", "k", socket=path)
+    assert_fails(result, Code.ECONN, f"{path}: no such socket")
+    assert f"start it with --socket {path}" in result.stderr.decode()
     assert_fails(statefs("get", "k", env=env_with_repo()), Code.ECONN, "STATEFS_SOCKET")
+
+
+def test_a_directory_as_socket_is_econn_saying_so_not_connection_refused(tmp_path):
+    result = statefs("get", "k", socket=str(tmp_path))
+    assert_fails(result, Code.ECONN, f"{tmp_path} is a directory, not a statefsd socket")
+    assert "refused" not in result.stderr.decode()
 
 
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["put", "only-key"], ["put", "k", "v", "--file", "f"]])
