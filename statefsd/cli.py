@@ -1,20 +1,19 @@
 """statefs: the command line for StateFS.
 
     statefs mkfs IMAGE --size 64M [--encryption on|off] [--force]
-    statefs [--socket PATH] put KEY VALUE | put KEY --file F | put KEY -
-    statefs [--socket PATH] get KEY          (raw value bytes on stdout)
-    statefs [--socket PATH] rm KEY
-    statefs [--socket PATH] ls [PREFIX]
-    statefs [--socket PATH] txn [FILE|-]     (JSON, see below)
-    statefs [--socket PATH] stat [KEY]       (key stat, or daemon info, as JSON)
+    statefs [--socket PATH] put KEY VALUE | put KEY --file F | put KEY -   [--json | -v]
+    statefs [--socket PATH] get KEY [-o FILE] (raw value bytes on stdout or into FILE)
+    statefs [--socket PATH] rm KEY                                          [--json | -v]
+    statefs [--socket PATH] ls [PREFIX] [-l] [--json | -0]
+    statefs [--socket PATH] txn [FILE|-]     (JSON, see TXN_HELP)           [--json | -v]
+    statefs [--socket PATH] stat [KEY] [--json]   (a key's stat, or the daemon's info)
+    statefs [--socket PATH] compact
 
-txn JSON: {"ops": [{"op": "put", "key": K, "value": TEXT},
-                   {"op": "put", "key": K, "value_b64": BASE64},
-                   {"op": "delete", "key": K}]}
-
-The socket comes from --socket or $STATEFS_SOCKET. Failures print
-``statefs: <NAME>: message (hint)`` on stderr and exit with the numeric
-code of errors.Code; argparse usage errors exit 2 (EUSAGE).
+Writes are quiet on success, as Unix tools are: ``--json`` prints
+``{"txn": ID}``, ``-v`` a line saying what was done. The socket comes from
+--socket or $STATEFS_SOCKET. Failures print ``statefs: <NAME>: message
+(hint)`` on stderr and exit with the numeric code of errors.Code; argparse
+usage errors exit 2 (EUSAGE).
 """
 
 from __future__ import annotations
@@ -29,6 +28,30 @@ import stat
 import sys
 
 from statefsd.errors import DeviceIOError, InternalError, InvalidArgument, StateFSError, UsageError
+
+
+TXN_HELP = """\
+The transaction is one JSON object; its ops apply all together or not at all:
+
+  {"ops": [{"op": "put",    "key": "net/ip",  "value": "10.0.0.2"},
+           {"op": "put",    "key": "fw/blob", "value_b64": "AAEC/w=="},
+           {"op": "delete", "key": "net/old"}]}
+
+  "value"      the value as UTF-8 text
+  "value_b64"  the value as base64, for bytes that are not text
+  a put has exactly one of the two; a delete of a missing key is not an error.
+Limits: 128 ops and 16 MiB of values per transaction, 8 MiB per value,
+512 bytes per key (docs/statefs.md).
+
+example:
+  echo '{"ops":[{"op":"put","key":"a","value":"1"}]}' | statefs txn -
+"""
+
+
+def _write_options(p: argparse.ArgumentParser) -> None:
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help='print {"txn": ID}, the committed transaction\'s id')
+    out.add_argument("-v", "--verbose", action="store_true", help="say what was done")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,22 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encrypt values at rest (default: $STATEFS_ENCRYPTION or off)")
     p.add_argument("--force", action="store_true", help="overwrite an existing StateFS image")
 
-    p = sub.add_parser("put", parents=[common], help="store a value")
+    p = sub.add_parser("put", parents=[common], help="store a value (quiet on success)")
     p.add_argument("key")
     p.add_argument("value", nargs="?", help="the value as text, or - to read stdin")
     p.add_argument("--file", help="read the value from this file")
+    _write_options(p)
 
-    for name, text in (("get", "print a value's raw bytes"), ("rm", "delete a key")):
-        sub.add_parser(name, parents=[common], help=text).add_argument("key")
+    p = sub.add_parser("get", parents=[common], help="print a value's raw bytes")
+    p.add_argument("key")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the value to FILE instead of stdout")
+
+    p = sub.add_parser("rm", parents=[common], help="delete a key (quiet on success)")
+    p.add_argument("key")
+    _write_options(p)
 
     p = sub.add_parser("ls", parents=[common], help="list keys")
     p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("-l", dest="long", action="store_true",
+                   help="long listing: size in bytes, id of the transaction that wrote it, key")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="a JSON array (of objects with -l)")
+    out.add_argument("-0", dest="null", action="store_true",
+                     help="end each key with NUL instead of newline (keys may contain newlines)")
 
-    p = sub.add_parser("txn", parents=[common], help="apply a JSON transaction atomically")
+    p = sub.add_parser("txn", parents=[common], help="apply a JSON transaction atomically (quiet on success)",
+                       description="Apply a JSON transaction atomically.", epilog=TXN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
+    _write_options(p)
 
     p = sub.add_parser("stat", parents=[common], help="a key's stat, or the daemon's info")
     p.add_argument("key", nargs="?")
+    p.add_argument("--json", action="store_true", help="print the raw fields as JSON")
 
     sub.add_parser("compact", parents=[common], help="compact the log now")
     return parser
@@ -288,13 +327,16 @@ def cmd_put(args: argparse.Namespace) -> int:
     else:
         value = os.fsencode(args.value)  # the exact bytes the shell passed
     with _client(args) as client:
-        client.put(args.key, value)
-    return 0
+        txn = client.put(args.key, value)
+    return _report_write(args, txn, f"put {args.key} ({len(value)} bytes)")
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         value = client.get(args.key)
+    if args.output is not None:
+        _write_file(args.output, value)
+        return 0
     sys.stdout.buffer.write(value)
     sys.stdout.buffer.flush()
     return 0
@@ -302,23 +344,83 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        client.delete(args.key)
+        txn = client.delete(args.key)
+    return _report_write(args, txn, f"removed {args.key}")
+
+
+def _report_write(args: argparse.Namespace, txn: int | None, what: str) -> int:
+    """Silence on success, unless asked: --json for scripts, -v for people."""
+    if args.json:
+        print(json.dumps({"txn": txn}))
+    elif args.verbose:
+        print(f"statefs: {what}: committed as transaction {txn}")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         keys = client.list(args.prefix)
-    for key in keys:
-        print(key)
+        stats = [client.stat(key) for key in keys] if args.long else None
+    if args.json:
+        print(json.dumps(stats if args.long else keys, ensure_ascii=False))
+    elif args.long:
+        width = max((len(str(st["size"])) for st in stats), default=1)
+        tid = max((len(str(st["txn_id"])) for st in stats), default=1)
+        end = "\0" if args.null else "\n"
+        for st in stats:
+            sys.stdout.write(f"{st['size']:>{width}} {st['txn_id']:>{tid}} {st['path']}{end}")
+    else:
+        end = "\0" if args.null else "\n"
+        sys.stdout.write("".join(key + end for key in keys))
+    sys.stdout.flush()
     return 0
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.stat(args.key) if args.key is not None else client.info()
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    elif args.key is not None:
+        print(_key_stat_text(result))
+    else:
+        print(_info_text(result))
     return 0
+
+
+def _key_stat_text(st: dict) -> str:
+    return (f"key:  {st['path']}\n"
+            f"size: {st['size']} bytes\n"
+            f"txn:  {st['txn_id']} (the transaction that last wrote it)")
+
+
+def _info_text(info: dict) -> str:
+    """The daemon's info in words. Field names of the JSON form are the
+    protocol's; here each line says what the number means."""
+    replay = info.get("replay") or {}
+    mode = "read-only" if info.get("read_only") else "read-write"
+    lines = [
+        f"image:         {info['image']} ({_human(info['device_bytes'])}, format {info['format']}, "
+        f"encryption {info['encryption']}, {mode})",
+        f"keys:          {info['keys']} ({_human(info['live_bytes'])} of values)",
+        f"log:           {_human(info['log_used'])} used of {_human(info['log_size'])} "
+        f"(the active half of the device; the other half receives compaction)",
+        f"next txn id:   {info['next_txn_id']} (ids only grow; they are reserved on disk in "
+        f"batches, so a restart skips ahead)",
+    ]
+    if replay:
+        lines.append(f"at mount:      replayed {replay.get('committed_txns', 0)} committed transactions, "
+                     f"highest id {replay.get('max_txn_id', 0)}, log ended at byte "
+                     f"{replay.get('log_end', 0)} of the device")
+    lines.append(f"uuid:          {info['device_uuid']}, superblock generation {info['generation']}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -338,7 +440,7 @@ def cmd_txn(args: argparse.Namespace) -> int:
                     txn.put(key, value)
                 else:
                     txn.delete(key)
-    return 0
+    return _report_write(args, txn.txn_id, f"applied {len(ops)} ops")
 
 
 TXN_FORMAT_HINT = "the format is in 'statefs txn --help'"
@@ -382,6 +484,15 @@ def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
                 raise InvalidArgument(f'{where} "value_b64" is not valid base64', hint=TXN_FORMAT_HINT) from None
         ops.append(("put", key, value))
     return ops
+
+
+def _write_file(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write {path}: {exc.strerror}",
+                              hint="check the path and the directory's permissions") from None
 
 
 def _read_file(path: str) -> bytes:

@@ -193,12 +193,83 @@ def test_ls_lists_the_keys_under_a_prefix_one_per_line(sock):
     assert "lsx" in statefs("ls", socket=sock).stdout.decode().splitlines()
 
 
-def test_stat_prints_a_key_stat_or_the_daemon_info_as_json(sock, shared_daemon):
+def test_stat_prints_a_key_stat_or_the_daemon_info_as_json_with_json(sock, shared_daemon):
     statefs("put", "cli/stat", "12345", socket=sock)
-    key_stat = json.loads(statefs("stat", "cli/stat", socket=sock).stdout)
+    key_stat = json.loads(statefs("stat", "cli/stat", "--json", socket=sock).stdout)
     assert key_stat["path"] == "cli/stat" and key_stat["size"] == 5 and key_stat["txn_id"] > 0
-    info = json.loads(statefs("stat", socket=sock).stdout)
+    info = json.loads(statefs("stat", "--json", socket=sock).stdout)
     assert info["image"] == shared_daemon.image and info["read_only"] is False
+
+
+def test_stat_in_words_names_size_and_txn_and_explains_the_txn_ids(sock, shared_daemon):
+    statefs("put", "cli/words", "12345", socket=sock)
+    txn = json.loads(statefs("stat", "cli/words", "--json", socket=sock).stdout)["txn_id"]
+    result = statefs("stat", "cli/words", socket=sock)
+    assert result.returncode == 0
+    assert result.stdout.decode().splitlines() == [
+        "key:  cli/words", "size: 5 bytes", f"txn:  {txn} (the transaction that last wrote it)"]
+    info = statefs("stat", socket=sock).stdout.decode()
+    assert info.startswith(f"image:         {shared_daemon.image} (")
+    assert "the active half of the device" in info and "a restart skips ahead" in info
+    assert "next_txn_id" not in info and "log_end" not in info
+
+
+def test_put_rm_and_txn_are_quiet_on_success_and_report_the_txn_with_json_or_v(sock):
+    quiet = statefs("put", "out/a", "1", socket=sock)
+    assert quiet.returncode == 0 and quiet.stdout == b"" and quiet.stderr == b""
+    put = json.loads(statefs("put", "out/b", "2", "--json", socket=sock).stdout)
+    assert json.loads(statefs("stat", "out/b", "--json", socket=sock).stdout)["txn_id"] == put["txn"]
+    verbose = statefs("put", "out/c", "333", "-v", socket=sock).stdout.decode()
+    assert verbose.startswith("statefs: put out/c (3 bytes): committed as transaction ")
+
+    doc = json.dumps({"ops": [{"op": "put", "key": "out/d", "value": "4"}]}).encode()
+    assert statefs("txn", "-", socket=sock, input=doc).stdout == b""
+    txn = json.loads(statefs("txn", "-", "--json", socket=sock, input=doc).stdout)["txn"]
+    assert json.loads(statefs("stat", "out/d", "--json", socket=sock).stdout)["txn_id"] == txn
+    assert statefs("txn", "-", "-v", socket=sock, input=doc).stdout.decode().startswith(
+        "statefs: applied 1 ops: committed as transaction ")
+
+    assert statefs("rm", "out/a", socket=sock).stdout == b""
+    assert json.loads(statefs("rm", "out/b", "--json", socket=sock).stdout)["txn"] > put["txn"]
+    assert statefs("rm", "out/c", "-v", socket=sock).stdout.decode().startswith("statefs: removed out/c: ")
+    assert statefs("put", "k", "v", "--json", "-v", socket=sock).returncode == Code.EUSAGE
+
+
+def test_get_o_writes_the_exact_value_into_a_file_and_nothing_to_stdout(sock, tmp_path):
+    blob = bytes(range(256)) * 3
+    (tmp_path / "in").write_bytes(blob)
+    statefs("put", "out/file", "--file", str(tmp_path / "in"), socket=sock)
+    result = statefs("get", "out/file", "-o", str(tmp_path / "copy"), socket=sock)
+    assert result.returncode == 0 and result.stdout == b""
+    assert (tmp_path / "copy").read_bytes() == blob
+    bad = statefs("get", "out/file", "-o", str(tmp_path / "nodir" / "copy"), socket=sock)
+    assert_fails(bad, Code.EINVAL, "cannot write")
+
+
+def test_ls_l_json_and_0_show_size_txn_and_keys_with_newlines_unambiguously(sock):
+    statefs("put", "lsl/a", "1", socket=sock)
+    statefs("put", "lsl/long", "x" * 1234, socket=sock)
+    statefs("put", "lsl/two\nlines", "22", socket=sock)
+    stats = {st["path"]: st for st in json.loads(statefs("ls", "lsl/", "-l", "--json", socket=sock).stdout)}
+    assert sorted(stats) == ["lsl/a", "lsl/long", "lsl/two\nlines"]
+    assert [stats[k]["size"] for k in sorted(stats)] == [1, 1234, 2]
+
+    assert json.loads(statefs("ls", "lsl/", "--json", socket=sock).stdout) == sorted(stats)
+    assert statefs("ls", "lsl/", "-0", socket=sock).stdout.split(b"\0") == [
+        b"lsl/a", b"lsl/long", b"lsl/two\nlines", b""]
+
+    long = statefs("ls", "lsl/", "-l", "-0", socket=sock).stdout.decode().split("\0")[:-1]
+    width = len("1234")
+    tid = max(len(str(st["txn_id"])) for st in stats.values())
+    for line, key in zip(long, sorted(stats)):
+        assert line == f"{stats[key]['size']:>{width}} {stats[key]['txn_id']:>{tid}} {key}"
+
+
+def test_txn_help_documents_the_json_format_including_value_b64():
+    result = statefs("txn", "--help")
+    text = result.stdout.decode()
+    assert result.returncode == 0
+    assert '"value_b64"' in text and '"op": "delete"' in text and "all together or not at all" in text
 
 
 def test_txn_from_a_file_or_stdin_applies_every_op_at_once(sock, tmp_path):
