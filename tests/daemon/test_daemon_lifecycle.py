@@ -329,3 +329,23 @@ def test_full_log_is_enospc_saying_committed_data_is_intact_once(ws, tmp_path):
     assert result.returncode == Code.ENOSPC, result.stderr
     assert result.stderr.startswith("statefs: ENOSPC: ") and "log full" in result.stderr
     assert result.stderr.count("committed data is intact") == 1, result.stderr
+
+
+def _statefsd(*args):
+    return subprocess.run([sys.executable, "-m", "statefsd.daemon", *args], cwd=REPO, env=env_with_repo(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_help_shows_image_and_socket_as_required_and_hides_internal_test_flags():
+    result = _statefsd("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: statefsd --image PATH --socket PATH ")
+    required = result.stdout[result.stdout.index("\nrequired:"):]
+    assert "--image PATH" in required and "--socket PATH" in required
+    assert "--selftest-persist" not in result.stdout and "--crash-writer" not in result.stdout
+
+
+def test_a_missing_required_option_is_a_usage_error_naming_it():
+    result = _statefsd("--image", "x.img")
+    assert result.returncode == 2
+    assert "the following arguments are required: --socket (or set STATEFS_SOCKET)" in result.stderr
