@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mkfs", help="format an image file or block device")
     p.add_argument("image")
-    p.add_argument("--size", help="create (zero-filled) an image file of this size, e.g. 64M")
+    p.add_argument("--size", help="create an image file of this size (suffix K, M, G or T), e.g. 64M; "
+                                  "it is written with zeros up front unless --sparse")
+    p.add_argument("--sparse", action="store_true",
+                   help="with --size: create the file sparse (instant, no space used until written); "
+                        "the cost: a commit that first writes into a hole also flushes file-system "
+                        "metadata, so early commits are slower")
     p.add_argument("--encryption", choices=("on", "off"),
                    default=os.environ.get("STATEFS_ENCRYPTION", "off"),
                    help="encrypt values at rest (default: $STATEFS_ENCRYPTION or off)")
@@ -136,23 +141,37 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
     path = args.image
     size = parse_size(args.size) if args.size else None
+    if args.sparse and size is None:
+        raise UsageError("--sparse goes with --size", hint="add --size to create a sparse image file")
     existed = check_safe_to_format(path, size=size, force=args.force)
     try:
         if size is not None:
             try:
-                create_image(path, size)
+                create_image(path, size, sparse=args.sparse)
             except OSError as exc:
                 raise DeviceIOError(f"cannot create {path}: {exc.strerror}",
                                     hint="check the directory's permissions and free space") from None
         with FileDevice(path) as device:
-            Engine.mkfs(device, encryption=args.encryption)
+            sb = Engine.mkfs(device, encryption=args.encryption)
             size = device.size
     except BaseException:
         if not existed:  # a failed mkfs leaves nothing behind that it created
             _remove_quietly(path)
         raise
-    print(f"statefs: formatted {path}: {size} bytes, encryption {args.encryption}")
+    print(_mkfs_summary(path, size, sb, args.encryption))
     return 0
+
+
+def _mkfs_summary(path: str, size: int, sb, encryption: str) -> str:
+    """What a newcomer needs to size an image: how much of it holds data."""
+    from statefsd.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_VALUE_BYTES
+
+    log = sb.regions[sb.active_region][1] * sb.block_size
+    return (f"statefs: formatted {path}: {size} bytes ({_human(size)}), encryption {encryption}\n"
+            f"  log capacity: {log} bytes ({_human(log)}) usable; the device holds two log regions, "
+            f"one live and one that receives compaction\n"
+            f"  limits: a value up to {_human(MAX_VALUE_BYTES)}, a key up to {MAX_KEY_BYTES} bytes, "
+            f"a transaction up to {_human(MAX_TXN_BYTES)} of values")
 
 
 def _remove_quietly(path: str) -> None:
@@ -417,7 +436,7 @@ def _info_text(info: dict) -> str:
 
 
 def _human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} bytes"

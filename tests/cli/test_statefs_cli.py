@@ -55,6 +55,46 @@ def test_mkfs_creates_a_zero_filled_image_that_mounts_empty(tmp_path):
         assert engine.list() == [] and engine.info()["encryption"] == "off"
 
 
+def test_mkfs_prints_the_usable_log_capacity_and_the_limits(tmp_path):
+    image = tmp_path / "sized.img"
+    result = statefs("mkfs", str(image), "--size", "64M")
+    assert result.returncode == 0, result.stderr
+    with Engine.mount(FileDevice(str(image))) as engine:
+        log = engine.info()["log_size"]
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == f"statefs: formatted {image}: {64 << 20} bytes (64.0 MiB), encryption off"
+    assert lines[1].startswith(f"  log capacity: {log} bytes (32.0 MiB) usable; the device holds two log regions")
+    assert lines[2] == (f"  limits: a value up to 8.0 MiB, a key up to {MAX_KEY_BYTES} bytes, "
+                        "a transaction up to 16.0 MiB of values")
+
+
+def test_mkfs_sparse_creates_a_sparse_image_that_mounts_and_accepts_a_t_suffix(tmp_path):
+    image = tmp_path / "sparse.img"
+    assert statefs("mkfs", str(image), "--size", "64M", "--sparse").returncode == 0
+    assert image.stat().st_size == 64 << 20 and image.stat().st_blocks * 512 < 1 << 20
+    with Engine.mount(FileDevice(str(image))) as engine:
+        engine.put("k", b"v")
+    huge = tmp_path / "huge.img"
+    result = statefs("mkfs", str(huge), "--size", "1T", "--sparse")
+    try:
+        assert result.returncode == 0, result.stderr
+        assert huge.stat().st_size == 1 << 40 and b"(1.0 TiB)" in result.stdout
+    finally:
+        huge.unlink(missing_ok=True)
+    assert_fails(statefs("mkfs", str(tmp_path / "x.img"), "--size", "12Q"), Code.EINVAL, "cannot parse size")
+
+
+def test_mkfs_sparse_without_size_is_eusage(tmp_path):
+    image = tmp_path / "zeros.img"
+    image.write_bytes(bytes(2 << 20))
+    assert_fails(statefs("mkfs", str(image), "--sparse"), Code.EUSAGE, "--sparse goes with --size")
+
+
+def test_mkfs_help_explains_the_cost_of_sparse():
+    text = " ".join(statefs("mkfs", "--help").stdout.decode().split())
+    assert "--sparse" in text and "metadata" in text and "K, M, G or T" in text
+
+
 def test_mkfs_refuses_to_overwrite_a_statefs_image_without_force(tmp_path):
     image = str(tmp_path / "used.img")
     assert statefs("mkfs", image, "--size", "4M").returncode == 0
