@@ -42,7 +42,8 @@ class Client:
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
         path = socket_path or os.environ.get("STATEFS_SOCKET")
         if not path:
-            raise ConnectionFailed("no statefsd socket given: pass a socket path or set STATEFS_SOCKET")
+            raise ConnectionFailed("no statefsd socket given",
+                                   hint="pass --socket PATH or set STATEFS_SOCKET=PATH")
         self.socket_path = path
         self.timeout = timeout
         self.server: dict = {}          # the daemon's hello answer

@@ -387,7 +387,8 @@ def test_unreachable_daemon_is_econn_naming_the_socket(tmp_path):
     result = statefs("get", "k", socket=path)
     assert_fails(result, Code.ECONN, f"{path}: no such socket")
     assert f"start it with --socket {path}" in result.stderr.decode()
-    assert_fails(statefs("get", "k", env=env_with_repo()), Code.ECONN, "STATEFS_SOCKET")
+    no_socket = statefs("get", "k", env=env_with_repo())
+    assert_fails(no_socket, Code.ECONN, "no statefsd socket given (pass --socket PATH or set STATEFS_SOCKET=PATH)")
 
 
 def test_a_directory_as_socket_is_econn_saying_so_not_connection_refused(tmp_path):

@@ -349,3 +349,11 @@ def test_a_missing_required_option_is_a_usage_error_naming_it():
     result = _statefsd("--image", "x.img")
     assert result.returncode == 2
     assert "the following arguments are required: --socket (or set STATEFS_SOCKET)" in result.stderr
+
+
+def test_an_audit_journal_in_a_missing_directory_is_einval_suggesting_mkdir_not_dmesg(ws, tmp_path):
+    daemon = ws.start(audit=str(tmp_path / "nodir" / "audit.jsonl"), wait=False)
+    assert daemon.wait_exit() == Code.EINVAL
+    line = next(line for line in daemon.stderr if line.startswith("statefsd: ERROR "))
+    assert line.startswith("statefsd: ERROR EINVAL: audit journal ")
+    assert f"(create it first with mkdir -p {tmp_path / 'nodir'})" in line and "dmesg" not in line
