@@ -84,7 +84,8 @@ def _clear_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
+        raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it",
+                              hint="remove it yourself if it is not needed, or choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         probe.connect(path)

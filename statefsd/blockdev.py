@@ -221,7 +221,8 @@ def create_image(path: str, size: int, *, sparse: bool = False) -> None:
     carries file-system metadata too.
     """
     if size % SECTOR:
-        raise InvalidArgument(f"image size {size} is not a multiple of {SECTOR}")
+        raise InvalidArgument(f"image size {size} is not a multiple of {SECTOR}",
+                              hint="give a size in whole KiB or with an M or G suffix, e.g. 64M")
     chunk = bytes(1 << 20)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -84,6 +84,13 @@ def test_mkfs_sparse_creates_a_sparse_image_that_mounts_and_accepts_a_t_suffix(t
     assert_fails(statefs("mkfs", str(tmp_path / "x.img"), "--size", "12Q"), Code.EINVAL, "cannot parse size")
 
 
+def test_mkfs_with_a_size_that_is_not_whole_sectors_is_einval_and_creates_nothing(tmp_path):
+    image = tmp_path / "odd.img"
+    result = statefs("mkfs", str(image), "--size", "2000001")
+    assert_fails(result, Code.EINVAL, "is not a multiple of 512")
+    assert "e.g. 64M" in result.stderr.decode() and not image.exists()
+
+
 def test_mkfs_sparse_without_size_is_eusage(tmp_path):
     image = tmp_path / "zeros.img"
     image.write_bytes(bytes(2 << 20))
