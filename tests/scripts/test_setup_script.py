@@ -2,10 +2,14 @@
 
 import fcntl
 import os
+import re
+import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,3 +62,44 @@ def test_setup_waits_for_the_apt_lock_before_each_apt_get():
     calls = [line.strip() for line in install.splitlines() if line.strip().startswith("apt-get")]
     assert calls and all("-o DPkg::Lock::Timeout=" in call for call in calls)
     assert install.index("scripts/wait-apt-lock") < install.index(calls[0])
+
+
+def _setup_copy(tmp_path: Path, pip_exit: int) -> Path:
+    """scripts/setup in a scratch checkout whose .venv/bin/python is a stand-in
+    that chatters like pip and setuptools do, then exits ``pip_exit``."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "setup", root / "scripts" / "setup")
+    shutil.copy(REPO / "scripts" / "wait-apt-lock", root / "scripts" / "wait-apt-lock")
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    fake = root / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho 'running setup.py develop'\necho 'SetuptoolsDeprecationWarning: banner' >&2\n"
+                    f"exit {pip_exit}\n")
+    fake.chmod(0o755)
+    return root
+
+
+def _apt_packages_present() -> bool:
+    setup = (REPO / "scripts" / "setup").read_text()
+    tools = re.findall(r"command -v ([\w.-]+) >/dev/null \|\|", setup)
+    return all(shutil.which(t) or os.path.exists(f"/sbin/{t}") for t in tools) and os.path.exists("/bin/busybox")
+
+
+@pytest.mark.skipif(not _apt_packages_present(), reason="setup would install Debian packages first")
+def test_setup_keeps_pip_and_setuptools_chatter_out_of_the_terminal(tmp_path):
+    root = _setup_copy(tmp_path, pip_exit=0)
+    result = subprocess.run([str(root / "scripts" / "setup")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == "setup: installing Python dependencies into .venv\n"
+    assert "banner" in (root / ".venv" / "pip-install.log").read_text()
+
+
+@pytest.mark.skipif(not _apt_packages_present(), reason="setup would install Debian packages first")
+def test_setup_shows_pips_log_when_pip_fails(tmp_path):
+    root = _setup_copy(tmp_path, pip_exit=1)
+    result = subprocess.run([str(root / "scripts" / "setup")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "SetuptoolsDeprecationWarning: banner" in result.stderr
+    assert "setup: pip install -q -e .[dev] failed (log above, also in .venv/pip-install.log)" in result.stderr
