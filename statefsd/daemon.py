@@ -3,7 +3,8 @@
     statefsd --image PATH --socket PATH [--audit PATH] [--read-only]
              [--keystore-socket PATH]
 
-Startup order: lock and mount the image, print the encryption mode, listen,
+Startup order: check the socket path (nobody serves it), lock and mount the
+image, print the encryption mode, listen,
 print ``statefsd: ready on SOCKET`` and tell systemd READY=1. SIGTERM or
 SIGINT stops accepting, lets requests in flight finish, closes the engine
 (which flushes), removes the socket and exits 0. A startup failure prints
@@ -102,11 +103,14 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     from statefsd.blockdev import FileDevice
     from statefsd.engine import Engine
     from statefsd.keys import KeystoreSigner, encryption_banner, keystore_key_provider
-    from statefsd.server import Server, bind_socket, encryption_mode
+    from statefsd.server import Server, bind_socket, check_socket_path, encryption_mode
 
     # With a keystore, checkpoints are signed and verified with the device key;
     # an unreachable keystore that was asked for is an error, not a downgrade.
     signer = KeystoreSigner(args.keystore_socket) if args.keystore_socket else None
+    # A socket that cannot be ours fails the start before the image is
+    # locked and replayed, naming the socket (not the image) as the problem.
+    check_socket_path(args.socket)
     device = FileDevice(args.image, read_only=args.read_only)
     # The provider asks keystored only if the image turns out to be encrypted.
     engine = Engine.mount(device, read_only=args.read_only, audit=audit,
