@@ -12,7 +12,6 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -20,6 +19,7 @@ import threading
 from keystored import entropy, keyfile, policy, wire
 from keystored.audit import AuditLog
 from keystored.service import Keystore, Peer
+from statefsd import unixsock
 from statefsd.errors import (
     Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
 )
@@ -77,36 +77,8 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket left by a dead keystored; refuse to touch anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it",
-                              hint="remove it yourself if it is not needed, or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise Busy(f"another process is already listening on {path}",
-               hint="is keystored already running? use its socket, or stop it first")
-
-
-def _check_socket_path(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InvalidArgument(f"--socket {path}: directory {parent} does not exist",
-                              hint=f"create it first with mkdir -p {parent}, or choose another --socket")
-    if os.path.isdir(path):
-        raise InvalidArgument(f"--socket {path} is a directory",
-                              hint="give a socket path inside it, e.g. --socket " + os.path.join(path, "keystored.sock"))
-    _clear_stale_socket(path)
+def _check_socket_path(path: str, *, remove_stale: bool = False) -> None:
+    unixsock.check_socket_path(path, owner="keystored", example="keystored.sock", remove_stale=remove_stale)
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -126,7 +98,7 @@ class Listener:
         self._inode = -1
 
     def bind(self) -> None:
-        _clear_stale_socket(self.path)
+        _check_socket_path(self.path, remove_stale=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock = sock
         sock.bind(self.path)

@@ -13,16 +13,15 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 import time
 from typing import Any, Callable
 
-from statefsd import protocol
+from statefsd import protocol, unixsock
 from statefsd.engine import Mutation, validate_path
 from statefsd.errors import (
-    Busy, Code, ConnectionFailed, DeviceIOError, InternalError,
+    Code, ConnectionFailed, InternalError,
     InvalidArgument, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
 )
 from statefsd.format import MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -244,46 +243,16 @@ def bind_socket(path: str) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        parent = os.path.dirname(os.path.abspath(path))
-        hint = (f"create the directory first with mkdir -p {parent}" if not os.path.isdir(parent)
-                else "check the directory's permissions, or choose another --socket")
-        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}", hint=hint) from None
+        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}",
+                              hint="check the directory's permissions, or choose another --socket") from None
     finally:
         os.umask(old_umask)
     return sock
 
 
 def check_socket_path(path: str, *, remove_stale: bool = False) -> None:
-    """Refuse a socket path statefsd cannot take: a directory, a file that is
-    not a socket, a socket another process serves, a missing directory.
-    Checked before the image is mounted, so a second start fails at once
-    and names the socket, not the image. ``remove_stale`` unlinks a socket
-    nobody listens on (left by a daemon that died)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InvalidArgument(f"cannot listen on {path}: directory {parent} does not exist",
-                              hint=f"create the directory first with mkdir -p {parent}")
-    if not os.path.lexists(path):
-        return
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        if os.path.isdir(path):
-            raise InvalidArgument(f"--socket {path} is a directory",
-                                  hint=f"give a socket path inside it, e.g. {os.path.join(path, 'statefs.sock')}")
-        raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it",
-                              hint="remove it yourself if it is not needed, or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        if remove_stale:
-            _unlink(path)  # left behind by a daemon that died: nobody listens
-    except OSError as exc:
-        raise DeviceIOError(f"cannot probe existing socket {path}: {exc.strerror}") from None
-    else:
-        raise Busy(f"socket {path} is served by a running statefsd",
-                   hint="is statefsd already running? use its socket, or choose another --socket")
-    finally:
-        probe.close()
+    """statefsd's --socket: see statefsd.unixsock."""
+    unixsock.check_socket_path(path, owner="statefsd", example="statefs.sock", remove_stale=remove_stale)
 
 
 def _unlink(path: str) -> None:

@@ -78,7 +78,7 @@ def test_second_daemon_on_a_live_socket_exits_ebusy(ws, daemon, tmp_path):
     make_image(other_image)
     second = ws.start(image=str(other_image), wait=False)
     assert second.wait_exit() == Code.EBUSY
-    assert any("served by a running statefsd" in line and "is statefsd already running? use its socket"
+    assert any("already listening on" in line and "is statefsd already running? use its socket"
                in line for line in second.stderr), second.stderr
     assert not any("holds the image" in line for line in second.stderr)
     assert "statefsd: encryption off" not in second.stdout  # refused before mounting its image
