@@ -170,10 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still no traceback, still an fsck(8) status
         print(f"fsck-statefs: internal error (please report): {type(exc).__name__}: {exc}", file=sys.stderr)
         return FsckExit.OPERATIONAL
-    if report.operational_error:
-        print(f"fsck-statefs: cannot check {args.image}: {report.operational_error}", file=sys.stderr)
     try:
-        print(report.to_json() if args.json else report.to_text(args.verbose), flush=True)
+        text = report.to_json() if args.json else report.to_text(args.verbose)
+        if report.operational_error and not args.json:
+            # The header line names the image first; the error follows it.
+            head, _, text = text.partition("\n")
+            print(head, flush=True)
+        if report.operational_error:
+            print(f"fsck-statefs: cannot check {args.image}: {report.operational_error}",
+                  file=sys.stderr, flush=True)
+        print(text, flush=True)
     except BrokenPipeError:  # e.g. piped into head: the reader left, the status still counts
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the way Python's docs advise
     return int(report.exit_code)

@@ -74,7 +74,8 @@ def validate_path(path: str) -> bytes:
     if b"\x00" in raw:
         raise InvalidArgument("a key must not contain NUL")
     if len(raw) > fmt.MAX_KEY_BYTES:
-        raise TooBig(f"key of {len(raw)} bytes exceeds the limit of {fmt.MAX_KEY_BYTES}")
+        raise TooBig(f"key of {len(raw)} bytes exceeds the limit of {fmt.MAX_KEY_BYTES}",
+                     hint=f"use a key of at most {fmt.MAX_KEY_BYTES} UTF-8 bytes")
     return raw
 
 
@@ -272,12 +273,13 @@ class Engine:
         cipher = None
         if sb.encryption != fmt.ENCRYPTION_OFF:
             if key_provider is None:
-                raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}); a key from "
-                                     f"keystored is required (--keystore-socket)")
+                raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}) and no keystored "
+                                     f"was given", hint="start keystored and pass --keystore-socket")
             key = key_provider(sb)
             if sb.key_check != bytes(16) and fmt.key_check(key, sb.device_uuid, sb.salt) != sb.key_check:
-                raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image "
-                                     f"(another device identity?); refusing to mount")
+                raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image; "
+                                     f"refusing to mount",
+                                     hint="use the keystored (state dir) of the device that formatted it")
             cipher = RecordCipher(key, sb)
         result = replay(device, sb, cipher, signer.public_key if signer else None)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
@@ -288,9 +290,9 @@ class Engine:
         if bad and not read_only:
             first = bad[0]
             raise CorruptImage(f"{device.path}: corruption at byte offset {first.offset}: {first.reason}; "
-                               f"refusing to mount read-write (mount read-only to read the "
-                               f"{result.committed} committed transactions before it)",
-                               offset=first.offset)
+                               f"refusing to mount read-write", offset=first.offset,
+                               hint=f"run fsck-statefs {device.path}; statefsd --read-only serves the "
+                                    f"{result.committed} committed transactions before it")
         if not read_only:
             problem = counters_problem(sb, result)
             if problem:
@@ -573,7 +575,7 @@ class Engine:
             limit = self._region_end - (0 if only_deletes else self._delete_reserve)
             if fmt.align_up(pos + size) + trailer > limit:
                 req.error = NoSpace(f"{self.device.path}: log full ({self._region_end - self._pos} bytes "
-                                    f"left, transaction needs {size}); committed data is intact")
+                                    f"left, transaction needs {size})")
                 self.audit("enospc", needed=size, left=self._region_end - self._pos)
                 req.done = True
                 continue
@@ -737,8 +739,8 @@ class Engine:
 
     def _append_snapshot_txn(self, cur: "_LogCursor", ops, index: dict, limit: int) -> None:
         if cur.offset + fmt.align_up(self._txn_bytes(ops)) + cur.trailer_bytes() > limit:
-            raise NoSpace(f"{self.device.path}: live data does not fit in a log region; "
-                          f"delete keys (committed data is intact)")
+            raise NoSpace(f"{self.device.path}: live data does not fit in a log region",
+                          hint="delete keys (compaction cannot help); committed data is intact")
         at = cur.offset
         blob, entries = cur.encode_group([ops], self.cipher)
         self.device.write(at, blob)
@@ -752,7 +754,8 @@ class Engine:
         """Append a CHECKPOINT signed by the device key over the chain head,
         as a group of its own (one write, one flush)."""
         if self.signer is None:
-            raise KeyUnavailable("checkpoints need the device key: start statefsd with --keystore-socket")
+            raise KeyUnavailable("checkpoints need the device key",
+                                 hint="start statefsd with --keystore-socket")
         if self.read_only:
             raise ReadOnly(f"{self.device.path} is mounted read-only")
         with self._writer():

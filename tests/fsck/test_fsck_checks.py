@@ -155,6 +155,18 @@ def test_image_held_by_statefsd_is_refused_with_exit_8(img):
     assert digest(img) == before
 
 
+def test_image_held_by_statefsd_prints_the_header_line_before_the_error(img):
+    with FileDevice(img):
+        proc = subprocess.run([sys.executable, "-m", "fsck_statefs", img], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 8
+    assert lines[0] == f"fsck-statefs: {img}"
+    assert lines[1].startswith(f"fsck-statefs: cannot check {img}: EBUSY")
+    assert lines[2].startswith(f"{img}: operational-error")
+
+
 def test_missing_image_and_non_statefs_file_are_operational_errors(tmp_path):
     assert fsck(str(tmp_path / "nope.img")).returncode == 8
     junk = tmp_path / "junk.img"
