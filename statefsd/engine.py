@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import sys
 import threading
 import time
@@ -108,14 +109,32 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
         else:
             found.append((status.superblock, index))
     if not found:
-        if not magic_seen:
+        if not magic_seen and read_identity_copy(device) is None:
             raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
-        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)})")
+        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)}); "
+                           f"to rebuild the superblock from the identity copy and the log, run: "
+                           f"fsck-statefs --repair {shlex.quote(device.path)}")
     sb, slot = max(found, key=lambda pair: pair[0].generation)
     if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
         raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "
                            f"device has only {device.size // fmt.BLOCK_SIZE} (truncated image?)")
     return sb, slot, problems
+
+
+def read_identity_copy(device: BlockDevice) -> fmt.Superblock | None:
+    """The mkfs superblock kept in the device's last block (format 2.1), or
+    None when that block holds no valid copy (a 2.0 image keeps log data
+    there, which never passes the magic, CRC and layout checks)."""
+    total_blocks = device.size // fmt.BLOCK_SIZE
+    if total_blocks <= fmt.LOG_START_BLOCK:
+        return None
+    try:
+        sb = fmt.decode_superblock(device.read(fmt.identity_copy_offset(total_blocks), fmt.BLOCK_SIZE)).superblock
+    except FormatError:
+        return None
+    if sb is None or sb.total_blocks != total_blocks or not fmt.has_identity_copy(sb):
+        return None
+    return sb
 
 
 COUNTER_HEADROOM = 1 << 32   # far more ids and generations than any device will use

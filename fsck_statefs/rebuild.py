@@ -1,0 +1,205 @@
+"""Rebuilding a superblock when both slots are lost.
+
+The fields no record carries (device uuid, encryption, salt, key check,
+redundancy, region layout) come from the identity copy in the device's last
+block (format 2.1; mkfs writes it). The rest comes from the log, read with
+statefsd's own reader: each region whose first bytes hold the first record
+of a log (group 1, seq 0, a valid checksum) is walked under that record's
+epoch, and the region written last is the active one. Nothing here writes
+except write_superblock, which ``fsck-statefs --repair`` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from statefsd import format as fmt
+from statefsd.blockdev import BlockDevice
+from statefsd.engine import read_identity_copy
+from statefsd.errors import FormatError
+from statefsd.logscan import ScanEnd, scan_groups
+
+from fsck_statefs.repair import highest_counters_on_device
+
+
+@dataclass
+class Candidate:
+    """A log region walked as if it were the active one."""
+
+    region: int
+    sb: fmt.Superblock          # the superblock under which the walk was made
+    groups: int = 0
+    records: int = 0
+    max_mount_gen: int = 0
+    max_txn: int = 0
+    sealed: bool = False        # a sealed PAYLOAD was seen (the image is encrypted)
+    checkpoints: int = 0
+    chain_from: str = ""        # which record pinned the chain base ("" : none did)
+    damaged_trailers: int = 0
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return self.max_mount_gen, self.max_txn
+
+
+@dataclass
+class Rebuild:
+    sb: fmt.Superblock | None           # None: nothing can be rebuilt (see problem)
+    steps: list[str] = field(default_factory=list)   # what --repair does, in words
+    notes: list[str] = field(default_factory=list)   # what the rebuilt superblock cannot bring back
+    problem: str = ""
+    identity: bool = False              # identity fields came from the identity copy
+
+
+def slots_lost(device: BlockDevice) -> bool:
+    """Neither superblock slot is valid. (A slot of a version this code must
+    refuse is not lost: the normal check reports it.)"""
+    if device.size < len(fmt.SUPERBLOCK_OFFSETS) * fmt.BLOCK_SIZE:
+        return False
+    for offset in fmt.SUPERBLOCK_OFFSETS:
+        try:
+            if fmt.decode_superblock(device.read(offset, fmt.BLOCK_SIZE)).superblock is not None:
+                return False
+        except FormatError:
+            return False
+    return True
+
+
+def looks_like_statefs(device: BlockDevice) -> bool:
+    """Lost slots on something that was a StateFS image: a slot kept the
+    magic, the identity copy is there, or the log's first record is."""
+    if any(device.read(offset, 8) == fmt.SUPERBLOCK_MAGIC for offset in fmt.SUPERBLOCK_OFFSETS):
+        return True
+    if read_identity_copy(device) is not None:
+        return True
+    return _first_record_epoch(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is not None
+
+
+def plan_rebuild(device: BlockDevice) -> Rebuild:
+    """The superblock to write into both slots, and why; reads only."""
+    total_blocks = device.size // fmt.BLOCK_SIZE
+    identity = read_identity_copy(device)
+    notes: list[str] = []
+    if identity is not None:
+        bases = [identity]
+        source = (f"take the identity fields (device uuid, encryption, key check, redundancy, region "
+                  f"layout) from the identity copy in block {total_blocks - 1}")
+    else:
+        # A format 2.0 image keeps no copy. Without one the layout follows
+        # from the device size; the redundancy mode shows in the log (a
+        # parity trailer exists only in 2.1, whose layout keeps the copy's block).
+        # The 2.0 layout comes first: it wins a tie (its region 0 is the longer).
+        fresh = fmt.new_superblock(device.size)
+        bases = [fresh.evolve(regions=fmt.region_layout(total_blocks, identity_copy=False)), fresh,
+                 fresh.evolve(redundancy=fmt.REDUNDANCY_PARITY)]
+        source = ("take a fresh device uuid and the region layout of the device size: there is no identity "
+                  "copy (a format 2.0 image, or the copy is damaged too)")
+    best: list[Candidate] = []
+    for base in bases:
+        found = [c for c in (_walk(device, base, r) for r in (0, 1)) if c is not None]
+        found.sort(key=lambda c: c.rank, reverse=True)
+        if found and (not best or _fit(found[0]) > _fit(best[0])):   # the newest log, read furthest
+            best = found
+    if not best and identity is None:
+        return Rebuild(None, problem="both superblock slots are lost, there is no identity copy and no log "
+                                     "record to rebuild from; restore the image from a copy")
+    if identity is None and best[0].sealed:
+        return Rebuild(None, problem="both superblock slots are lost and the image is encrypted, but there is "
+                                     "no identity copy: the device uuid and salt its values are sealed under "
+                                     "are gone, so no superblock can be rebuilt; restore the image from a copy")
+    txn, mount_gen = highest_counters_on_device(device, best[0].sb.regions if best else identity.regions)
+    if best:
+        active = best[0]
+        sb = active.sb
+        why = (f"make log region {active.region} active, the newest log on the device (epoch {sb.log_epoch}: {active.groups} write groups, "
+               f"mount generation {active.max_mount_gen}, txn ids through {active.max_txn})")
+        if len(best) > 1:
+            other = best[1]
+            why += (f"; region {other.region} holds an older log (mount generation {other.max_mount_gen}, "
+                    f"txn ids through {other.max_txn})")
+        chain = (f"take the chain base from the {active.chain_from} of region {active.region}"
+                 if active.chain_from else "take the genesis hash as the chain base (the region holds no COMMIT)")
+    else:
+        sb = identity
+        why = "make log region 0 active as mkfs left it: no region holds a complete write group"
+        chain = "take the genesis hash as the chain base"
+    sb = sb.evolve(generation=max(mount_gen, sb.generation) + 1, txn_reserved=txn + fmt.TXN_RESERVE_BATCH,
+                   durable_end=0, version_minor=fmt.VERSION_MINOR)
+    if identity is None:
+        notes.append("the device uuid is new: sealed values would not open (this image is not encrypted), "
+                     "and checkpoints signed under the old uuid no longer verify")
+        if best and best[0].checkpoints:
+            notes.append(f"the log holds {best[0].checkpoints} signed checkpoints; statefsd started with "
+                         f"--keystore-socket will refuse them as forged (restore from a copy to keep them)")
+    steps = [source, why, chain,
+             f"reserve txn ids through {sb.txn_reserved} and take generation {sb.generation} (above every txn "
+             f"id and mount generation on the device); durable floor unknown (0)",
+             "write the rebuilt superblock to both slots, then flush"]
+    return Rebuild(sb, steps, notes, identity=identity is not None)
+
+
+def write_superblock(device: BlockDevice, sb: fmt.Superblock) -> None:
+    """Both slots get the same block, as mkfs writes them."""
+    block = fmt.encode_superblock(sb)
+    for offset in fmt.SUPERBLOCK_OFFSETS:
+        device.write(offset, block)
+    device.flush()
+
+
+def _fit(c: Candidate) -> tuple:
+    """How well a guessed layout and redundancy mode fit the log: the right
+    ones find the newest region and read it furthest, with intact trailers."""
+    return c.rank, c.records, -c.damaged_trailers
+
+
+def _first_record_epoch(device: BlockDevice, offset: int) -> int | None:
+    """The epoch of the record at ``offset`` if it is the first record of a
+    log (group 1, seq 0, a valid checksum)."""
+    h = fmt.unpack_header(device.read(offset, fmt.HEADER_SIZE))
+    if fmt.header_problem(h) or h.type == fmt.PARITY or h.group != 1 or h.seq != 0:
+        return None
+    if not fmt.record_crc_ok(device.read(offset, fmt.HEADER_SIZE + h.payload_len), 0, h):
+        return None
+    return h.epoch
+
+
+def _walk(device: BlockDevice, base: fmt.Superblock, region: int) -> Candidate | None:
+    """Walk ``region`` with statefsd's reader as the active region under the
+    epoch of its first record; None when it holds no complete write group."""
+    epoch = _first_record_epoch(device, base.regions[region][0] * fmt.BLOCK_SIZE)
+    if epoch is None:
+        return None
+    sb = base.evolve(active_region=region, log_epoch=epoch, durable_end=0)
+    c = Candidate(region, sb)
+    chain_base = None
+    for item in scan_groups(device, sb):
+        if isinstance(item, ScanEnd):
+            c.damaged_trailers = len(item.damaged_trailers)
+            break
+        c.groups += 1
+        for rec in item:
+            h = rec.header
+            c.records += 1
+            c.max_txn = max(c.max_txn, h.txn_id)
+            c.max_mount_gen = max(c.max_mount_gen, h.mount_gen)
+            c.sealed |= bool(h.flags & fmt.FLAG_SEALED)
+            c.checkpoints += h.type == fmt.CHECKPOINT
+            if chain_base is None:
+                chain_base, c.chain_from = _chain_pin(rec)
+    if not c.groups:
+        return None
+    # The chain of a region starts at its first COMMIT's prev_hash (or at a
+    # checkpoint written before any COMMIT, which names the chain head).
+    c.sb = sb.evolve(chain_base=chain_base or fmt.genesis_hash(sb.device_uuid))
+    return c
+
+
+def _chain_pin(rec) -> tuple[bytes | None, str]:
+    try:
+        if rec.header.type == fmt.COMMIT:
+            return fmt.decode_commit(rec.payload).prev_hash, "first COMMIT"
+        if rec.header.type == fmt.CHECKPOINT:
+            return fmt.decode_checkpoint(rec.payload).chain_head, "CHECKPOINT before the first COMMIT"
+    except ValueError:
+        pass    # a malformed record: replay reports it as corruption
+    return None, ""
