@@ -18,6 +18,7 @@ from statefsd.blockdev import BlockDevice
 from statefsd.engine import read_identity_copy
 from statefsd.errors import FormatError
 from statefsd.logscan import ScanEnd, scan_groups
+from statefsd.replay import replay
 
 from fsck_statefs.repair import highest_counters_on_device
 
@@ -36,6 +37,8 @@ class Candidate:
     checkpoints: int = 0
     chain_from: str = ""        # which record pinned the chain base ("" : none did)
     damaged_trailers: int = 0
+    chain_hashes: set[bytes] = field(default_factory=set)   # hash of every COMMIT walked
+    deleted: dict[bytes, int] = field(default_factory=dict)  # path -> highest txn id of a DELETE of it
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -110,13 +113,21 @@ def plan_rebuild(device: BlockDevice) -> Rebuild:
     txn, mount_gen = highest_counters_on_device(device, best[0].sb.regions if best else identity.regions)
     if best:
         active = best[0]
-        sb = active.sb
-        why = (f"make log region {active.region} active, the newest log on the device (epoch {sb.log_epoch}: {active.groups} write groups, "
-               f"mount generation {active.max_mount_gen}, txn ids through {active.max_txn})")
+        why = (f"make log region {active.region} active, the newest log on the device (epoch "
+               f"{active.sb.log_epoch}: {active.groups} write groups, mount generation {active.max_mount_gen}, "
+               f"txn ids through {active.max_txn})")
         if len(best) > 1:
             other = best[1]
             why += (f"; region {other.region} holds an older log (mount generation {other.max_mount_gen}, "
                     f"txn ids through {other.max_txn})")
+            lacking = _unfinished_compaction(device, active, other)
+            if lacking is not None:
+                why = (f"make log region {other.region} active (epoch {other.sb.log_epoch}: {other.groups} write "
+                       f"groups): region {active.region}, though written later, holds a compaction cut before "
+                       f"its superblock switch (it lacks the newest version of "
+                       f"{lacking.decode('utf-8', 'replace')!r} of region {other.region})")
+                active = other
+        sb = active.sb
         chain = (f"take the chain base from the {active.chain_from} of region {active.region}"
                  if active.chain_from else "take the genesis hash as the chain base (the region holds no COMMIT)")
     else:
@@ -144,6 +155,35 @@ def write_superblock(device: BlockDevice, sb: fmt.Superblock) -> None:
     for offset in fmt.SUPERBLOCK_OFFSETS:
         device.write(offset, block)
     device.flush()
+
+
+def _unfinished_compaction(device: BlockDevice, newer: Candidate, older: Candidate) -> bytes | None:
+    """A path whose newest version in ``older`` ``newer`` does not carry,
+    when ``newer`` was compacted from ``older``; None otherwise.
+
+    A compaction copies every live path under txn ids above every id of
+    the old region, and its catch-up transactions carry what changed while
+    it copied, so a finished one holds a later version (or a later DELETE)
+    of every path the old region ends with. One cut before its superblock
+    switch leaves the new region written later (higher txn ids, perhaps a
+    newer mount) but short of some paths: mount_gen and txn ids alone would
+    adopt it and lose them."""
+    if newer.sb.chain_base not in older.chain_hashes | {older.sb.chain_base}:
+        return None     # not compacted from this region (e.g. an earlier file system's records)
+    new_live, old_live = _live(device, newer), _live(device, older)
+    for path in sorted(old_live.keys() | older.deleted.keys()):
+        put, deleted = old_live.get(path, 0), older.deleted.get(path, 0)
+        if put > deleted:
+            if max(new_live.get(path, 0), newer.deleted.get(path, 0)) <= put:
+                return path
+        elif 0 < new_live.get(path, deleted) < deleted:
+            return path     # the compaction copied it before its deletion, and never caught up
+    return None
+
+
+def _live(device: BlockDevice, c: Candidate) -> dict[bytes, int]:
+    """Path -> txn id of its committed value, by statefsd's replay."""
+    return {path: entry.txn_id for path, entry in replay(device, c.sb).index.items()}
 
 
 def _fit(c: Candidate) -> tuple:
@@ -184,6 +224,10 @@ def _walk(device: BlockDevice, base: fmt.Superblock, region: int) -> Candidate |
             c.max_mount_gen = max(c.max_mount_gen, h.mount_gen)
             c.sealed |= bool(h.flags & fmt.FLAG_SEALED)
             c.checkpoints += h.type == fmt.CHECKPOINT
+            if h.type == fmt.COMMIT:
+                c.chain_hashes.add(fmt.chain_hash(rec.raw()))
+            elif h.type == fmt.DELETE:
+                c.deleted[rec.payload] = max(c.deleted.get(rec.payload, 0), h.txn_id)
             if chain_base is None:
                 chain_base, c.chain_from = _chain_pin(rec)
     if not c.groups:

@@ -256,6 +256,10 @@ class Engine:
         block = fmt.encode_superblock(sb)
         for offset in (*fmt.SUPERBLOCK_OFFSETS, sb.identity_copy_offset):
             device.write(offset, block)
+        # No log of an earlier file system may open a region: rebuilding a
+        # lost superblock takes a region's first record for the start of a log.
+        for start, _blocks in sb.regions:
+            device.write(start * fmt.BLOCK_SIZE, bytes(fmt.BLOCK_SIZE))
         device.flush()
         return sb
 

@@ -10,7 +10,7 @@ import pytest
 
 from statefsd import format as fmt
 from statefsd.blockdev import FileDevice
-from statefsd.engine import Mutation, read_superblock
+from statefsd.engine import Engine, Mutation, read_superblock
 
 from fsck_images import digest, fixed_key, forge_superblock, fsck, make_image, mount, patch, put_each, state
 from fsck_statefs.cli import run
@@ -149,3 +149,55 @@ def test_without_an_identity_copy_an_encrypted_image_is_not_rebuilt(tmp_path):
     assert proc.returncode == 4
     assert any("encrypted" in b and "restore the image from a copy" in b for b in rep["repair"]["blocked"])
     assert digest(path) == untouched
+
+
+@pytest.mark.parametrize("later_mount", [False, True], ids=["same-mount", "compacting-mount"])
+def test_a_compaction_cut_before_its_switch_is_not_taken_for_the_active_log(tmp_path, later_mount):
+    from statefsd.engine import Engine
+    from statefsd.simdev import Outcome, SimulatedDevice
+    dev = SimulatedDevice(4 << 20)
+    Engine.mkfs(dev)
+    e = Engine.mount(dev)
+    e.commit([Mutation("put", f"k/{i:03d}", bytes([i]) * 300) for i in range(100)])
+    e.commit([Mutation("put", f"m/{i:03d}", bytes([i]) * 300) for i in range(100)])
+    e.commit([Mutation("put", f"n/{i:03d}", bytes([i]) * 300) for i in range(100)])
+    if later_mount:   # the compaction's records then carry a newer mount_gen than the old log's
+        e.close()
+        e = Engine.mount(SimulatedDevice.from_image(dev.image()))
+        dev = e.device
+    expected = {k: e.get(k) for k in e.list()}
+    region1 = e.sb.regions[1][0] * fmt.BLOCK_SIZE
+    mark = len(dev.trace)
+    e.compact()
+    writes = [op.index for op in dev.trace.ops[mark:] if op.kind == "write" and op.offset >= region1]
+    assert len(writes) >= 3   # one write group per snapshot batch of 128 ops
+    # The cut: two of the three snapshot groups landed, the third and the switch did not.
+    point = next(dev.trace.crash_points(start=writes[1] + 1, stop=writes[1] + 1))
+    crashed = point.device(Outcome.keep_all(len(point.pending)), record=False).image()
+    path = str(tmp_path / "cut.img")
+    with open(path, "wb") as f:
+        f.write(crashed)
+    _destroy_slots(path, "zeroed")
+
+    proc = fsck(path, "--repair")
+    assert proc.returncode == 1, proc.stdout
+    assert "cut before its superblock switch" in proc.stdout
+    assert state(path) == expected
+
+
+def test_the_log_of_an_earlier_file_system_on_the_device_is_not_rebuilt_as_the_active_one(tmp_path):
+    path = make_image(tmp_path / "img", 4 << 20)
+    _history(path)
+    with mount(path) as e:      # many mounts: the old logs carry high mount generations
+        for i in range(6):
+            e.commit([Mutation("put", f"old/{i}", b"x")])
+    for _ in range(5):
+        mount(path).close()
+    with FileDevice(path) as dev:   # formatted anew; the old logs' bytes stay where mkfs does not write
+        Engine.mkfs(dev, redundancy="parity")
+    put_each(path, {"fresh": b"1"})
+    expected = state(path)
+    _destroy_slots(path, "zeroed")
+
+    assert fsck(path, "--repair").returncode == 1
+    assert state(path) == expected
