@@ -97,56 +97,68 @@ def plan_rebuild(device: BlockDevice) -> Rebuild:
                  fresh.evolve(redundancy=fmt.REDUNDANCY_PARITY)]
         source = ("take a fresh device uuid and the region layout of the device size: there is no identity "
                   "copy (a format 2.0 image, or the copy is damaged too)")
-    best: list[Candidate] = []
-    for base in bases:
-        found = [c for c in (_walk(device, base, r) for r in (0, 1)) if c is not None]
-        found.sort(key=lambda c: c.rank, reverse=True)
-        if found and (not best or _fit(found[0]) > _fit(best[0])):   # the newest log, read furthest
-            best = found
+    best = _newest_base(device, bases)
     if not best and identity is None:
         return Rebuild(None, problem="both superblock slots are lost, there is no identity copy and no log "
                                      "record to rebuild from; restore the image from a copy")
-    if identity is None and best[0].sealed:
+    if identity is None and any(c.sealed for c in best):
         return Rebuild(None, problem="both superblock slots are lost and the image is encrypted, but there is "
                                      "no identity copy: the device uuid and salt its values are sealed under "
                                      "are gone, so no superblock can be rebuilt; restore the image from a copy")
-    txn, mount_gen = highest_counters_on_device(device, best[0].sb.regions if best else identity.regions)
     if best:
-        active = best[0]
-        why = (f"make log region {active.region} active, the newest log on the device (epoch "
-               f"{active.sb.log_epoch}: {active.groups} write groups, mount generation {active.max_mount_gen}, "
-               f"txn ids through {active.max_txn})")
-        if len(best) > 1:
-            other = best[1]
-            why += (f"; region {other.region} holds an older log (mount generation {other.max_mount_gen}, "
-                    f"txn ids through {other.max_txn})")
-            lacking = _unfinished_compaction(device, active, other)
-            if lacking is not None:
-                why = (f"make log region {other.region} active (epoch {other.sb.log_epoch}: {other.groups} write "
-                       f"groups): region {active.region}, though written later, holds a compaction cut before "
-                       f"its superblock switch (it lacks the newest version of "
-                       f"{lacking.decode('utf-8', 'replace')!r} of region {other.region})")
-                active = other
+        active, why = _choose_active(device, best)
         sb = active.sb
         chain = (f"take the chain base from the {active.chain_from} of region {active.region}"
                  if active.chain_from else "take the genesis hash as the chain base (the region holds no COMMIT)")
     else:
-        sb = identity
+        active, sb = None, identity
         why = "make log region 0 active as mkfs left it: no region holds a complete write group"
         chain = "take the genesis hash as the chain base"
+    txn, mount_gen = highest_counters_on_device(device, sb.regions)
     sb = sb.evolve(generation=max(mount_gen, sb.generation) + 1, txn_reserved=txn + fmt.TXN_RESERVE_BATCH,
                    durable_end=0, version_minor=fmt.VERSION_MINOR)
     if identity is None:
-        notes.append("the device uuid is new: sealed values would not open (this image is not encrypted), "
-                     "and checkpoints signed under the old uuid no longer verify")
-        if best and best[0].checkpoints:
-            notes.append(f"the log holds {best[0].checkpoints} signed checkpoints; statefsd started with "
+        notes.append("the device uuid is new (the old one was kept only in the lost superblocks): checkpoints "
+                     "signed under the old uuid no longer verify")
+        if active is not None and active.checkpoints:
+            notes.append(f"the log holds {active.checkpoints} signed checkpoints; statefsd started with "
                          f"--keystore-socket will refuse them as forged (restore from a copy to keep them)")
     steps = [source, why, chain,
              f"reserve txn ids through {sb.txn_reserved} and take generation {sb.generation} (above every txn "
              f"id and mount generation on the device); durable floor unknown (0)",
              "write the rebuilt superblock to both slots, then flush"]
     return Rebuild(sb, steps, notes, identity=identity is not None)
+
+
+def _newest_base(device: BlockDevice, bases: list[fmt.Superblock]) -> list[Candidate]:
+    """The candidate regions, newest first, under the base superblock
+    (layout, redundancy) that fits the log best."""
+    best: list[Candidate] = []
+    for base in bases:
+        found = [c for c in (_walk(device, base, r) for r in (0, 1)) if c is not None]
+        found.sort(key=lambda c: c.rank, reverse=True)
+        if found and (not best or _fit(found[0]) > _fit(best[0])):
+            best = found
+    return best
+
+
+def _choose_active(device: BlockDevice, found: list[Candidate]) -> tuple[Candidate, str]:
+    """The region written last, unless it is a compaction cut before its switch."""
+    newest = found[0]
+    why = (f"make log region {newest.region} active, the newest log on the device (epoch "
+           f"{newest.sb.log_epoch}: {newest.groups} write groups, mount generation {newest.max_mount_gen}, "
+           f"txn ids through {newest.max_txn})")
+    if len(found) == 1:
+        return newest, why
+    other = found[1]
+    lacking = _unfinished_compaction(device, newest, other)
+    if lacking is None:
+        return newest, why + (f"; region {other.region} holds an older log (mount generation "
+                              f"{other.max_mount_gen}, txn ids through {other.max_txn})")
+    return other, (f"make log region {other.region} active (epoch {other.sb.log_epoch}: {other.groups} write "
+                   f"groups): region {newest.region}, though written later, holds a compaction cut before its "
+                   f"superblock switch (it lacks the newest version of {lacking.decode('utf-8', 'replace')!r} "
+                   f"of region {other.region})")
 
 
 def write_superblock(device: BlockDevice, sb: fmt.Superblock) -> None:
