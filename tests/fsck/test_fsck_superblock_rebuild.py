@@ -201,3 +201,28 @@ def test_the_log_of_an_earlier_file_system_on_the_device_is_not_rebuilt_as_the_a
 
     assert fsck(path, "--repair").returncode == 1
     assert state(path) == expected
+
+
+def test_a_rebuild_cut_by_power_loss_leaves_a_valid_slot_or_lost_slots_that_rebuild_the_same(tmp_path):
+    from fsck_statefs import rebuild
+    from statefsd.simdev import SimulatedDevice
+    path = make_image(tmp_path / "img", 2 << 20)
+    expected = _history(path)
+    _destroy_slots(path, "garbage")
+    with open(path, "rb") as f:
+        dev = SimulatedDevice.from_image(f.read())
+    planned = rebuild.plan_rebuild(dev).sb
+    mark = len(dev.trace)
+    rebuild.write_superblock(dev, planned)
+    point = next(dev.trace.crash_points(start=mark + 2, stop=mark + 2))   # both slot writes pending
+    assert len(point.pending) == 2
+    redone = 0
+    for outcome in point.outcomes(limit=40, rng=7):
+        crashed = point.device(outcome, record=False)
+        if rebuild.slots_lost(crashed):
+            assert rebuild.plan_rebuild(crashed).sb == planned
+            rebuild.write_superblock(crashed, planned)
+            redone += 1
+        with Engine.mount(crashed, key_provider=fixed_key) as e:
+            assert {k: e.get(k) for k in e.list()} == expected
+    assert redone
