@@ -113,7 +113,8 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
             raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
         raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)}); "
                            f"to rebuild the superblock from the identity copy and the log, run: "
-                           f"fsck-statefs --repair {shlex.quote(device.path)}")
+                           f"fsck-statefs --repair {shlex.quote(device.path)}",
+                           hint="without a superblock not even a read-only mount is possible")
     sb, slot = max(found, key=lambda pair: pair[0].generation)
     if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
         raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "

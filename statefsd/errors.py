@@ -75,7 +75,9 @@ class StateFSError(Exception):
 
     @property
     def hint(self) -> str:
-        return HINTS.get(self.code, "")
+        """What to do next: the code's, unless this error knows better
+        (``hint=`` when raised)."""
+        return str(self.details.get("hint") or HINTS.get(self.code, ""))
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
