@@ -83,11 +83,9 @@ def run(image: str, *, repair_image: bool = False, dry_run: bool = False,
         checked = check(device, key_provider=key_provider, device_key=device_key, progress=progress)
         report = checked.report
         done = [f"done: {s}" for s in rebuilt.steps] + rebuilt.notes if rebuilt else []
-        if rebuilt:
-            source = "the identity copy and the log" if rebuilt.identity else "the log (no identity copy)"
-            report.issues.insert(0, Issue(ERROR, "superblock", f"both superblock slots were lost; rebuilt from "
-                                          f"{source}", repairable=True))
-        if len(report.errors) == (1 if rebuilt else 0):   # nothing but the rebuilt superblock
+        rebuild_issues = _rebuild_issues(rebuilt) if rebuilt else []
+        report.issues[:0] = rebuild_issues
+        if len(report.errors) == len(rebuild_issues):   # the log needs nothing
             report.exit_code = FsckExit.CORRECTED if rebuilt else FsckExit.CLEAN
             if repair_image or dry_run:
                 report.repair = {"performed": bool(rebuilt), "planned": rebuilt.steps if rebuilt else [],
@@ -116,6 +114,13 @@ def run(image: str, *, repair_image: bool = False, dry_run: bool = False,
         device.close()
 
 
+def _rebuild_issues(rebuilt: rebuild.Rebuild) -> list[Issue]:
+    """The findings a performed rebuild corrected (as far as anything can)."""
+    source = "the identity copy and the log" if rebuilt.identity else "the log (no identity copy)"
+    return [Issue(ERROR, "superblock", f"both superblock slots were lost; rebuilt from {source}", repairable=True)] + [
+        Issue(ERROR, "superblock", f"lost in the rebuild: {loss}", repairable=True) for loss in rebuilt.losses]
+
+
 def _lost_superblocks(device, rebuilt: rebuild.Rebuild, repairing: bool) -> Report:
     """The report when both slots are lost and nothing was written: what to
     run (a check), what --repair would write (--dry-run), or why nothing
@@ -132,6 +137,8 @@ def _lost_superblocks(device, rebuilt: rebuild.Rebuild, repairing: bool) -> Repo
     report.add(ERROR, "superblock", f"both superblock slots are lost; to rebuild the superblock from "
                                     f"{source}, run: fsck-statefs --repair {shlex.quote(device.path)}",
                repairable=True)
+    for loss in rebuilt.losses:
+        report.add(ERROR, "superblock", f"a rebuild cannot bring back: {loss}", repairable=True)
     if repairing:
         report.repair = {"performed": False, "dry_run": True, "planned": rebuilt.steps,
                          "log": [f"would {s}" for s in rebuilt.steps] + rebuilt.notes

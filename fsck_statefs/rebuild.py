@@ -39,6 +39,7 @@ class Candidate:
     damaged_trailers: int = 0
     chain_hashes: set[bytes] = field(default_factory=set)   # hash of every COMMIT walked
     deleted: dict[bytes, int] = field(default_factory=dict)  # path -> highest txn id of a DELETE of it
+    end: ScanEnd | None = None  # where and why the walk stopped
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -50,6 +51,7 @@ class Rebuild:
     sb: fmt.Superblock | None           # None: nothing can be rebuilt (see problem)
     steps: list[str] = field(default_factory=list)   # what --repair does, in words
     notes: list[str] = field(default_factory=list)   # what the rebuilt superblock cannot bring back
+    losses: list[str] = field(default_factory=list)  # committed data the rebuild cannot bring back
     problem: str = ""
     identity: bool = False              # identity fields came from the identity copy
 
@@ -105,8 +107,9 @@ def plan_rebuild(device: BlockDevice) -> Rebuild:
         return Rebuild(None, problem="both superblock slots are lost and the image is encrypted, but there is "
                                      "no identity copy: the device uuid and salt its values are sealed under "
                                      "are gone, so no superblock can be rebuilt; restore the image from a copy")
+    losses: list[str] = []
     if best:
-        active, why = _choose_active(device, best)
+        active, why = _choose_active(device, best, losses)
         sb = active.sb
         chain = (f"take the chain base from the {active.chain_from} of region {active.region}"
                  if active.chain_from else "take the genesis hash as the chain base (the region holds no COMMIT)")
@@ -127,7 +130,7 @@ def plan_rebuild(device: BlockDevice) -> Rebuild:
              f"reserve txn ids through {sb.txn_reserved} and take generation {sb.generation} (above every txn "
              f"id and mount generation on the device); durable floor unknown (0)",
              "write the rebuilt superblock to both slots, then flush"]
-    return Rebuild(sb, steps, notes, identity=identity is not None)
+    return Rebuild(sb, steps, notes, losses, identity=identity is not None)
 
 
 def _newest_base(device: BlockDevice, bases: list[fmt.Superblock]) -> list[Candidate]:
@@ -142,8 +145,9 @@ def _newest_base(device: BlockDevice, bases: list[fmt.Superblock]) -> list[Candi
     return best
 
 
-def _choose_active(device: BlockDevice, found: list[Candidate]) -> tuple[Candidate, str]:
-    """The region written last, unless it is a compaction cut before its switch."""
+def _choose_active(device: BlockDevice, found: list[Candidate], losses: list[str]) -> tuple[Candidate, str]:
+    """The region written last, unless it is a compaction cut before its
+    switch. What cannot be told apart and may be lost goes to ``losses``."""
     newest = found[0]
     why = (f"make log region {newest.region} active, the newest log on the device (epoch "
            f"{newest.sb.log_epoch}: {newest.groups} write groups, mount generation {newest.max_mount_gen}, "
@@ -155,6 +159,12 @@ def _choose_active(device: BlockDevice, found: list[Candidate]) -> tuple[Candida
     if lacking is None:
         return newest, why + (f"; region {other.region} holds an older log (mount generation "
                               f"{other.max_mount_gen}, txn ids through {other.max_txn})")
+    if newest.end is not None and newest.end.corrupt:
+        # Damage inside a finished compaction looks the same as a cut one:
+        # the older region is then the most that is left.
+        losses.append(f"log region {newest.region} is damaged at byte offset {newest.end.corruption_offset} "
+                      f"({newest.end.corruption}): it may have been a finished compaction, so whatever it "
+                      f"committed after its copy of region {other.region} is lost")
     return other, (f"make log region {other.region} active (epoch {other.sb.log_epoch}: {other.groups} write "
                    f"groups): region {newest.region}, though written later, holds a compaction cut before its "
                    f"superblock switch (it lacks the newest version of {lacking.decode('utf-8', 'replace')!r} "
@@ -226,7 +236,7 @@ def _walk(device: BlockDevice, base: fmt.Superblock, region: int) -> Candidate |
     chain_base = None
     for item in scan_groups(device, sb):
         if isinstance(item, ScanEnd):
-            c.damaged_trailers = len(item.damaged_trailers)
+            c.damaged_trailers, c.end = len(item.damaged_trailers), item
             break
         c.groups += 1
         for rec in item:

@@ -226,3 +226,28 @@ def test_a_rebuild_cut_by_power_loss_leaves_a_valid_slot_or_lost_slots_that_rebu
         with Engine.mount(crashed, key_provider=fixed_key) as e:
             assert {k: e.get(k) for k in e.list()} == expected
     assert redone
+
+
+def test_damage_inside_the_newest_compaction_falls_back_to_the_older_log_and_reports_the_loss(tmp_path):
+    path = make_image(tmp_path / "img", 4 << 20, redundancy="off")
+    with mount(path) as e:
+        for prefix in "kmn":   # three snapshot batches of 128 ops: three compaction groups
+            e.commit([Mutation("put", f"{prefix}/{i:03d}", bytes([i]) * 300) for i in range(100)])
+        before_compaction = {k: e.get(k) for k in e.list()}
+        e.compact()
+        e.commit([Mutation("put", "after/compaction", b"lost with the damage")])
+        start = e.sb.active_extent[0]
+    with FileDevice(path, read_only=True) as dev:
+        second_group = next(off for off in range(start + fmt.GROUP_ALIGN, start + (1 << 20), fmt.GROUP_ALIGN)
+                            if fmt.unpack_header(dev.read(off, fmt.HEADER_SIZE)).group == 2)
+    patch(path, second_group + fmt.HEADER_SIZE + 100, b"rot")
+    _destroy_slots(path, "zeroed")
+
+    check_only = fsck(path)
+    assert check_only.returncode == 4 and f"damaged at byte offset {second_group}" in check_only.stdout
+    proc = fsck(path, "--repair", "--json")
+    rep = json.loads(proc.stdout)
+    assert rep["exit_code"] == 1
+    assert any("lost in the rebuild" in f["reason"] and "after its copy of region 0 is lost" in f["reason"]
+               for f in rep["findings"])
+    assert state(path) == before_compaction
