@@ -17,7 +17,7 @@ from statefsd import format as fmt
 from statefsd.blockdev import BlockDevice
 from statefsd.engine import read_identity_copy
 from statefsd.errors import FormatError
-from statefsd.logscan import ScanEnd, scan_groups
+from statefsd.logscan import ScanEnd, first_record, scan_groups
 from statefsd.replay import replay
 
 from fsck_statefs.repair import highest_counters_on_device
@@ -77,7 +77,7 @@ def looks_like_statefs(device: BlockDevice) -> bool:
         return True
     if read_identity_copy(device) is not None:
         return True
-    return _first_record_epoch(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is not None
+    return first_record(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is not None
 
 
 def plan_rebuild(device: BlockDevice) -> Rebuild:
@@ -214,24 +214,13 @@ def _fit(c: Candidate) -> tuple:
     return c.rank, c.records, -c.damaged_trailers
 
 
-def _first_record_epoch(device: BlockDevice, offset: int) -> int | None:
-    """The epoch of the record at ``offset`` if it is the first record of a
-    log (group 1, seq 0, a valid checksum)."""
-    h = fmt.unpack_header(device.read(offset, fmt.HEADER_SIZE))
-    if fmt.header_problem(h) or h.type == fmt.PARITY or h.group != 1 or h.seq != 0:
-        return None
-    if not fmt.record_crc_ok(device.read(offset, fmt.HEADER_SIZE + h.payload_len), 0, h):
-        return None
-    return h.epoch
-
-
 def _walk(device: BlockDevice, base: fmt.Superblock, region: int) -> Candidate | None:
     """Walk ``region`` with statefsd's reader as the active region under the
     epoch of its first record; None when it holds no complete write group."""
-    epoch = _first_record_epoch(device, base.regions[region][0] * fmt.BLOCK_SIZE)
-    if epoch is None:
+    first = first_record(device, base.regions[region][0] * fmt.BLOCK_SIZE)
+    if first is None:
         return None
-    sb = base.evolve(active_region=region, log_epoch=epoch, durable_end=0)
+    sb = base.evolve(active_region=region, log_epoch=first.epoch, durable_end=0)
     c = Candidate(region, sb)
     chain_base = None
     for item in scan_groups(device, sb):

@@ -41,7 +41,7 @@ from statefsd.errors import (
     CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
     NotFound, ReadOnly, StateFSError, TooBig,
 )
-from statefsd.logscan import apply_patches, repair_record
+from statefsd.logscan import apply_patches, first_record, repair_record
 from statefsd.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
@@ -109,7 +109,8 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
         else:
             found.append((status.superblock, index))
     if not found:
-        if not magic_seen and read_identity_copy(device) is None:
+        if (not magic_seen and read_identity_copy(device) is None
+                and first_record(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is None):
             raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
         raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)}); "
                            f"to rebuild the superblock from the identity copy and the log, run: "

@@ -11,6 +11,7 @@ import pytest
 from statefsd import format as fmt
 from statefsd.blockdev import FileDevice
 from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.errors import CorruptImage
 
 from fsck_images import digest, fixed_key, forge_superblock, fsck, make_image, mount, patch, put_each, state
 from fsck_statefs.cli import run
@@ -73,7 +74,6 @@ def test_a_check_without_repair_names_the_command_and_dry_run_writes_nothing(tmp
 
 
 def test_statefsd_refuses_lost_superblocks_and_names_the_fsck_command(tmp_path):
-    from statefsd.errors import CorruptImage
     path = make_image(tmp_path / "img", 4 << 20)
     put_each(path, VALUES)
     _destroy_slots(path, "zeroed")
@@ -129,6 +129,8 @@ def test_a_format_2_0_image_is_rebuilt_with_the_2_0_layout(tmp_path):
         layout = read_superblock(dev)[0].regions
     _destroy_slots(path, "zeroed")
 
+    with pytest.raises(CorruptImage, match=f"run: fsck-statefs --repair {path}"):
+        mount(path)      # no magic, no identity copy: the log's first record still marks a StateFS image
     assert fsck(path, "--repair").returncode == 1
     with FileDevice(path, read_only=True) as dev:
         assert read_superblock(dev)[0].regions == layout
