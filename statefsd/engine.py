@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ from statefsd.errors import (
     CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
     NotFound, ReadOnly, StateFSError, TooBig,
 )
-from statefsd.logscan import apply_patches, repair_record
+from statefsd.logscan import apply_patches, first_record, repair_record
 from statefsd.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
@@ -109,14 +110,34 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
         else:
             found.append((status.superblock, index))
     if not found:
-        if not magic_seen:
+        if (not magic_seen and read_identity_copy(device) is None
+                and first_record(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is None):
             raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
-        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)})")
+        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)}); "
+                           f"to rebuild the superblock from the identity copy and the log, run: "
+                           f"fsck-statefs --repair {shlex.quote(device.path)}",
+                           hint="without a superblock not even a read-only mount is possible")
     sb, slot = max(found, key=lambda pair: pair[0].generation)
     if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
         raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "
                            f"device has only {device.size // fmt.BLOCK_SIZE} (truncated image?)")
     return sb, slot, problems
+
+
+def read_identity_copy(device: BlockDevice) -> fmt.Superblock | None:
+    """The mkfs superblock kept in the device's last block (format 2.1), or
+    None when that block holds no valid copy (a 2.0 image keeps log data
+    there, which never passes the magic, CRC and layout checks)."""
+    total_blocks = device.size // fmt.BLOCK_SIZE
+    if total_blocks <= fmt.LOG_START_BLOCK:
+        return None
+    try:
+        sb = fmt.decode_superblock(device.read(fmt.identity_copy_offset(total_blocks), fmt.BLOCK_SIZE)).superblock
+    except FormatError:
+        return None
+    if sb is None or sb.total_blocks != total_blocks or not fmt.has_identity_copy(sb):
+        return None
+    return sb
 
 
 COUNTER_HEADROOM = 1 << 32   # far more ids and generations than any device will use
@@ -242,6 +263,10 @@ class Engine:
         block = fmt.encode_superblock(sb)
         for offset in (*fmt.SUPERBLOCK_OFFSETS, sb.identity_copy_offset):
             device.write(offset, block)
+        # No log of an earlier file system may open a region: rebuilding a
+        # lost superblock takes a region's first record for the start of a log.
+        for start, _blocks in sb.regions:
+            device.write(start * fmt.BLOCK_SIZE, bytes(fmt.BLOCK_SIZE))
         device.flush()
         return sb
 

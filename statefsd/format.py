@@ -206,17 +206,22 @@ def new_superblock(total_bytes: int, *, encryption: int = ENCRYPTION_OFF,
         raise FormatError(f"device of {total_bytes} bytes is too small; StateFS needs at least "
                           f"{MIN_IMAGE_BYTES >> 20} MiB")
     total_blocks = total_bytes // BLOCK_SIZE
-    half = (total_blocks - LOG_START_BLOCK - IDENTITY_COPY_BLOCKS) // 2
     uid = device_uuid or uuidlib.uuid4().bytes
     return Superblock(
-        generation=1, device_uuid=uid, total_blocks=total_blocks,
-        regions=((LOG_START_BLOCK, half), (LOG_START_BLOCK + half, half)),
+        generation=1, device_uuid=uid, total_blocks=total_blocks, regions=region_layout(total_blocks),
         encryption=encryption, key_descriptor=key_descriptor, salt=salt,
         chain_base=genesis_hash(uid), redundancy=redundancy,
     )
 
 
 IDENTITY_COPY_BLOCKS = 1
+
+
+def region_layout(total_blocks: int, identity_copy: bool = True) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two equal log regions mkfs lays out; ``identity_copy=False`` is
+    the format 2.0 layout, whose regions may reach the last block."""
+    half = (total_blocks - LOG_START_BLOCK - (IDENTITY_COPY_BLOCKS if identity_copy else 0)) // 2
+    return (LOG_START_BLOCK, half), (LOG_START_BLOCK + half, half)
 
 
 def has_identity_copy(sb: Superblock) -> bool:

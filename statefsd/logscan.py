@@ -251,6 +251,20 @@ def decide_stop(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
     _look_for_durable_records_beyond(window, sb, end)
 
 
+def first_record(device: BlockDevice, offset: int) -> fmt.RecordHeader | None:
+    """The header at ``offset`` if it opens a log: a valid record (checksum
+    included) of group 1, seq 0. Any epoch: this is how a log is found
+    without a superblock."""
+    if offset + fmt.HEADER_SIZE > device.size:
+        return None
+    h = fmt.unpack_header(device.read(offset, fmt.HEADER_SIZE))
+    if fmt.header_problem(h) or h.type == fmt.PARITY or h.group != 1 or h.seq != 0:
+        return None
+    if not fmt.record_crc_ok(device.read(offset, fmt.HEADER_SIZE + h.payload_len), 0, h):
+        return None
+    return h
+
+
 # ------------------------------------------------------------------ parity
 
 def _parity_record(window: _Window, at: int, sb: fmt.Superblock, first: fmt.RecordHeader,

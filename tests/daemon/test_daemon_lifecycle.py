@@ -149,6 +149,30 @@ def test_encrypted_image_without_a_keystore_is_refused_with_ekey(ws, tmp_path):
     assert line.count("--keystore-socket") == 1 and line.count("start keystored") == 1, line
 
 
+def test_lost_superblocks_are_refused_with_ecorrupt_naming_the_fsck_command_that_rebuilds_them(ws):
+    daemon = ws.start()
+    with daemon.client() as c:
+        for i in range(10):
+            c.put(f"keep/{i}", str(i).encode())
+    assert daemon.stop(signal.SIGTERM) == 0
+    with open(ws.image, "r+b") as f:   # both slots: blocks 0 and 1
+        f.write(bytes(8192))
+    refused = ws.start(wait=False)
+    assert refused.wait_exit() == Code.ECORRUPT
+    assert any(line.startswith("statefsd: ERROR ECORRUPT: ") and
+               f"run: fsck-statefs --repair {ws.image}" in line and "mount read-only to read" not in line
+               for line in refused.stderr), refused.stderr
+    fsck = subprocess.run([sys.executable, "-m", "fsck_statefs", "--repair", ws.image], cwd=REPO,
+                          env=env_with_repo(), capture_output=True, text=True, timeout=60)
+    assert fsck.returncode == 1, fsck.stdout + fsck.stderr
+    restarted = ws.start()
+    with restarted.client() as c:
+        assert c.list("keep/") == sorted(f"keep/{i}" for i in range(10))
+        assert c.get("keep/7") == b"7"
+        c.put("after/rebuild", b"ok")
+    assert restarted.stop(signal.SIGTERM) == 0
+
+
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_sd_notify_ready_and_stopping_reach_the_notify_socket(ws, abstract):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

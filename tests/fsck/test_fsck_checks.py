@@ -185,13 +185,15 @@ def test_bad_command_line_is_a_usage_error_16(argv):
     assert "usage: fsck-statefs" in proc.stderr
 
 
-def test_both_superblock_slots_damaged_is_an_uncorrectable_error(img):
+def test_both_superblock_slots_with_bad_checksums_are_an_error_that_repair_rebuilds(img):
     for offset in fmt.SUPERBLOCK_OFFSETS:
         patch(img, offset + 20, b"\x00\x01")
-    proc = fsck(img, "--repair", "--json")
-    rep = json.loads(proc.stdout)
-    assert proc.returncode == 4
-    assert rep["findings"][0]["kind"] == "superblock" and rep["repair"]["blocked"]
+    found = json.loads(fsck(img, "--json").stdout)
+    assert found["exit_code"] == 4 and found["findings"][0]["kind"] == "superblock"
+    rep = json.loads(fsck(img, "--repair", "--json").stdout)
+    assert rep["exit_code"] == 1 and rep["repair"]["performed"]
+    assert rep["summary"]["committed_txns"] == len(VALUES)
+    assert fsck(img).returncode == 0
 
 
 def test_one_torn_superblock_slot_is_a_note(img):
