@@ -72,12 +72,24 @@ def validate_path(path: str) -> bytes:
         raw = path.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidArgument("a key must be valid UTF-8") from None
-    if b"\x00" in raw:
-        raise InvalidArgument("a key must not contain NUL")
-    if len(raw) > fmt.MAX_KEY_BYTES:
-        raise TooBig(f"key of {len(raw)} bytes exceeds the limit of {fmt.MAX_KEY_BYTES}",
-                     hint=f"use a key of at most {fmt.MAX_KEY_BYTES} UTF-8 bytes")
+    problem = fmt.path_problem(raw)
+    if problem and len(raw) > fmt.MAX_KEY_BYTES:
+        raise TooBig(problem, hint=f"use a key of at most {fmt.MAX_KEY_BYTES} UTF-8 bytes")
+    if problem:
+        raise InvalidArgument(problem)
     return raw
+
+
+def mutation_op(m: Mutation) -> tuple[fmt.Op, bytes]:
+    """A mutation as an op and its value: the key's form is checked here,
+    whether the ops fit one transaction by fmt.transaction_problem."""
+    path = validate_path(m.path)
+    if m.kind == "put":
+        value = bytes(m.value)
+        return fmt.Op(fmt.OP_PUT, path, len(value)), value
+    if m.kind == "delete":
+        return fmt.Op(fmt.OP_DELETE, path), b""
+    raise InvalidArgument(f"unknown operation {m.kind!r}; use 'put' or 'delete'")
 
 
 def _no_audit(event: str, **fields) -> None:
@@ -553,25 +565,10 @@ class Engine:
 
     @staticmethod
     def _validate(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
-        if not mutations:
-            raise InvalidArgument("a transaction needs at least one operation")
-        if len(mutations) > fmt.MAX_TXN_OPS:
-            raise TooBig(f"{len(mutations)} operations exceed the limit of {fmt.MAX_TXN_OPS} per transaction")
-        ops, total = [], 0
-        for m in mutations:
-            path = validate_path(m.path)
-            if m.kind == "put":
-                value = bytes(m.value)
-                if len(value) > fmt.MAX_VALUE_BYTES:
-                    raise TooBig(f"value of {len(value)} bytes exceeds the limit of {fmt.MAX_VALUE_BYTES}")
-                total += len(value)
-                ops.append((fmt.Op(fmt.OP_PUT, path, len(value)), value))
-            elif m.kind == "delete":
-                ops.append((fmt.Op(fmt.OP_DELETE, path), b""))
-            else:
-                raise InvalidArgument(f"unknown operation {m.kind!r}; use 'put' or 'delete'")
-        if total > fmt.MAX_TXN_BYTES:
-            raise TooBig(f"transaction of {total} value bytes exceeds the limit of {fmt.MAX_TXN_BYTES}")
+        ops = [mutation_op(m) for m in mutations]
+        problem = fmt.transaction_problem([op for op, _ in ops])
+        if problem:
+            raise (TooBig if ops else InvalidArgument)(problem)
         return ops
 
     def _txn_bytes(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
@@ -709,7 +706,8 @@ class Engine:
         began = time.monotonic()
         with self._writer():  # phase 0: a consistent snapshot, and txn ids for it
             snapshot = dict(self.index)
-            batches = _snapshot_batches(sorted(snapshot.items()))
+            batches = _compaction_batches(sorted(snapshot.items()),
+                                          lambda item: fmt.Op(fmt.OP_PUT, item[0], item[1].size))
             cur = _LogCursor(epoch=epoch, group=1, seq=0, offset=start, chain=self._chain,
                              txn_id=self._next_txn, mount_gen=self._mount_gen, parity=self._parity)
             self._next_txn += len(batches)
@@ -727,11 +725,11 @@ class Engine:
                 delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), self._read(path, entry))
                          for path, entry in self.index.items() if snapshot.get(path) is not entry]
                 delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in self.index]
-                for i in range(0, len(delta), fmt.MAX_TXN_OPS):
+                for ops in _compaction_batches(delta, lambda pair: pair[0]):
                     cur.txn_id = self._next_txn
                     if cur.txn_id > self.sb.txn_reserved:
                         self._reserve_txn_ids(cur.txn_id)
-                    self._append_snapshot_txn(cur, delta[i:i + fmt.MAX_TXN_OPS], index, limit)
+                    self._append_snapshot_txn(cur, ops, index, limit)
                     self._next_txn = cur.txn_id
                 if self.signer is not None:
                     blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
@@ -817,18 +815,11 @@ class Engine:
         self._sb_slot = sb.generation % 2
 
 
-def _snapshot_batches(items: list[tuple[bytes, Entry]]) -> list[list[tuple[bytes, Entry]]]:
-    """Split the live state into transactions within the caps."""
-    batches, batch, size = [], [], 0
-    for path, entry in items:
-        if batch and (len(batch) == fmt.MAX_TXN_OPS or size + entry.size > fmt.MAX_TXN_BYTES // 4):
-            batches.append(batch)
-            batch, size = [], 0
-        batch.append((path, entry))
-        size += entry.size
-    if batch:
-        batches.append(batch)
-    return batches
+def _compaction_batches(items: list, op_of: Callable) -> list[list]:
+    """Cut compaction's snapshot or catch-up ops into transactions by the
+    transaction rule, with at most MAX_TXN_BYTES / 4 of values per batch (a
+    larger single value forms its own) so that each group stays modest."""
+    return fmt.split_into_transactions(items, op_of, value_budget=fmt.MAX_TXN_BYTES // 4)
 
 
 class _LogCursor:

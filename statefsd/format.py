@@ -44,13 +44,13 @@ import hashlib
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import construct as cs
 import crc32c as _crc32c
 import numpy as np
 
-from statefsd.errors import FormatError
+from statefsd.errors import FormatError, InternalError
 
 # ---------------------------------------------------------------- constants
 
@@ -67,7 +67,8 @@ SUPERBLOCK_MAGIC = b"STATEFS\x00"
 RECORD_MAGIC = b"R2"
 HEADER_SIZE = 64
 
-# Caps (documented in docs/statefs.md, section "Limits").
+# Caps (documented in docs/statefs.md, section "Limits"); transaction_problem
+# below is the one rule that applies them.
 MAX_KEY_BYTES = 512               # UTF-8 bytes of a path
 MAX_VALUE_BYTES = 8 << 20         # one value
 MAX_TXN_OPS = 128                 # operations (keys) per transaction
@@ -442,7 +443,127 @@ _PREPARE_HEAD = struct.Struct("<H")
 _PREPARE_OP = struct.Struct("<BBHI")   # kind, reserved, path_len, value_len
 
 
-def encode_prepare(ops: list[Op]) -> bytes:
+# ------------------------------------------------------ the transaction rule
+#
+# What fits one transaction is decided here and nowhere else: the engine
+# validates commits with it, the server caps a buffered transaction with it,
+# compaction cuts its snapshot and catch-up transactions with it, the PREPARE
+# decoder refuses what breaks it and the encoder will not write what breaks
+# it. A writer that followed a rule of its own could write a transaction the
+# reader calls corrupt, losing data that was acknowledged.
+
+NO_OPERATIONS = "a transaction needs at least one operation"
+
+
+def path_problem(path: bytes) -> str:
+    """"" when ``path`` is a valid key: 1..MAX_KEY_BYTES bytes of UTF-8 without NUL."""
+    if not path:
+        return "a key must not be empty"
+    if len(path) > MAX_KEY_BYTES:
+        return f"key of {len(path)} bytes exceeds the limit of {MAX_KEY_BYTES}"
+    if b"\x00" in path:
+        return "a key must not contain NUL"
+    if not _is_utf8(path):
+        return "a key must be valid UTF-8"
+    return ""
+
+
+def op_problem(op: Op) -> str:
+    """"" when ``op`` on its own could be part of a transaction."""
+    if op.kind not in (OP_PUT, OP_DELETE):
+        return f"operation kind {op.kind} unknown"
+    problem = path_problem(op.path)
+    if problem:
+        return problem
+    if op.kind == OP_DELETE and op.value_len:
+        return f"a delete carries no value (value length {op.value_len})"
+    if op.value_len > MAX_VALUE_BYTES:
+        return f"value of {op.value_len} bytes exceeds the limit of {MAX_VALUE_BYTES}"
+    return ""
+
+
+class TransactionTally:
+    """Running totals of a transaction being built; ``problem`` applies the
+    transaction rule to them, so a buffer that grows op by op (the server's,
+    compaction's batches) checks each op in constant time."""
+
+    __slots__ = ("count", "value_bytes", "first_op_problem")
+
+    def __init__(self, ops: Sequence[Op] = ()) -> None:
+        self.count = 0
+        self.value_bytes = 0
+        self.first_op_problem = ""
+        for op in ops:
+            self.add(op)
+
+    def add(self, op: Op) -> None:
+        self.count += 1
+        self.value_bytes += op.value_len
+        if not self.first_op_problem:
+            self.first_op_problem = op_problem(op)
+
+    def problem(self, adding: Op | None = None) -> str:
+        """"" when the ops counted so far (plus ``adding``, if given) fit one
+        transaction; otherwise what is wrong."""
+        count, value_bytes, first = self.count, self.value_bytes, self.first_op_problem
+        if adding is not None:
+            count, value_bytes = count + 1, value_bytes + adding.value_len
+            first = first or op_problem(adding)
+        if count < 1:
+            return NO_OPERATIONS
+        if count > MAX_TXN_OPS:
+            return f"{count} operations exceed the limit of {MAX_TXN_OPS} per transaction"
+        if first:
+            return first
+        if value_bytes > MAX_TXN_BYTES:
+            return f"transaction of {value_bytes} value bytes exceeds the limit of {MAX_TXN_BYTES}"
+        return ""
+
+
+def transaction_problem(ops: Sequence[Op]) -> str:
+    """The one rule: "" when ``ops`` fit one transaction, else why not.
+
+    A transaction has 1..MAX_TXN_OPS ops; each is a PUT or a DELETE of a path
+    of 1..MAX_KEY_BYTES bytes of UTF-8 without NUL; a PUT's value is at most
+    MAX_VALUE_BYTES, a DELETE has none; the values add up to at most
+    MAX_TXN_BYTES."""
+    return TransactionTally(ops).problem()
+
+
+T = TypeVar("T")
+
+
+def split_into_transactions(items: Sequence[T], op_of: Callable[[T], Op] = lambda item: item,
+                            value_budget: int = MAX_TXN_BYTES) -> list[list[T]]:
+    """Cut ``items`` (in order) into as few consecutive batches as greedily
+    fit: each batch is one transaction by ``transaction_problem`` and holds at
+    most ``value_budget`` value bytes, unless a single larger value forms a
+    batch of its own. An item whose op fits no transaction is a bug of the
+    caller (its ops were validated when committed): InternalError."""
+    batches: list[list[T]] = []
+    batch: list[T] = []
+    tally = TransactionTally()
+    for item in items:
+        op = op_of(item)
+        if batch and (tally.problem(op) or tally.value_bytes + op.value_len > value_budget):
+            batches.append(batch)
+            batch, tally = [], TransactionTally()
+        problem = tally.problem(op)
+        if problem:
+            raise InternalError(f"an operation fits no transaction: {problem}")
+        batch.append(item)
+        tally.add(op)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def encode_prepare(ops: Sequence[Op]) -> bytes:
+    """The PREPARE payload of ``ops``; InternalError rather than write one
+    that decode_prepare would refuse (a reader would call it corruption)."""
+    problem = transaction_problem(ops)
+    if problem:
+        raise InternalError(f"refusing to write a PREPARE that breaks the transaction rule: {problem}")
     parts = [_PREPARE_HEAD.pack(len(ops))]
     for op in ops:
         parts.append(_PREPARE_OP.pack(op.kind, 0, len(op.path), op.value_len))
@@ -451,34 +572,29 @@ def encode_prepare(ops: list[Op]) -> bytes:
 
 
 def decode_prepare(payload: bytes) -> list[Op]:
-    """Parse a PREPARE payload; raises ValueError naming the problem."""
+    """Parse a PREPARE payload; raises ValueError naming the problem.
+    The parse checks the bytes' shape; whether the ops form a valid
+    transaction is ``transaction_problem``'s to say."""
     if len(payload) < 2:
         raise ValueError("PREPARE payload too short")
     (count,) = _PREPARE_HEAD.unpack_from(payload, 0)
-    if count < 1 or count > MAX_TXN_OPS:
-        raise ValueError(f"PREPARE op count {count} outside 1..{MAX_TXN_OPS}")
-    pos, ops, total = 2, [], 0
+    pos, ops = 2, []
     for _ in range(count):
         if pos + _PREPARE_OP.size > len(payload):
             raise ValueError("PREPARE op truncated")
         kind, reserved, plen, vlen = _PREPARE_OP.unpack_from(payload, pos)
         pos += _PREPARE_OP.size
-        if kind not in (OP_PUT, OP_DELETE) or reserved:
-            raise ValueError(f"PREPARE op kind {kind} unknown")
-        if not 1 <= plen <= MAX_KEY_BYTES or pos + plen > len(payload):
-            raise ValueError(f"PREPARE path length {plen} invalid")
-        path = bytes(payload[pos:pos + plen])
-        if b"\x00" in path or not _is_utf8(path):
-            raise ValueError("PREPARE path is not UTF-8 without NUL")
-        if vlen > MAX_VALUE_BYTES or (kind == OP_DELETE and vlen):
-            raise ValueError(f"PREPARE value length {vlen} invalid")
-        total += vlen
-        ops.append(Op(kind, path, vlen))
+        if reserved:
+            raise ValueError(f"PREPARE op reserved byte {reserved} is not zero")
+        if pos + plen > len(payload):
+            raise ValueError(f"PREPARE path length {plen} runs past the payload")
+        ops.append(Op(kind, bytes(payload[pos:pos + plen]), vlen))
         pos += plen
     if pos != len(payload):
         raise ValueError("PREPARE payload has trailing bytes")
-    if total > MAX_TXN_BYTES:
-        raise ValueError(f"PREPARE total value bytes {total} over the cap")
+    problem = transaction_problem(ops)
+    if problem:
+        raise ValueError(f"PREPARE: {problem}")
     return ops
 
 

@@ -19,12 +19,12 @@ import time
 from typing import Any, Callable
 
 from statefsd import protocol, unixsock
-from statefsd.engine import Mutation, validate_path
+from statefsd.engine import Mutation, mutation_op
 from statefsd.errors import (
     Code, ConnectionFailed, InternalError,
     InvalidArgument, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
 )
-from statefsd.format import MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+from statefsd.format import TransactionTally
 
 log = logging.getLogger("statefsd.server")
 
@@ -48,18 +48,16 @@ class TxnBuffer:
 
     def __init__(self) -> None:
         self.mutations: list[Mutation] = []
-        self.value_bytes = 0
+        self.tally = TransactionTally()
 
     def add(self, kind: str, key: str, value: bytes = b"") -> None:
-        validate_path(key)
-        if len(value) > MAX_VALUE_BYTES:
-            raise TooBig(f"value of {len(value)} bytes exceeds the {MAX_VALUE_BYTES}-byte cap")
-        if len(self.mutations) + 1 > MAX_TXN_OPS:
-            raise TooBig(f"transaction exceeds {MAX_TXN_OPS} operations")
-        if self.value_bytes + len(value) > MAX_TXN_BYTES:
-            raise TooBig(f"transaction values exceed {MAX_TXN_BYTES} bytes")
-        self.mutations.append(Mutation(kind, key, value))
-        self.value_bytes += len(value)
+        mutation = Mutation(kind, key, value)
+        op, _ = mutation_op(mutation)
+        problem = self.tally.problem(op)
+        if problem:
+            raise TooBig(problem)
+        self.mutations.append(mutation)
+        self.tally.add(op)
 
 
 class Session:

@@ -77,11 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, **LONG)
     seeds = args.seeds or (LONG_SEEDS if args.long else DEFAULT_SEEDS)
     names = args.workload or sorted(WORKLOADS)
-    tasks = [Task(name, seed, settings) for seed in range(args.seed, args.seed + seeds) for name in names]
+    tasks = [Task(name, seed, WORKLOADS[name].settings(settings))
+             for seed in range(args.seed, args.seed + seeds) for name in names
+             if seed < args.seed + workload_seeds(WORKLOADS[name], args)]
     print(f"power-loss campaign: system {args.system}; {model.describe()}")
     print(f"{len(names)} workloads x {seeds} seeds (from {args.seed}); {settings.limit} outcomes per crash "
           f"point (+{settings.extra} byte cuts); second cut every {settings.second_every or 'no'} points; "
           f"{args.workers} workers")
+    for name in names:
+        wl = WORKLOADS[name]
+        if wl.outcomes is not None or workload_seeds(wl, args) != seeds:
+            st = wl.settings(settings)
+            print(f"  {name}: {workload_seeds(wl, args)} seeds, {st.limit} outcomes per crash point "
+                  f"(+{st.extra} byte cuts) (a costly workload)")
     print(fsckhook.resolve()[1])
     sys.stdout.flush()
     started = time.perf_counter()
@@ -125,6 +133,16 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def workload_seeds(wl, args) -> int:
+    """Seeds for one workload: --seeds if given; else the campaign's default, or a costly
+    workload's own (scaled up for --long like the default)."""
+    if args.seeds:
+        return args.seeds
+    if wl.seeds is None:
+        return LONG_SEEDS if args.long else DEFAULT_SEEDS
+    return wl.seeds * LONG_SEEDS // DEFAULT_SEEDS if args.long else wl.seeds
 
 
 def progress(total: int):

@@ -205,6 +205,64 @@ class Session:
         """A step that must not change the logical state (e.g. compaction, once it exists)."""
         step(self.engine)
 
+    def compact_during(self, batches: list[list[Mutation]]) -> None:
+        """Compact, and commit each batch while the compaction copies its snapshot.
+
+        The compaction's first snapshot write is held at the gate; meanwhile each batch is
+        committed from a thread of its own whose writes alone are let through, so every one
+        lands in the old region after the snapshot was taken and must reach the new region
+        through the catch-up. Deterministic: nothing here depends on the scheduler."""
+        stats: list[dict] = []
+        errors: list[BaseException] = []
+
+        def compactor() -> None:
+            try:
+                stats.append(self.engine.compact())
+            except BaseException as exc:  # re-raised in the main thread below
+                errors.append(exc)
+
+        thread = threading.Thread(target=compactor, daemon=True)
+        self.gate.hold()
+        try:
+            thread.start()
+            wait_until(lambda: thread.ident in self.gate.waiting() or not thread.is_alive(),
+                       "the compaction's first snapshot write")
+            if not thread.is_alive():
+                raise RuntimeError(f"campaign: compaction ended before writing a snapshot: {errors}")
+            for mutations in batches:
+                self._commit_admitted(mutations)
+        finally:
+            self.gate.release()
+        thread.join(WAIT_SECONDS)
+        if errors:
+            raise errors[0]
+        if not stats or stats[0]["delta_ops"] < sum(map(len, batches)):
+            raise RuntimeError(f"campaign: the commits did not reach the compaction's catch-up: {stats}")
+
+    def _commit_admitted(self, mutations: list[Mutation]) -> None:
+        """commit() from a thread of its own, letting through the gate only that thread's writes."""
+        result: list[tuple[int, int]] = []
+        errors: list[BaseException] = []
+        submit = self.ops()
+
+        def worker() -> None:
+            try:
+                result.append((self.engine.commit(mutations), self.ops()))
+            except NoSpace:
+                pass
+            except BaseException as exc:  # re-raised in the main thread below
+                errors.append(exc)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        self._drain([thread], only=thread.ident)
+        if errors:
+            raise errors[0]
+        if result:
+            self._record(result[0][0], mutations, submit, result[0][1])
+        else:
+            self.rejected += 1
+
     def finish(self) -> Run:
         self.engine.close()
         return Run(self.device.trace, Timeline({}, self.txns), self.salt, self.encrypted,

@@ -15,14 +15,17 @@ decorate it, and it runs in the default campaign. fsck joins through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 from statefsd.engine import Mutation, read_superblock
 from statefsd.simdev import CrashModel
 
 from statefsd.campaign.session import Run, Session
-from statefsd.campaign.systems import FixedSigner, System, format_image
+from statefsd.campaign.systems import DEVICE_BYTES, FixedSigner, System, format_image
+
+if TYPE_CHECKING:
+    from statefsd.campaign.runner import Settings
 
 KEYS = [f"k/{i}" for i in range(8)]
 
@@ -34,26 +37,40 @@ class Workload:
     encrypted: bool
     doc: str
     signed: bool = False
+    device_bytes: int = DEVICE_BYTES
+    # A costly workload (every recovery reads tens of MiB) runs fewer seeds (unless --seeds is
+    # given) and fewer outcomes per crash point, so that the whole campaign keeps its running time.
+    seeds: int | None = None        # default seeds per campaign (None: the campaign's own)
+    outcomes: int | None = None     # cap on sampled outcomes per crash point
+
+    def settings(self, base: "Settings") -> "Settings":
+        if self.outcomes is None:
+            return base
+        return replace(base, limit=min(base.limit, self.outcomes), extra=min(base.extra, 1),
+                       second_limit=min(base.second_limit, max(1, self.outcomes // 2)),
+                       second_extra=min(base.second_extra, 1))
 
 
 WORKLOADS: dict[str, Workload] = {}
 
 
-def workload(name: str, *, signed: bool = False):
+def workload(name: str, *, signed: bool = False, device_bytes: int = DEVICE_BYTES,
+             seeds: int | None = None, outcomes: int | None = None):
     def register(fn: Callable[[Session], None]):
         doc = " ".join((fn.__doc__ or "").split())
-        WORKLOADS[name] = Workload(name, fn, False, doc)
-        WORKLOADS[name + "-enc"] = Workload(name + "-enc", fn, True, doc + " Encryption on.")
+        size = {"device_bytes": device_bytes, "seeds": seeds, "outcomes": outcomes}
+        WORKLOADS[name] = Workload(name, fn, False, doc, **size)
+        WORKLOADS[name + "-enc"] = Workload(name + "-enc", fn, True, doc + " Encryption on.", **size)
         if signed:
             WORKLOADS[name + "-signed"] = Workload(name + "-signed", fn, False,
-                                                   doc + " Signed checkpoints.", signed=True)
+                                                   doc + " Signed checkpoints.", signed=True, **size)
         return fn
     return register
 
 
 def run_workload(system: System, wl: Workload, seed: int, model: CrashModel) -> Run:
     label = f"{wl.name}/{seed}"
-    device = format_image(label, encryption=wl.encrypted, model=model)
+    device = format_image(label, encryption=wl.encrypted, model=model, size=wl.device_bytes)
     salt = read_superblock(device)[0].salt
     session = Session(system, device, seed=hash_seed(label), encrypted=wl.encrypted, salt=salt,
                       signer=FixedSigner() if wl.signed else None)
@@ -158,3 +175,20 @@ def compaction(s: Session) -> None:
     s.maintain(lambda engine: engine.compact())
     for _ in range(4):
         s.put(s.rng.choice(KEYS[:5]), s.rng.randrange(8, 3000))
+
+
+@workload("compaction-large-values", device_bytes=44 << 20, seeds=1, outcomes=4)
+def compaction_large_values(s: Session) -> None:
+    """A compaction during whose snapshot copy three values of 5.5 to 6 MiB (more value bytes than
+    one transaction holds) and a delete with an overwrite are committed, so the catch-up must be cut
+    by bytes as well as ops; the snapshot holds a value of 256 KiB to 1 MiB; then an overwrite in
+    the new region (the checker's recoveries are the read-write mounts that follow). The image is just large enough for both regions to hold every value; one seed and
+    4 outcomes per crash point by default (each recovery reads about 20 MiB)."""
+    kib = 1024
+    for path in KEYS[:2]:
+        s.put(path, s.rng.randrange(8, 3000))
+    s.put("big/0", s.rng.randrange(256 * kib, 1024 * kib))
+    s.compact_during([[Mutation("put", f"big/{i}", s.value(s.rng.randrange(5632 * kib, 6144 * kib)))]
+                      for i in (1, 2, 3)]
+                     + [[Mutation("delete", KEYS[0]), Mutation("put", KEYS[1], s.value(500))]])
+    s.put("big/2", 100)
