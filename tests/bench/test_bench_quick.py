@@ -21,7 +21,7 @@ def _positive(value) -> bool:
 def test_quick_bench_reports_every_figure_and_ratio_with_positive_numbers(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([os.path.join(REPO, "scripts", "bench"), "--quick", "--json", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(out.read_text())
     figures = doc["figures"]

@@ -62,7 +62,8 @@ def test_mkfs_prints_the_usable_log_capacity_and_the_limits(tmp_path):
     with Engine.mount(FileDevice(str(image))) as engine:
         log = engine.info()["log_size"]
     lines = result.stdout.decode().splitlines()
-    assert lines[0] == f"statefs: formatted {image}: {64 << 20} bytes (64.0 MiB), encryption off"
+    assert lines[0] == (f"statefs: formatted {image}: {64 << 20} bytes (64.0 MiB), encryption off, "
+                        "redundancy parity")
     assert lines[1].startswith(f"  log capacity: {log} bytes (32.0 MiB) usable; the device holds two log regions")
     assert lines[2] == (f"  limits: a value up to 8.0 MiB, a key up to {MAX_KEY_BYTES} bytes, "
                         "a transaction up to 16.0 MiB of values")

@@ -328,9 +328,9 @@ def test_corrupt_image_is_ecorrupt_giving_its_advice_once(ws):
         middle = engine.log_end
         engine.put("second", b"2")
         engine.put("third", b"3")
-    with open(ws.image, "r+b") as f:  # damage inside a flushed group
+    with open(ws.image, "r+b") as f:  # damage inside a flushed group and its parity trailer
         f.seek(middle + 20)
-        f.write(b"\xff\xff")
+        f.write(b"\xff" * 600)
     daemon = ws.start(wait=False)
     assert daemon.wait_exit() == Code.ECORRUPT
     line = next(line for line in daemon.stderr if line.startswith("statefsd: ERROR ECORRUPT: "))

@@ -96,12 +96,14 @@ def test_key_disk_of_another_identity_is_a_violation_for_fsck_and_recovery(tmp_p
 
 def test_damaged_record_of_an_acked_txn_fails_fsck_and_recovery(tmp_path):
     image, keys, acks = encrypted_image_with_txns(tmp_path, 4)
-    # One flipped byte inside the first txn's records (its paths are the clear part of
-    # the PREPARE; its sealed values follow in the same 512-byte group), durable txns after.
+    # Flipped bytes in two sectors of the first txn's group (its paths are the clear part of
+    # the PREPARE; its sealed values follow), durable txns after: more than the group's
+    # parity trailer rebuilds.
     data = bytearray(image.read_bytes())
     pos = data.find(b"crash/0/a")
     assert pos > 0 and data.find(b"crash/1/a") - pos >= 512
     data[pos + 100] ^= 0x40
+    data[pos + 100 + 512] ^= 0x40
     image.write_bytes(bytes(data))
     verdict, problems = recover_on_host(image, acks, keys, tmp_path / "check")
     assert any(p.startswith("fsck-statefs exit 4") for p in problems), problems
