@@ -1,0 +1,56 @@
+"""What scripts/mutation mutates and which tests judge each module.
+
+Each target names a module, optionally the top-level functions to mutate
+(None: the whole module), and a fast test selection, fastest-killing files
+first (pytest runs with -x, so a killed mutant costs only the tests up to
+the first failure). Slow property tests (the engine model, the fsck
+hypothesis mutations, daemons, QEMU) are left out on purpose: the run is
+by hand, but it must finish in minutes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Target(NamedTuple):
+    module: str
+    functions: frozenset[str] | None
+    tests: tuple[str, ...]
+
+
+# The format module's validation: everything that decides whether bytes
+# read from the device are acceptable. Encoders and constants are out.
+FORMAT_VALIDATION = frozenset({
+    "decode_superblock", "superblock_layout_problem", "header_problem", "record_crc_ok",
+    "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint",
+})
+
+_RECOVERY_FAST = (
+    "tests/engine/test_engine_recovery.py"
+    "::test_committed_values_survive_remount",
+)
+
+TARGETS = {
+    "format": Target(
+        "statefsd/format.py", FORMAT_VALIDATION,
+        ("tests/format/test_format_validation.py",
+         "tests/engine/test_engine_recovery.py",
+         "tests/format/test_format_crafted_logs.py",
+         "tests/format/test_format_spec_reader.py",
+         "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")),
+    "replay": Target(
+        "statefsd/replay.py", None,
+        ("tests/engine/test_replay_rules.py",
+         "tests/format/test_format_crafted_logs.py",
+         "tests/engine/test_engine_recovery.py",
+         "tests/format/test_format_spec_reader.py",
+         "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")),
+    "logscan": Target(
+        "statefsd/logscan.py", None,
+        ("tests/engine/test_logscan_end.py",
+         "tests/engine/test_engine_recovery.py",
+         "tests/format/test_format_crafted_logs.py",
+         "tests/format/test_format_spec_reader.py",
+         "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")),
+}
