@@ -129,6 +129,17 @@ def test_a_record_whose_path_hash_is_not_its_ops_path_is_corruption(L, tmp_path)
     assert _replay(L, tmp_path).findings == _corruption(at, "path hash does not match the prepared path", T + 1)
 
 
+def test_a_delete_record_with_a_wrong_path_hash_is_reported_once(L, tmp_path):
+    # path and hash both name another path: the first broken rule is the
+    # finding, and nothing more is said about the record
+    T = L.t
+    L.rec(sr.PREPARE, T + 1, prepare_payload([delete("p")]))
+    at = _next_offset(L)
+    L.rec(sr.DELETE, T + 1, b"q", phash=sr.path_hash(b"q"), flags=sr.GROUP_END)
+    L.flush()
+    assert _replay(L, tmp_path).findings == _corruption(at, "path hash does not match the prepared path", T + 1)
+
+
 # ------------------------------------------------------------ PAYLOAD rules
 
 def test_a_payload_for_a_delete_op_is_corruption(L, tmp_path):

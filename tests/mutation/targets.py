@@ -1,11 +1,12 @@
 """What scripts/mutation mutates and which tests judge each module.
 
 Each target names a module, optionally the top-level functions to mutate
-(None: the whole module), and a fast test selection, fastest-killing files
-first (pytest runs with -x, so a killed mutant costs only the tests up to
-the first failure). Slow property tests (the engine model, the fsck
-hypothesis mutations, daemons, QEMU) are left out on purpose: the run is
-by hand, but it must finish in minutes.
+(None: the whole module), and two test selections run with pytest -x:
+``fast`` (the tests written to pin this module's decisions; a mutant they
+kill costs a second or two) and ``broad`` (run only for mutants the fast
+stage left alive). Slow property tests (the engine model, the fsck
+hypothesis mutations, daemons, QEMU) are left out on purpose: the run is by
+hand, but it must finish in minutes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import NamedTuple
 class Target(NamedTuple):
     module: str
     functions: frozenset[str] | None
-    tests: tuple[str, ...]
+    fast: tuple[str, ...]
+    broad: tuple[str, ...]
 
 
 # The format module's validation: everything that decides whether bytes
@@ -26,31 +28,19 @@ FORMAT_VALIDATION = frozenset({
     "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint",
 })
 
-_RECOVERY_FAST = (
-    "tests/engine/test_engine_recovery.py"
-    "::test_committed_values_survive_remount",
-)
+_BROAD = ("tests/engine/test_engine_recovery.py",
+          "tests/format/test_format_crafted_logs.py",
+          "tests/format/test_format_spec_reader.py",
+          "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")
 
 TARGETS = {
-    "format": Target(
-        "statefsd/format.py", FORMAT_VALIDATION,
-        ("tests/format/test_format_validation.py",
-         "tests/engine/test_engine_recovery.py",
-         "tests/format/test_format_crafted_logs.py",
-         "tests/format/test_format_spec_reader.py",
-         "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")),
-    "replay": Target(
-        "statefsd/replay.py", None,
-        ("tests/engine/test_replay_rules.py",
-         "tests/format/test_format_crafted_logs.py",
-         "tests/engine/test_engine_recovery.py",
-         "tests/format/test_format_spec_reader.py",
-         "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")),
-    "logscan": Target(
-        "statefsd/logscan.py", None,
-        ("tests/engine/test_logscan_end.py",
-         "tests/engine/test_engine_recovery.py",
-         "tests/format/test_format_crafted_logs.py",
-         "tests/format/test_format_spec_reader.py",
-         "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")),
+    "format": Target("statefsd/format.py", FORMAT_VALIDATION,
+                     ("tests/format/test_format_validation.py",),
+                     ("tests/engine/test_replay_rules.py", *_BROAD)),
+    "replay": Target("statefsd/replay.py", None,
+                     ("tests/engine/test_replay_rules.py",),
+                     _BROAD),
+    "logscan": Target("statefsd/logscan.py", None,
+                      ("tests/engine/test_logscan_end.py",),
+                      ("tests/engine/test_replay_rules.py", *_BROAD)),
 }
