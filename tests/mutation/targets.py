@@ -31,7 +31,9 @@ FORMAT_VALIDATION = frozenset({
 _BROAD = ("tests/engine/test_engine_recovery.py",
           "tests/format/test_format_crafted_logs.py",
           "tests/format/test_format_spec_reader.py",
-          "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost")
+          # slow, and timing-sensitive under the load of two mutants at once
+          "--deselect", "tests/engine/test_engine_recovery.py::test_commits_go_on_during_compaction_and_none_is_lost",
+          "--deselect", "tests/engine/test_engine_recovery.py::test_concurrent_commits_share_flushes")
 
 TARGETS = {
     "format": Target("statefsd/format.py", FORMAT_VALIDATION,
