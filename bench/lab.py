@@ -39,12 +39,12 @@ class Lab:
 
     @contextlib.contextmanager
     def statefs(self, *, encrypted: bool = False, image_size: int, name: str | None = None,
-                audit: bool = False):
+                audit: bool = False, redundancy: str = "parity"):
         """A freshly formatted image served by a real statefsd; yields
         (spec, daemon process). The image file is reused between calls."""
-        name = name or ("enc" if encrypted else "plain")
+        name = name or ("enc" if encrypted else "plain") + ("" if redundancy == "parity" else f"-{redundancy}")
         image = self.path(f"{name}.img")
-        procs.fresh_image(image, image_size, encryption="on" if encrypted else "off")
+        procs.fresh_image(image, image_size, encryption="on" if encrypted else "off", redundancy=redundancy)
         keystore = self.keystore_socket() if encrypted else None
         audit_path = self.path(f"{name}.audit") if audit else None
         if audit_path and os.path.exists(audit_path):

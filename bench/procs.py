@@ -14,14 +14,14 @@ from statefsd.engine import Engine
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fresh_image(path: str, size: int, *, encryption: str = "off") -> None:
+def fresh_image(path: str, size: int, *, encryption: str = "off", redundancy: str = "parity") -> None:
     """A freshly formatted image. The file is created (zero-filled) only
     once; re-formatting starts a new log epoch, so earlier records are stale
     and the pre-written space keeps commits free of file-system metadata."""
     if not os.path.exists(path) or os.path.getsize(path) != size:
         create_image(path, size)
     with FileDevice(path) as device:
-        Engine.mkfs(device, encryption=encryption)
+        Engine.mkfs(device, encryption=encryption, redundancy=redundancy)
 
 
 def child_env() -> dict:

@@ -17,6 +17,8 @@ TARGETS = {
     "fsck_mb_per_s": (">=", 300.0, "(f) fsck scan rate, MB/s"),
     "compaction_write_amp": ("<=", 1.2, "(g) bytes compaction wrote / live bytes"),
     "compaction_p99_vs_idle": ("<=", 3.0, "(g) probe p99 during compaction / idle p99"),
+    "redundancy_single_client": (">=", 0.9, "(a) 1 client, 100 B: parity on / redundancy off txn/s"),
+    "redundancy_bulk": (">=", 0.9, "(d) 1 MiB values: parity on / redundancy off MB/s"),
 }
 _OPS = {">=": operator.ge, "<=": operator.le}
 
@@ -53,6 +55,9 @@ def ratios(figures: dict) -> dict:
         "fsck_mb_per_s": _dig(figures, "f_fsck", "mb_per_s"),
         "compaction_write_amp": _dig(g, "write_amplification"),
         "compaction_p99_vs_idle": _dig(g, "p99_during_vs_idle"),
+        "redundancy_single_client": _div(_dig(a, "statefs", "100", "txn_per_s"),
+                                         _dig(a, "statefs_no_redundancy", "100", "txn_per_s")),
+        "redundancy_bulk": _div(_dig(d, "statefs", "mb_per_s"), _dig(d, "statefs_no_redundancy", "mb_per_s")),
     }
 
 

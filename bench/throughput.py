@@ -15,8 +15,8 @@ SIZES = (100, 4096)
 MIB = 1 << 20
 
 
-def _statefs(lab: Lab, p: Params, *, encrypted: bool = False, **kw) -> dict:
-    with lab.statefs(encrypted=encrypted, image_size=p.throughput_image) as (spec, _):
+def _statefs(lab: Lab, p: Params, *, encrypted: bool = False, redundancy: str = "parity", **kw) -> dict:
+    with lab.statefs(encrypted=encrypted, image_size=p.throughput_image, redundancy=redundancy) as (spec, _):
         epoch = server_info(spec)["log_epoch"]
         result = measure(spec, **kw)
         info = server_info(spec)
@@ -32,18 +32,22 @@ def _peer(spec, **kw) -> dict:
 
 
 def _matrix(lab: Lab, p: Params, *, clients: int, puts_per_txn: int, encrypted_too: bool,
-            progress) -> dict:
+            progress, unprotected_too: bool = False) -> dict:
     """Every store at every size, in p.rounds rounds that interleave the
     stores: the disk's speed drifts on a shared machine, and interleaving
     spreads that drift over all stores instead of landing on one."""
     runners = {
         "statefs": lambda kw: _statefs(lab, p, **kw),
         "statefs_encrypted": lambda kw: _statefs(lab, p, encrypted=True, **kw),
+        # The cost of per-group parity: the same store with redundancy off.
+        "statefs_no_redundancy": lambda kw: _statefs(lab, p, redundancy="off", **kw),
         "sqlite": lambda kw: _peer(SQLiteSpec(lab.path("bench.sqlite")), **kw),
         "lmdb": lambda kw: _peer(LMDBSpec(lab.path("bench.lmdb")), **kw),
     }
     if not encrypted_too:
         del runners["statefs_encrypted"]
+    if not unprotected_too:
+        del runners["statefs_no_redundancy"]
     out: dict = {store: {} for store in runners}
     for size in SIZES:
         kw = dict(clients=clients, value_size=size, puts_per_txn=puts_per_txn, duration=p.duration,
@@ -69,7 +73,8 @@ def _median_round(results: list[dict]) -> dict:
 
 def single_client(lab: Lab, p: Params, progress) -> dict:
     """(a) one client, one put per transaction."""
-    return _matrix(lab, p, clients=1, puts_per_txn=1, encrypted_too=False, progress=progress)
+    return _matrix(lab, p, clients=1, puts_per_txn=1, encrypted_too=False, progress=progress,
+                   unprotected_too=True)
 
 
 def many_clients(lab: Lab, p: Params, progress) -> dict:
@@ -89,9 +94,12 @@ def bulk(lab: Lab, p: Params, progress) -> dict:
     plain = _statefs(lab, p, **kw)
     progress("statefs encrypted bulk 1 MiB")
     encrypted = _statefs(lab, p, encrypted=True, **kw)
+    progress("statefs bulk 1 MiB, redundancy off")
+    unprotected = _statefs(lab, p, redundancy="off", **kw)
     progress("disk write+fsync 1 MiB")
     disk = disk_write_fsync(lab.path("disk.raw"), p.bulk_count)
-    return {"statefs": plain, "statefs_encrypted": encrypted, "disk_write_fsync": disk}
+    return {"statefs": plain, "statefs_encrypted": encrypted, "statefs_no_redundancy": unprotected,
+            "disk_write_fsync": disk}
 
 
 def disk_write_fsync(path: str, count: int, size: int = MIB) -> dict:

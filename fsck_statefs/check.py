@@ -198,7 +198,14 @@ def _replay(device: BlockDevice, sb: fmt.Superblock, checked: Checked, device_ke
                           if commits_after_stop else ""))
         report.add(severity, f.kind, reason, offset=f.offset, record=rtype,
                    txn_id=f.txn_id or hdr_txn, repairable=severity == ERROR and repairable)
-    if end.corrupt:
+    for offset, _sector in end.repaired:
+        report.add(ERROR, "sector", f"damaged sector rebuilt from its write group's parity (the copy "
+                   f"on disk is still damaged: --repair writes the rebuilt sector back)",
+                   offset=offset, repairable=repairable)
+    for offset in end.damaged_trailers:
+        report.add(NOTE, "parity", "parity trailer damaged: its write group reads intact but is no "
+                   "longer protected (--repair rewrites the log with fresh trailers)", offset=offset)
+    if end.corrupt and end.evidence_offset >= 0:
         checked.max_txn_seen = max(checked.max_txn_seen, _record_at(device, end.evidence_offset)[1])
     if result.checkpoints > result.verified_checkpoints:
         report.add(NOTE, "checkpoint",

@@ -57,7 +57,7 @@ TOOLS = {
     "cpio": "/usr/bin/cpio",
     "xz-utils": "/usr/bin/xz",
     "binutils": "/usr/bin/strip",
-    "e2fsprogs": "/usr/sbin/mkfs.ext4",  # formats the guest's state disk (keystored's keys)
+    "e2fsprogs": "/usr/sbin/mkfs.ext4",  # the guest's key disk: mkfs.ext4 makes it, debugfs reads it
 }
 
 # Kernel modules the guest loads; their dependencies are added from each module's modinfo.

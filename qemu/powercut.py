@@ -3,17 +3,26 @@
   .venv/bin/python qemu/powercut.py [--seed S] [--cycles 3] [--model SPEC] [--keep]
   .venv/bin/python qemu/powercut.py --check-log DIR [--point K] [--outcome CODE]
 
-Encryption is off in both stages (the host would need the guest keystored's key to
-recover an encrypted image). The guest runs ``crashloop``: statefsd's crash writer
-commits txn n as ``crash/<n>/a`` + ``crash/<n>/b`` and prints ``ACK <txn_id> <n>``
-once durable (qemu/powercut_check.py says what a recovered store must look like).
+The guest runs ``crashloop``: statefsd's crash writer commits txn n as ``crash/<n>/a``
++ ``crash/<n>/b`` and prints ``ACK <txn_id> <n>`` once durable
+(qemu/powercut_check.py says what a recovered store must look like).
 
 Stage 1, guest crashes: a disk formatted on the host is booted ``--cycles`` times. Each
 boot waits for a few ACKs and a random delay (seeded RNG, printed), checks the VM over
-QMP (query-status), then crashes it: SIGKILL or QMP ``quit``. The host recovers the
-image with the engine after every crash; the next boot recovers it again in the guest.
-Every ACK of every cycle must survive. QEMU's writes sit in the host page cache, so
-this loses no write the guest issued: it is a crash of the guest, not of its disk.
+QMP (query-status), then crashes it: SIGKILL or QMP ``quit``. After every crash the host
+checks the image as the crash left it with fsck-statefs (read-only, exit 0 wanted), then
+recovers it with the engine; the next boot recovers it again in the guest. Every ACK of
+every cycle must survive, and fsck must count the same keys the recovery serves. QEMU's
+writes sit in the host page cache, so this loses no write the guest issued: it is a
+crash of the guest, not of its disk.
+
+Stage 1 runs twice: encryption off (``--cycles``), then on (``--enc-cycles``). For the
+encrypted image the host makes a keystored identity, formats the image with it and
+writes the key file onto a fresh ext4 key disk; the guest boots with that disk as
+/dev/vdb and its own keystored serves the key from it. After each crash the host copies
+the key file back out of the key disk (qemu/hostkeys.py), starts a keystored on the
+copy, and runs the same checks through it: fsck-statefs ``--keystore-socket`` (every
+sealed chunk authenticated) and the engine with keystored's key provider.
 
 Stage 2, lost write cache: one more boot of a copy of that disk, with QEMU's
 blklogwrites recording every write and flush (qemu/logwrites.py). After the kill, at
@@ -21,7 +30,11 @@ each flush point the writes since the previous flush are the pending set, and th
 simulated device's crash model (statefsd.simdev, via statefsd.campaign.outcomes)
 decides what a power cut leaves of them (qemu/powercut_log.py). Each distinct state is
 recovered with the engine and checked; every ACKed txn whose COMMIT was durable at that
-flush must be there.
+flush must be there. This stage runs with encryption off: its cost is the recovery of
+hundreds of states, and sealing does not change which writes the guest issues when.
+
+Before the last line, one line per stage: ``powercut: stage <name>: N states, V
+violations`` (names ``crashes-enc-off``, ``crashes-enc-on``, ``write-log``).
 
 The last line is always ``guest crash states: N, violations: V``; exit status 1 when
 V > 0, 2 when a stage could not run. On violations the work directory is kept and a
@@ -36,6 +49,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,12 +63,14 @@ from statefsd.blockdev import FileDevice, create_image  # noqa: E402
 from statefsd.campaign.outcomes import distinct_outcomes  # noqa: E402
 from statefsd.engine import Engine  # noqa: E402
 from statefsd.errors import StateFSError  # noqa: E402
+from statefsd.keys import keystore_key_provider  # noqa: E402
 from statefsd.simdev import CrashModel, Outcome, SimulatedDevice  # noqa: E402
 
 from qemu import check_markers, logwrites  # noqa: E402
-from qemu.powercut_check import acked, check_device  # noqa: E402
+from qemu.hostkeys import FILE_NAME, HostKeystore, HostKeystoreError, repo_env  # noqa: E402
+from qemu.powercut_check import Verdict, acked, check_device  # noqa: E402
 from qemu.powercut_log import crash_points  # noqa: E402
-from qemu.run_guest import Guest, GuestTimeout, parse_size  # noqa: E402
+from qemu.run_guest import Guest, GuestTimeout, make_state_disk, parse_size  # noqa: E402
 
 SUMMARY = "guest crash states: {n}, violations: {v}"
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +88,7 @@ class Tally:
     violations: list[str] = field(default_factory=list)
     repro: list[str] = field(default_factory=list)
     broken_by: collections.Counter = field(default_factory=collections.Counter)
+    stages: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (states, violations)
 
     def add(self, where: str, problems: list[str], repro: str = "", *, state: bool = True) -> None:
         """Record one checked crash state (``state``) or a problem outside any state."""
@@ -85,14 +102,37 @@ class Tally:
         if repro and len(self.repro) < 3:
             self.repro.append(repro)
 
+    def stage(self, name: str, run) -> None:
+        """Run ``run()`` and remember how many states and violations it added."""
+        states, violations = self.states, len(self.violations)
+        try:
+            run()
+        finally:
+            self.stages[name] = (self.states - states, len(self.violations) - violations)
+
 
 # ------------------------------------------------------------------ stage 1
 
 
-def format_disk(path: Path, size: int) -> None:
+def format_disk(path: Path, size: int, keys_disk: Path | None = None) -> None:
+    """A fresh StateFS image; with ``keys_disk``, encrypted, and its key file on that disk.
+
+    The encrypted image is formatted through a keystored with a new identity (so the
+    superblock's key check pins that identity); its key file then goes onto a new ext4
+    key disk and the host's copy is deleted: from here on, the key comes from that disk.
+    """
     create_image(str(path), size)
-    with FileDevice(str(path)) as dev:
-        Engine.mkfs(dev, encryption="off")
+    if keys_disk is None:
+        with FileDevice(str(path)) as dev:
+            Engine.mkfs(dev, encryption="off")
+        return
+    made = keys_disk.parent / f"{keys_disk.stem}-new"
+    with HostKeystore.fresh(made) as ks:
+        with FileDevice(str(path)) as dev:
+            Engine.mkfs(dev, encryption="on", key_provider=keystore_key_provider(ks.socket))
+        key_file = ks.key_file()
+    make_state_disk(keys_disk, files={FILE_NAME: key_file})
+    shutil.rmtree(made)
 
 
 def boot_until_acks(guest: Guest, want: int, timeout: float) -> list[tuple[int, str]]:
@@ -124,17 +164,74 @@ def crash(guest: Guest, how: str) -> None:
         guest.kill()
 
 
-def console_problems(serial: str) -> list[str]:
-    return [f"guest console: {p}" for p in check_markers.check(serial, "crashloop", enc=False)]
+def console_problems(serial: str, enc: bool = False) -> list[str]:
+    return [f"guest console: {p}" for p in check_markers.check(serial, "crashloop", enc=enc)]
 
 
-def crash_cycles(disk: Path, work: Path, args, rng: random.Random, tally: Tally) -> None:
-    """Stage 1: boot, crash, recover on the host; ``required``: what must survive from now on."""
+def fsck_problems(disk: Path, socket: str | None, out: Path) -> tuple[list[str], int | None]:
+    """fsck-statefs, read-only, on the image as the crash left it: (problems, live keys).
+
+    A crash leaves only notes (torn tail, orphan PREPARE): anything but exit 0 is a
+    violation. With keystored's ``socket`` every sealed chunk must be authenticated.
+    """
+    cmd = [sys.executable, "-m", "fsck_statefs", "--json", str(disk)]
+    if socket:
+        cmd += ["--keystore-socket", socket]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=repo_env())
+    out.write_text(run.stdout + run.stderr)
+    try:
+        report = json.loads(run.stdout)
+    except ValueError:
+        return [f"fsck-statefs exit {run.returncode} without a JSON report: "
+                f"{(run.stderr.strip().splitlines() or ['-'])[-1]}"], None
+    problems = []
+    if run.returncode != 0:
+        why = report.get("operational_error") or "; ".join(
+            f"{f['kind']} at offset {f['offset']}: {f['reason']}"
+            for f in report.get("findings", []) if f.get("severity") == "error")[:300]
+        problems.append(f"fsck-statefs exit {run.returncode} ({report.get('status')}): {why}")
+    if socket and report.get("authentication") != "verified":
+        problems.append(f"fsck-statefs did not authenticate the sealed chunks "
+                        f"(authentication: {report.get('authentication')})")
+    return problems, report.get("summary", {}).get("keys")
+
+
+def recover_on_host(disk: Path, required: dict[int, int], keys_disk: Path | None,
+                    work: Path) -> tuple[Verdict, list[str]]:
+    """The host's checks after a crash: fsck, then the engine's recovery, both with the
+    guest's key when the image is encrypted."""
+    ks = None
+    try:
+        if keys_disk is not None:
+            ks = HostKeystore.from_state_disk(keys_disk, work / "host-keys").start()
+        socket = ks.socket if ks else None
+        problems, fsck_keys = fsck_problems(disk, socket, work / "fsck.json")
+        provider = keystore_key_provider(socket) if socket else None
+        verdict = check_device(FileDevice(str(disk)), required, key_provider=provider)
+    finally:
+        if ks is not None:
+            ks.close()
+    if not problems and verdict.ok and fsck_keys != 2 * len(verdict.visible):
+        problems.append(f"fsck-statefs counts {fsck_keys} live keys, the recovered store "
+                        f"holds {2 * len(verdict.visible)}")
+    return verdict, problems
+
+
+def crash_cycles(disk: Path, work: Path, args, rng: random.Random, tally: Tally, *,
+                 keys_disk: Path | None = None) -> None:
+    """Stage 1: boot, crash, check on the host; ``required``: what must survive from now on.
+
+    With ``keys_disk`` the image is encrypted and the guest's keystored reads its key
+    file from that disk (/dev/vdb); the host reads the same file to check the image.
+    """
+    enc = keys_disk is not None
+    name, cycles = ("enc cycle", args.enc_cycles) if enc else ("cycle", args.cycles)
     required: dict[int, int] = {}
-    for cycle in range(1, args.cycles + 1):
+    for cycle in range(1, cycles + 1):
         want, delay = crash_moment(rng, args)
         how = rng.choice(("kill", "quit"))
-        guest = Guest(disk, "crashloop", workdir=work / f"cycle-{cycle}")
+        cwork = work / f"{name.replace(' ', '-')}-{cycle}"
+        guest = Guest(disk, "crashloop", enc=enc, state_disk=keys_disk, workdir=cwork)
         start = time.monotonic()
         try:
             guest.start()
@@ -149,19 +246,20 @@ def crash_cycles(disk: Path, work: Path, args, rng: random.Random, tally: Tally)
         finally:
             guest.close()
         serial = guest.serial()
-        (work / f"cycle-{cycle}.serial").write_text(serial)
+        (work / f"{cwork.name}.serial").write_text(serial)
         acks = acked(check_markers.acked_transactions(serial))
-        problems = console_problems(serial)
+        problems = console_problems(serial, enc)
         if len(acks) < want:
             problems.append(f"the guest stopped after {len(acks)} ACKs (wanted {want}); "
                             f"last console line: {serial.strip().splitlines()[-1:] or ['-']}")
         required.update(acks)
-        verdict = check_device(FileDevice(str(disk)), required)
+        verdict, host_problems = recover_on_host(disk, required, keys_disk, cwork)
+        problems += host_problems
         required.update(verdict.visible)  # durable now: the host's recovery flushed it
-        say(f"cycle {cycle}: {len(acks)} ACKs (n {_span(acks)}), waited {want} ACKs + {delay} s, "
-            f"{how}; recovered {len(verdict.visible)} txns; "
+        say(f"{name} {cycle}: {len(acks)} ACKs (n {_span(acks)}), waited {want} ACKs + {delay} s, "
+            f"{how}; fsck{'+key' if enc else ''} and recovery: {len(verdict.visible)} txns; "
             f"{'ok' if verdict.ok and not problems else 'VIOLATIONS'} ({time.monotonic() - start:.1f} s)")
-        tally.add(f"cycle {cycle} ({how} after {want} ACKs + {delay} s)",
+        tally.add(f"{name} {cycle} ({how} after {want} ACKs + {delay} s)",
                   problems + verdict.violations, f"{SELF} --seed {args.seed} (timing-dependent)")
 
 
@@ -294,6 +392,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Power cuts on the StateFS QEMU guest (TCG).")
     ap.add_argument("--seed", type=int, help="RNG seed (default: random, printed)")
     ap.add_argument("--cycles", type=int, default=3, help="stage 1: crash/recover cycles")
+    ap.add_argument("--enc-cycles", type=int, default=2,
+                    help="stage 1 again on an encrypted image, keys on the guest's key disk "
+                         "(0: skip)")
     ap.add_argument("--no-log", action="store_true", help="skip stage 2 (the logged boot)")
     ap.add_argument("--min-acks", type=int, default=3,
                     help="crash after a random number of ACKs in [N, 2N] plus a random delay")
@@ -333,18 +434,35 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="statefs-powercut-"))
     work.mkdir(parents=True, exist_ok=True)
-    say(f"seed {args.seed} (rerun: {SELF} --seed {args.seed}); encryption off; work dir {work}")
+    say(f"seed {args.seed} (rerun: {SELF} --seed {args.seed}); work dir {work}")
     t0 = time.monotonic()
-    failed = ""
-    try:
-        disk = work / "disk.img"
-        format_disk(disk, args.disk_size)
-        crash_cycles(disk, work, args, rng, tally)
-        if not args.no_log:
-            log_boot(disk, work, args, rng, tally)
-    except (GuestTimeout, StateFSError, OSError) as exc:
-        failed = f"{type(exc).__name__}: {exc}"
-        say(f"ERROR: stage could not run: {failed}")
+    failed = []
+
+    def stage(name: str, run) -> bool:
+        try:
+            tally.stage(name, run)
+            return True
+        except (GuestTimeout, StateFSError, HostKeystoreError, OSError,
+                subprocess.SubprocessError) as exc:
+            failed.append(f"{name}: {type(exc).__name__}: {exc}")
+            say(f"ERROR: stage {name} could not run: {failed[-1]}")
+            return False
+
+    disk = work / "disk.img"
+    plain_ok = stage("crashes-enc-off", lambda: (format_disk(disk, args.disk_size),
+                                                 crash_cycles(disk, work, args, rng, tally)))
+    if args.enc_cycles > 0:
+        # Its own RNG: a seed draws the same plaintext and write-log crash moments as before.
+        enc_rng = random.Random(f"{args.seed}-enc")
+        enc_disk, keys_disk = work / "disk-enc.img", work / "keys-enc.img"
+        stage("crashes-enc-on", lambda: (format_disk(enc_disk, args.disk_size, keys_disk),
+                                         crash_cycles(enc_disk, work, args, enc_rng, tally,
+                                                      keys_disk=keys_disk)))
+    if not args.no_log and plain_ok:  # the logged boot starts from that stage's disk
+        stage("write-log", lambda: log_boot(disk, work, args, rng, tally))
+    for name, (n, v) in tally.stages.items():
+        say(f"stage {name}: {n} states, {v} violations")
+    failed = "; ".join(failed)
     say(f"done in {time.monotonic() - t0:.1f} s")
     keep = args.keep or args.workdir or tally.violations or failed
     return finish(tally, failed, keep=bool(keep), work=work)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from statefsd.blockdev import BlockDevice
-from statefsd.engine import Engine
+from statefsd.engine import Engine, KeyProvider
 from statefsd.errors import StateFSError
 from statefsd.simdev import encode_ranges
 
@@ -54,13 +54,15 @@ class Verdict:
         return not self.violations
 
 
-def check_device(device: BlockDevice, required: Mapping[int, int | None]) -> Verdict:
+def check_device(device: BlockDevice, required: Mapping[int, int | None], *,
+                 key_provider: KeyProvider | None = None) -> Verdict:
     """Recover ``device`` (read-write mount; the engine closes it) and judge the store.
 
     ``required`` maps each n that must be visible to its txn id (None: any id).
+    ``key_provider``: the payload key of an encrypted image (keystored's, as in the guest).
     """
     try:
-        engine = Engine.mount(device)
+        engine = Engine.mount(device, key_provider=key_provider)
     except StateFSError as exc:
         return Verdict(violations=[f"recovery mount refused: {exc.code.name}: {exc.message}"])
     try:

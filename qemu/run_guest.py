@@ -69,10 +69,23 @@ def make_disk(path: Path, size: int) -> None:
         fh.truncate(size)
 
 
-def make_state_disk(path: Path, size: int = 16 << 20) -> None:
-    """An empty ext4 image for the guest's persistent state (/dev/vdb -> /run/keys)."""
+def make_state_disk(path: Path, size: int = 16 << 20, files: dict[str, bytes] | None = None) -> None:
+    """An ext4 image for the guest's persistent state (/dev/vdb -> /run/keys).
+
+    ``files`` (name -> bytes, mode 0600) are put in its root directory, e.g. a keystored
+    key file made on the host; qemu/hostkeys.py reads them back after the guest ran.
+    """
     make_disk(path, size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "statefs-keys", str(path)], check=True)
+    cmd = ["mkfs.ext4", "-q", "-F", "-L", "statefs-keys"]
+    with tempfile.TemporaryDirectory(prefix="statefs-keydisk-") as tree:
+        if files:
+            for name, data in files.items():
+                fd = os.open(os.path.join(tree, name), os.O_WRONLY | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            os.chmod(tree, 0o700)  # the root directory of the disk becomes keystored's state dir
+            cmd += ["-d", tree]
+        subprocess.run(cmd + [str(path)], check=True)
 
 
 def parse_size(text: str) -> int:

@@ -3,8 +3,11 @@
 #
 #   scripts/qemu-test.sh           4 boots: for encryption off, then on: `selftest` (mkfs +
 #                                  the engine's checks), then `persist` on the same disk;
-#                                  markers checked after each boot, fsck-statefs on the host;
-#                                  then power cuts: qemu/powercut.py (crashes over QMP, and
+#                                  markers checked after each boot, fsck-statefs on the host
+#                                  (encrypted: with the key file of the guest's key disk);
+#                                  then power cuts: qemu/powercut.py (crashes over QMP with
+#                                  encryption off, then on: the host checks the encrypted
+#                                  image with the key file from the guest's key disk; and
 #                                  lost write cache states rebuilt from a blklogwrites log).
 #   scripts/qemu-test.sh --smoke   one boot: the guest's Python imports StateFS and its deps.
 #
@@ -25,7 +28,7 @@ for arg in "$@"; do
         --smoke) SMOKE=1 ;;
         --keep) KEEP=1 ;;
         -v) ECHO=(--echo) ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "qemu-test: unknown argument $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -98,18 +101,28 @@ boot() {
     return 0
 }
 
-fsck_image() {  # NAME DISK
+fsck_image() {  # NAME DISK [KEY_DISK]: with the guest's key disk, sealed chunks are authenticated
     local probe='import importlib.util as u; exit(u.find_spec("fsck_statefs.__main__") is None)'
+    local cmd=("$PY" -m fsck_statefs "$2") how=""
     if ! "$PY" -c "$probe" 2>/dev/null; then
         fail "$1: fsck_statefs is missing (no fsck_statefs/__main__.py): cannot check $2"
         return 1
     fi
-    if ! "$PY" -m fsck_statefs "$2" >"$WORK/$1.fsck" 2>&1; then
+    if [ -n "${3:-}" ]; then  # a keystored on the host, on the key file of the guest's key disk
+        cmd=("$PY" qemu/hostkeys.py --state-disk "$3" -- "${cmd[@]}" --keystore-socket '{socket}')
+        how=", every sealed chunk authenticated with the key from the guest's key disk"
+    fi
+    if ! "${cmd[@]}" >"$WORK/$1.fsck" 2>&1; then
         sed 's/^/    /' "$WORK/$1.fsck" | tail -n 20
         fail "$1: fsck-statefs reported problems on the image"
         return 1
     fi
-    echo "qemu-test: $1: fsck-statefs clean"
+    if [ -n "${3:-}" ] && ! grep -q '^  authentication: every sealed chunk' "$WORK/$1.fsck"; then
+        sed 's/^/    /' "$WORK/$1.fsck" | tail -n 20
+        fail "$1: fsck-statefs did not authenticate the sealed chunks"
+        return 1
+    fi
+    echo "qemu-test: $1: fsck-statefs clean$how"
 }
 
 B0=$(now)
@@ -129,9 +142,9 @@ for enc in off on; do
     state=
     [ $enc = on ] && state=$WORK/keys-enc-$enc.img  # keystored's keys must survive the reboot
     if boot "selftest-enc-$enc" selftest $enc "$disk" "$state" --create "$DISK_SIZE"; then
-        fsck_image "selftest-enc-$enc" "$disk"
+        fsck_image "selftest-enc-$enc" "$disk" "$state"
         boot "persist-enc-$enc" persist $enc "$disk" "$state" &&
-            fsck_image "persist-enc-$enc" "$disk"
+            fsck_image "persist-enc-$enc" "$disk" "$state"
     else
         fail "persist-enc-$enc: skipped (the first boot failed)"
     fi
@@ -164,6 +177,18 @@ powercut() {
         grep '^powercut: ERROR' "$out" | sed 's/^/    /'
         fail "powercut: exit status $rc: a stage could not run (see $out)"
     fi
+    # Each stage prints "powercut: stage NAME: N states, V violations"; a stage that
+    # checked nothing must not hide behind the others' total.
+    local name line shown
+    for name in crashes-enc-off crashes-enc-on; do
+        [ "$name" = crashes-enc-on ] && [[ " ${POWERCUT_ARGS:-} " =~ \ --enc-cycles[=\ ]0\  ]] && continue
+        line=$(grep "^powercut: stage $name: " "$out")
+        shown=${line#powercut: }
+        printf 'qemu-test: %-18s %s\n' "" "${shown:-no line for stage $name}"
+        if [[ ! $line =~ :\ ([0-9]+)\ states, ]] || [ "${BASH_REMATCH[1]}" = 0 ]; then
+            fail "powercut: stage $name checked no crash state (see $out)"
+        fi
+    done
 }
 powercut
 finish

@@ -1,6 +1,6 @@
 """statefs: the command line for StateFS.
 
-    statefs mkfs IMAGE --size 64M [--encryption on|off] [--force]
+    statefs mkfs IMAGE --size 64M [--encryption on|off] [--redundancy parity|off] [--force]
     statefs [--socket PATH] put KEY VALUE | put KEY --file F | put KEY -
     statefs [--socket PATH] get KEY          (raw value bytes on stdout)
     statefs [--socket PATH] rm KEY
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encryption", choices=("on", "off"),
                    default=os.environ.get("STATEFS_ENCRYPTION", "off"),
                    help="encrypt values at rest (default: $STATEFS_ENCRYPTION or off)")
+    p.add_argument("--redundancy", choices=("parity", "off"), default="parity",
+                   help="parity (default): a parity trailer after every write group rebuilds any one "
+                        "damaged sector of it; off: damage is detected, not repaired")
     p.add_argument("--force", action="store_true", help="overwrite an existing StateFS image")
 
     p = sub.add_parser("put", parents=[common], help="store a value")
@@ -109,9 +112,10 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     elif not exists:
         raise UsageError(f"{path} does not exist; give --size to create it")
     with FileDevice(path) as device:
-        Engine.mkfs(device, encryption=args.encryption)
+        Engine.mkfs(device, encryption=args.encryption, redundancy=args.redundancy)
         size = device.size
-    print(f"statefs: formatted {path}: {size} bytes, encryption {args.encryption}")
+    print(f"statefs: formatted {path}: {size} bytes, encryption {args.encryption}, "
+          f"redundancy {args.redundancy}")
     return 0
 
 

@@ -40,11 +40,13 @@ from statefsd.errors import (
     CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
     NotFound, ReadOnly, StateFSError, TooBig,
 )
+from statefsd.logscan import apply_patches, repair_record
 from statefsd.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
 KeyProvider = Callable[[fmt.Superblock], bytes]
 CHECKPOINT_EVERY = 1024   # commits between signed checkpoints (also at unmount and compaction)
+DEFAULT_REDUNDANCY = "parity"   # measured cost on commit rate: see docs/DESIGN.md
 
 
 class Signer(Protocol):
@@ -91,6 +93,11 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
     wrong with the slots."""
     found: list[tuple[fmt.Superblock, int]] = []
     problems: list[str] = []
+    if device.size < len(fmt.SUPERBLOCK_OFFSETS) * fmt.BLOCK_SIZE:
+        if device.read(0, min(device.size, 8)) == fmt.SUPERBLOCK_MAGIC:
+            raise CorruptImage(f"{device.path}: only {device.size} bytes, too short for both superblock "
+                               f"slots (truncated image?)")
+        raise FormatError(f"{device.path} is not a StateFS image (only {device.size} bytes)")
     magic_seen = False
     for index, (name, offset) in enumerate(zip("AB", fmt.SUPERBLOCK_OFFSETS)):
         slot = device.read(offset, fmt.BLOCK_SIZE)
@@ -143,6 +150,7 @@ class Engine:
                  sb_slot: int, signer: "Signer | None" = None) -> None:
         self.device = device
         self._sb_slot = sb_slot
+        self._parity = sb.redundancy == fmt.REDUNDANCY_PARITY
         self.signer = signer
         self._unsigned_commits = 0
         self.cipher = cipher
@@ -170,37 +178,64 @@ class Engine:
         self._compactor: threading.Thread | None = None
         self._closed = False
         self._mount_gen = sb.generation
+        self._patches = dict(result.end.repaired)   # sectors rebuilt from parity, served from memory
         if not read_only:
+            self._write_back_repairs()
+            # What replay read may still sit in a volatile cache (a process
+            # crash loses nothing from it, a power cut could): flush it, so
+            # the durable floor written below tells the truth.
+            self.device.flush()
             # This mount's generation is above every mount_gen in the log, even
             # if the newest superblock slot was damaged and an older one chosen.
             self.sb = sb.evolve(generation=max(sb.generation, result.end.mount_gen))
             if cipher is not None and sb.key_check == bytes(16):
                 # Formatted without a keystore at hand: remember this key from now on.
                 self.sb = self.sb.evolve(key_check=cipher.key_check())
+                if fmt.has_identity_copy(self.sb):
+                    self.device.write(self.sb.identity_copy_offset,
+                                      fmt.encode_superblock(self.sb.evolve(generation=1, txn_reserved=0,
+                                                                           durable_end=0)))
             self._reserve_txn_ids(self._next_txn)
             self._mount_gen = self.sb.generation
+
+    def _write_back_repairs(self) -> None:
+        """Sectors replay rebuilt from parity go back in place. A torn write
+        of one of them leaves it exactly as repairable as before."""
+        if not self._patches:
+            return
+        for offset, sector in sorted(self._patches.items()):
+            self.device.write(offset, sector)
+            self.audit("sector_repaired", offset=offset, source="parity")
+        self.device.flush()
+        self._patches = {}
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
     def mkfs(cls, device: BlockDevice, *, encryption: str = "off", salt: bytes | None = None,
-             key_provider: KeyProvider | None = None) -> fmt.Superblock:
+             key_provider: KeyProvider | None = None, redundancy: str = DEFAULT_REDUNDANCY) -> fmt.Superblock:
         """Format ``device``. With encryption on and a key provider, the
-        superblock records a key check so a wrong key is refused at mount."""
+        superblock records a key check so a wrong key is refused at mount.
+        With redundancy "parity" every write group carries a parity trailer
+        that repairs any one damaged sector of it."""
         if encryption not in ("off", "on"):
             raise InvalidArgument(f"encryption must be 'on' or 'off', not {encryption!r}")
+        modes = {name: mode for mode, name in fmt.REDUNDANCY_NAMES.items()}
+        if redundancy not in modes:
+            raise InvalidArgument(f"redundancy must be one of {', '.join(modes)}, not {redundancy!r}")
         if encryption == "on":
             sb = fmt.new_superblock(device.size, encryption=fmt.ENCRYPTION_XCHACHA20POLY1305,
-                                    key_descriptor=fmt.KEY_DESCRIPTOR_V1, salt=salt or os.urandom(32))
+                                    key_descriptor=fmt.KEY_DESCRIPTOR_V1, salt=salt or os.urandom(32),
+                                    redundancy=modes[redundancy])
         else:
-            sb = fmt.new_superblock(device.size)
+            sb = fmt.new_superblock(device.size, redundancy=modes[redundancy])
         # A random first epoch makes records left by an earlier file system on
         # the same device stale by rule 2 of the log reader.
         sb = sb.evolve(log_epoch=int.from_bytes(os.urandom(4), "little") or 1)
         if encryption == "on" and key_provider is not None:
             sb = sb.evolve(key_check=fmt.key_check(key_provider(sb), sb.device_uuid, sb.salt))
         block = fmt.encode_superblock(sb)
-        for offset in fmt.SUPERBLOCK_OFFSETS:
+        for offset in (*fmt.SUPERBLOCK_OFFSETS, sb.identity_copy_offset):
             device.write(offset, block)
         device.flush()
         return sb
@@ -285,6 +320,9 @@ class Engine:
         try:
             if not self.read_only:
                 self.device.flush()
+                # A clean unmount records the whole log as durable (the floor).
+                self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1,
+                                                      durable_end=self._pos))
         finally:
             self.device.close()
             self.audit("unmount", image=self.device.path)
@@ -320,15 +358,22 @@ class Engine:
             return b""
         first = entry.chunks[0][0]
         last_off, last_len = entry.chunks[-1]
-        span = self.device.read(first, last_off + fmt.HEADER_SIZE + last_len - first)
+        span = self._read_span(first, last_off + fmt.HEADER_SIZE + last_len - first)
         want_hash = fmt.path_hash(raw)
         parts = []
         for index, (offset, plen) in enumerate(entry.chunks):
             rel = offset - first
+
+            def intact() -> bool:
+                h = fmt.unpack_header(span, rel)
+                return (h.type == fmt.PAYLOAD and h.txn_id == entry.txn_id and h.chunk_index == index
+                        and h.path_hash == want_hash and h.payload_len == plen
+                        and fmt.record_crc_ok(span, rel, h))
+
+            if not intact() and self._repair_sector(offset):
+                span = self._read_span(first, len(span))
             h = fmt.unpack_header(span, rel)
-            if (h.type != fmt.PAYLOAD or h.txn_id != entry.txn_id or h.chunk_index != index
-                    or h.path_hash != want_hash or h.payload_len != plen
-                    or not fmt.record_crc_ok(span, rel, h)):
+            if not intact():
                 self.audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id)
                 raise IntegrityError(f"value of {path!r} failed its checksum at byte offset {offset}",
                                      offset=offset)
@@ -343,6 +388,27 @@ class Engine:
                                          f"{offset}", offset=offset) from None
             parts.append(piece)
         return b"".join(parts)
+
+    def _read_span(self, offset: int, length: int) -> bytes:
+        return apply_patches(self._patches, offset, self.device.read(offset, length))
+
+    def _repair_sector(self, record_offset: int) -> bool:
+        """Rebuild a sector under a damaged record from its group's parity;
+        written back in place on a read-write mount, kept in memory otherwise."""
+        if not self._parity:
+            return False
+        fix = repair_record(self.device, self.sb, record_offset, self._patches)
+        if fix is None:
+            return False
+        offset, sector = fix
+        self.audit("sector_repaired", offset=offset, source="parity", during="read")
+        if self.read_only:
+            self._patches[offset] = sector
+            return True
+        with self._writer():
+            self.device.write(offset, sector)
+            self.device.flush()
+        return True
 
     def stat(self, path: str) -> dict:
         _, entry = self._entry(path)
@@ -431,10 +497,12 @@ class Engine:
                 batch, self._queue = self._queue, []
                 self._writing = True
                 self._cv.release()
+                deferred: list[_Request] = []
                 try:
-                    self._write_group(batch)
+                    deferred = self._write_group(batch)
                 finally:
                     self._cv.acquire()
+                    self._queue[:0] = deferred
                     self._writing = False
                     self._cv.notify_all()
         if req.error is not None:
@@ -474,15 +542,21 @@ class Engine:
                 size += fmt.HEADER_SIZE + len(op.path)
         return size
 
-    def _write_group(self, batch: list[_Request]) -> None:
-        """Leader only: write every request that fits as one group, one flush."""
+    def _write_group(self, batch: list[_Request]) -> list[_Request]:
+        """Leader only: write every request that fits as one group, one
+        flush. Returns the requests left for the next group (a group holds
+        at most MAX_GROUP_BYTES)."""
         accepted: list[_Request] = []
         pos = self._pos
-        for req in batch:
+        trailer = fmt.PARITY_TRAILER_SIZE if self._parity else 0
+        for n, req in enumerate(batch):
             size = self._txn_bytes(req.ops)
+            if accepted and pos + size - self._pos > fmt.MAX_GROUP_BYTES:
+                deferred = batch[n:]
+                break
             only_deletes = all(op.kind == fmt.OP_DELETE for op, _ in req.ops)
             limit = self._region_end - (0 if only_deletes else self._delete_reserve)
-            if fmt.align_up(pos + size) > limit:
+            if fmt.align_up(pos + size) + trailer > limit:
                 req.error = NoSpace(f"{self.device.path}: log full ({self._region_end - self._pos} bytes "
                                     f"left, transaction needs {size}); committed data is intact")
                 self.audit("enospc", needed=size, left=self._region_end - self._pos)
@@ -490,8 +564,10 @@ class Engine:
                 continue
             accepted.append(req)
             pos += size
+        else:
+            deferred = []
         if not accepted:
-            return
+            return deferred
         try:
             if self._next_txn + len(accepted) - 1 > self.sb.txn_reserved:
                 self._reserve_txn_ids(self._next_txn + len(accepted))
@@ -499,11 +575,11 @@ class Engine:
             self.device.write(self._pos, blob)
             self.device.flush()
         except StateFSError as exc:
-            self._fail(accepted, exc)
-            return
+            self._fail(accepted + deferred, exc)
+            return []
         except OSError as exc:
-            self._fail(accepted, DeviceIOError(f"{self.device.path}: {exc}"))
-            return
+            self._fail(accepted + deferred, DeviceIOError(f"{self.device.path}: {exc}"))
+            return []
         # Durable: now (and only now) make the transactions visible.
         self._pos += len(blob)
         self._seq, self._group, self._chain, self._next_txn = applied["state"]
@@ -517,6 +593,7 @@ class Engine:
                     self._live_bytes -= old.size
             req.done = True
         self._unsigned_commits += len(accepted)
+        return deferred
 
     def _fail(self, accepted: list[_Request], exc: StateFSError) -> None:
         # After a failed write or flush nobody knows what is durable (the
@@ -530,7 +607,8 @@ class Engine:
 
     def _cursor(self) -> "_LogCursor":
         return _LogCursor(epoch=self.sb.log_epoch, group=self._group, seq=self._seq, offset=self._pos,
-                          chain=self._chain, txn_id=self._next_txn, mount_gen=self._mount_gen)
+                          chain=self._chain, txn_id=self._next_txn, mount_gen=self._mount_gen,
+                          parity=self._parity)
 
     def _encode_group(self, accepted: list[_Request]):
         cur = self._cursor()
@@ -591,7 +669,7 @@ class Engine:
             snapshot = dict(self.index)
             batches = _snapshot_batches(sorted(snapshot.items()))
             cur = _LogCursor(epoch=epoch, group=1, seq=0, offset=start, chain=self._chain,
-                             txn_id=self._next_txn, mount_gen=self._mount_gen)
+                             txn_id=self._next_txn, mount_gen=self._mount_gen, parity=self._parity)
             self._next_txn += len(batches)
             if self._next_txn - 1 > self.sb.txn_reserved:
                 self._reserve_txn_ids(self._next_txn)
@@ -620,7 +698,10 @@ class Engine:
                 # The commit point of compaction: one superblock write, then flush.
                 self._write_superblock(self.sb.evolve(
                     generation=self.sb.generation + 1, active_region=region, log_epoch=epoch,
-                    chain_base=cur.chain_base))
+                    chain_base=cur.chain_base, durable_end=cur.offset))
+                # The same superblock into the other slot too: should the switch
+                # slot rot later, the surviving one must not name the old region.
+                self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1))
                 self._region_start, self._region_end = start, end
                 self._pos, self._seq, self._group, self._chain = cur.offset, cur.seq, cur.group, cur.chain
                 self.index = index
@@ -639,7 +720,7 @@ class Engine:
         return stats
 
     def _append_snapshot_txn(self, cur: "_LogCursor", ops, index: dict, limit: int) -> None:
-        if cur.offset + fmt.align_up(self._txn_bytes(ops)) > limit:
+        if cur.offset + fmt.align_up(self._txn_bytes(ops)) + cur.trailer_bytes() > limit:
             raise NoSpace(f"{self.device.path}: live data does not fit in a log region; "
                           f"delete keys (committed data is intact)")
         at = cur.offset
@@ -677,7 +758,7 @@ class Engine:
     def _reserve_txn_ids(self, upto: int) -> None:
         """Durably reserve txn ids through at least ``upto`` (invariant 8)."""
         new = self.sb.evolve(generation=self.sb.generation + 1,
-                             txn_reserved=upto + fmt.TXN_RESERVE_BATCH - 1)
+                             txn_reserved=upto + fmt.TXN_RESERVE_BATCH - 1, durable_end=self._pos)
         self._write_superblock(new)
 
     def _write_superblock(self, sb: fmt.Superblock) -> None:
@@ -711,9 +792,10 @@ class _LogCursor:
     encode_group() turns transactions into one write group (invariant 7)."""
 
     def __init__(self, *, epoch: int, group: int, seq: int, offset: int, chain: bytes, txn_id: int,
-                 mount_gen: int) -> None:
+                 mount_gen: int, parity: bool) -> None:
         self.epoch, self.group, self.seq, self.offset = epoch, group, seq, offset
         self.chain, self.txn_id, self.mount_gen = chain, txn_id, mount_gen
+        self.parity = parity      # every group gets a parity trailer (redundancy on)
         self.chain_base = chain   # the prev_hash of the first COMMIT this cursor writes
         self.txn_ids: list[int] = []
 
@@ -725,9 +807,20 @@ class _LogCursor:
         rec = fmt.pack_record(fmt.CHECKPOINT, flags=fmt.FLAG_GROUP_END, epoch=self.epoch, group=self.group,
                               seq=self.seq, mount_gen=self.mount_gen, txn_id=0,
                               payload=fmt.encode_checkpoint(body))
-        self.seq += 1
+        return self._close_group([rec], self.seq + 1)
+
+    def trailer_bytes(self) -> int:
+        return fmt.PARITY_TRAILER_SIZE if self.parity else 0
+
+    def _close_group(self, parts: list[bytes], next_seq: int) -> bytes:
+        """The group's bytes: records, padding, and the parity trailer."""
+        blob = b"".join(parts)
+        blob += bytes(fmt.align_up(len(blob)) - len(blob))
+        if self.parity:
+            blob += fmt.pack_parity_trailer(blob, epoch=self.epoch, group=self.group, seq=self.seq,
+                                            mount_gen=self.mount_gen)
+        self.seq = next_seq
         self.group += 1
-        blob = rec + bytes(fmt.align_up(len(rec)) - len(rec))
         self.offset += len(blob)
         return blob
 
@@ -735,13 +828,15 @@ class _LogCursor:
         parts: list[bytes] = []
         all_entries = []
         txn_id = self.txn_id
+        seq, offset = self.seq, self.offset
 
         def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
-            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=self.seq,
+            nonlocal seq, offset
+            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=seq,
                                   mount_gen=self.mount_gen, txn_id=txn_id, payload=payload, **kw)
             parts.append(rec)
-            self.seq += 1
-            self.offset += len(rec)
+            seq += 1
+            offset += len(rec)
             return rec
 
         for n, ops in enumerate(txns):
@@ -764,7 +859,7 @@ class _LogCursor:
                         piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
                                             chunk_index=chunk_index, phash=phash)
                         flags = fmt.FLAG_SEALED
-                    chunks.append((self.offset, len(piece)))
+                    chunks.append((offset, len(piece)))
                     digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
                                        op_index=op_index, chunk_index=chunk_index))
                     count += 1
@@ -775,8 +870,4 @@ class _LogCursor:
             all_entries.append(entries)
             txn_id += 1
         self.txn_id = txn_id
-        self.group += 1
-        blob = b"".join(parts)
-        padding = fmt.align_up(len(blob)) - len(blob)
-        self.offset += padding
-        return blob + bytes(padding), all_entries
+        return self._close_group(parts, seq), all_entries

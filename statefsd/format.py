@@ -8,6 +8,7 @@ Device layout (block size 4096)::
     block 0        superblock slot A
     block 1        superblock slot B
     blocks 2..     log region 0 | log region 1   (two equal halves)
+    last block     identity copy: the mkfs superblock (format 2.1)
 
 Superblock slot (4096 bytes; the first 256 are the structure below, the rest
 zero)::
@@ -16,9 +17,10 @@ zero)::
     8   2  version_major (2)          96 32  key_descriptor (UTF-8, NUL padded)
     10  2  version_minor (0)         128 32  salt
     12  4  block_size (4096)         160 32  chain_base
-    16  8  generation                192 60  reserved (zero)
-    24 16  device_uuid               192 16  key_check
-                                     208 44  reserved (zero)
+    16  8  generation                24 16  device_uuid               192 16  key_check
+                                     208  8  durable_end (2.1)
+                                     216  1  redundancy (2.1)
+                                     217 35  reserved (zero)
                                      252  4  crc32c of bytes 0..251
     40  8  total_blocks
     48  8  region0_start   56 8 region0_blocks
@@ -52,7 +54,7 @@ from statefsd.errors import FormatError
 # ---------------------------------------------------------------- constants
 
 VERSION_MAJOR = 2
-VERSION_MINOR = 0
+VERSION_MINOR = 1                 # 2.1: durable floor, redundancy, identity copy
 
 BLOCK_SIZE = 4096
 GROUP_ALIGN = 512                 # every write group starts on this boundary
@@ -73,6 +75,7 @@ CHUNK_SIZE = 64 << 10             # plaintext bytes per PAYLOAD record
 SEAL_OVERHEAD = 16                # AEAD tag appended to a sealed payload
 MAX_PAYLOAD = 128 << 10           # any record payload (PREPARE is the largest)
 TXN_RESERVE_BATCH = 4096          # txn ids reserved per superblock write
+MAX_GROUP_BYTES = 32 << 20        # data bytes of one write group (one device write)
 
 # Record types. 0x16.. are reserved for later minor versions.
 PREPARE = 0x10
@@ -81,8 +84,9 @@ COMMIT = 0x12
 ABORT = 0x13
 DELETE = 0x14
 CHECKPOINT = 0x15
+PARITY = 0x16                     # trailer of a write group (redundancy on); never replayed
 RECORD_TYPES = {PREPARE: "PREPARE", PAYLOAD: "PAYLOAD", COMMIT: "COMMIT", ABORT: "ABORT", DELETE: "DELETE",
-                CHECKPOINT: "CHECKPOINT"}
+                CHECKPOINT: "CHECKPOINT", PARITY: "PARITY"}
 
 # Record flags.
 FLAG_GROUP_END = 0x01             # next record starts at the next GROUP_ALIGN boundary
@@ -97,6 +101,11 @@ OP_DELETE = 2
 ENCRYPTION_OFF = 0
 ENCRYPTION_XCHACHA20POLY1305 = 1
 ENCRYPTION_NAMES = {ENCRYPTION_OFF: "off", ENCRYPTION_XCHACHA20POLY1305: "xchacha20poly1305"}
+
+# Superblock redundancy modes: what guards each write group beyond its CRCs.
+REDUNDANCY_NONE = 0
+REDUNDANCY_PARITY = 1             # a parity trailer after every group repairs any one damaged sector
+REDUNDANCY_NAMES = {REDUNDANCY_NONE: "off", REDUNDANCY_PARITY: "parity"}
 
 ZERO_HASH = bytes(32)
 GENESIS_LABEL = b"statefs.chain.genesis.v2\x00"
@@ -144,7 +153,9 @@ _SUPERBLOCK_BODY = cs.Struct(
     "salt" / cs.Bytes(32),
     "chain_base" / cs.Bytes(32),
     "key_check" / cs.Bytes(16),
-    "reserved" / cs.Bytes(44),
+    "durable_end" / cs.Int64ul,
+    "redundancy" / cs.Int8ul,
+    "reserved" / cs.Bytes(35),
 )
 SUPERBLOCK_CRC_OFFSET = 252
 SUPERBLOCK_STRUCT_SIZE = 256
@@ -166,6 +177,8 @@ class Superblock:
     salt: bytes = ZERO_HASH
     chain_base: bytes = ZERO_HASH
     key_check: bytes = bytes(16)
+    durable_end: int = 0          # every group starting below this byte offset was flushed
+    redundancy: int = REDUNDANCY_NONE
     flags: int = 0
     version_major: int = VERSION_MAJOR
     version_minor: int = VERSION_MINOR
@@ -177,25 +190,46 @@ class Superblock:
         start, blocks = self.regions[self.active_region]
         return start * self.block_size, blocks * self.block_size
 
+    @property
+    def identity_copy_offset(self) -> int:
+        return identity_copy_offset(self.total_blocks)
+
     def evolve(self, **changes) -> "Superblock":
         return replace(self, **changes)
 
 
 def new_superblock(total_bytes: int, *, encryption: int = ENCRYPTION_OFF,
                    key_descriptor: str = "", salt: bytes = ZERO_HASH,
-                   device_uuid: bytes | None = None) -> Superblock:
+                   device_uuid: bytes | None = None, redundancy: int = REDUNDANCY_NONE) -> Superblock:
     if total_bytes < MIN_IMAGE_BYTES:
         raise FormatError(f"device of {total_bytes} bytes is too small; StateFS needs at least "
                           f"{MIN_IMAGE_BYTES >> 20} MiB")
     total_blocks = total_bytes // BLOCK_SIZE
-    half = (total_blocks - LOG_START_BLOCK) // 2
+    half = (total_blocks - LOG_START_BLOCK - IDENTITY_COPY_BLOCKS) // 2
     uid = device_uuid or uuidlib.uuid4().bytes
     return Superblock(
         generation=1, device_uuid=uid, total_blocks=total_blocks,
         regions=((LOG_START_BLOCK, half), (LOG_START_BLOCK + half, half)),
         encryption=encryption, key_descriptor=key_descriptor, salt=salt,
-        chain_base=genesis_hash(uid),
+        chain_base=genesis_hash(uid), redundancy=redundancy,
     )
+
+
+IDENTITY_COPY_BLOCKS = 1
+
+
+def has_identity_copy(sb: Superblock) -> bool:
+    """Format 2.1 keeps the last block out of both regions for the copy (a
+    2.0 image may have its log there)."""
+    start, blocks = sb.regions[1]
+    return start + blocks <= sb.total_blocks - IDENTITY_COPY_BLOCKS
+
+
+def identity_copy_offset(total_blocks: int) -> int:
+    """Byte offset of the identity copy: the device's last block. It keeps
+    the fields no log record carries (uuid, salt, key check, layout) so a
+    superblock can be rebuilt when both slots are lost."""
+    return (total_blocks - IDENTITY_COPY_BLOCKS) * BLOCK_SIZE
 
 
 def encode_superblock(sb: Superblock) -> bytes:
@@ -211,7 +245,7 @@ def encode_superblock(sb: Superblock) -> bytes:
         active_region=sb.active_region, encryption=sb.encryption, flags=sb.flags,
         log_epoch=sb.log_epoch, txn_reserved=sb.txn_reserved,
         key_descriptor=desc.ljust(32, b"\x00"), salt=sb.salt, chain_base=sb.chain_base,
-        key_check=sb.key_check, reserved=bytes(44),
+        key_check=sb.key_check, durable_end=sb.durable_end, redundancy=sb.redundancy, reserved=bytes(35),
     ))
     slot = body + struct.pack("<I", crc32c(body))
     return slot.ljust(BLOCK_SIZE, b"\x00")
@@ -247,6 +281,7 @@ def decode_superblock(slot: bytes) -> SlotStatus:
         active_region=f.active_region, log_epoch=f.log_epoch, txn_reserved=f.txn_reserved,
         encryption=f.encryption, key_descriptor=bytes(f.key_descriptor).rstrip(b"\x00").decode("utf-8", "replace"),
         salt=bytes(f.salt), chain_base=bytes(f.chain_base), key_check=bytes(f.key_check), flags=f.flags,
+        durable_end=f.durable_end, redundancy=f.redundancy,
         version_major=f.version_major, version_minor=f.version_minor, block_size=f.block_size,
     )
     problem = superblock_layout_problem(sb)
@@ -263,11 +298,16 @@ def superblock_layout_problem(sb: Superblock) -> str:
         return f"unknown encryption mode {sb.encryption}"
     if sb.flags:
         return f"unknown superblock flags {sb.flags:#x}"
+    if sb.redundancy not in REDUNDANCY_NAMES:
+        return f"unknown redundancy mode {sb.redundancy}"
     end = LOG_START_BLOCK
     for start, blocks in sb.regions:
         if start < end or blocks < 1 or start + blocks > sb.total_blocks:
             return f"log region ({start}, {blocks}) outside the device"
         end = start + blocks
+    start, length = sb.active_extent
+    if sb.durable_end and not start <= sb.durable_end <= start + length:
+        return f"durable_end {sb.durable_end} outside the active log region"
     return ""
 
 
@@ -317,6 +357,8 @@ def header_problem(h: RecordHeader) -> str:
         return f"unknown record flags {h.flags:#x}"
     if h.payload_len > MAX_PAYLOAD + SEAL_OVERHEAD:
         return f"payload length {h.payload_len} over the cap"
+    if h.type == PARITY and (h.payload_len != GROUP_ALIGN or h.flags):
+        return "malformed PARITY record"
     return ""
 
 
@@ -326,6 +368,57 @@ def record_crc_ok(buf, offset: int, h: RecordHeader) -> bool:
     if end > len(buf):
         return False
     return crc32c(mv[offset + HEADER_SIZE:end], crc32c(mv[offset + 4:offset + HEADER_SIZE])) == h.crc
+
+
+# ------------------------------------------------------------ group parity
+#
+# With redundancy on, every write group's n data sectors (its records and
+# the zero padding up to GROUP_ALIGN) are followed, in the same device
+# write, by a PARITY record whose payload is the XOR of those n sectors,
+# padded to PARITY_TRAILER_SIZE. Any one damaged sector of the group can be
+# rebuilt from the other n-1 and the parity.
+
+PARITY_TRAILER_SIZE = 2 * GROUP_ALIGN
+
+
+def xor_sectors(data) -> bytes:
+    """XOR of the GROUP_ALIGN-byte sectors of ``data`` (a whole number of
+    sectors). Folded in halves as big integers, so the work stays in C."""
+    sectors = len(data) // GROUP_ALIGN
+    if sectors * GROUP_ALIGN != len(data):
+        raise ValueError("parity covers whole sectors only")
+    width = 1
+    while width < sectors:
+        width *= 2
+    acc = int.from_bytes(bytes(data) + bytes((width - sectors) * GROUP_ALIGN), "little")
+    size = width * GROUP_ALIGN * 8
+    while size > GROUP_ALIGN * 8:
+        size //= 2
+        acc = (acc & ((1 << size) - 1)) ^ (acc >> size)
+    return acc.to_bytes(GROUP_ALIGN, "little")
+
+
+def pack_parity_trailer(group_data, *, epoch: int, group: int, seq: int, mount_gen: int) -> bytes:
+    """The trailer that follows a group's data (which is GROUP_ALIGN aligned)."""
+    rec = pack_record(PARITY, flags=0, epoch=epoch, group=group, seq=seq, mount_gen=mount_gen, txn_id=0,
+                      payload=xor_sectors(group_data), chunk_index=len(group_data) // GROUP_ALIGN)
+    return rec + bytes(PARITY_TRAILER_SIZE - len(rec))
+
+
+def parity_sectors(h: RecordHeader) -> int:
+    """How many data sectors a PARITY record covers (they end where it starts)."""
+    return h.chunk_index
+
+
+def rebuild_sector(group_data, index: int, parity: bytes, group_xor: bytes | None = None) -> bytes:
+    """Sector ``index`` of a group as it was written, from the parity and the
+    other sectors (whatever sector ``index`` holds now is ignored).
+    ``group_xor``, xor_sectors(group_data), saves the pass when several
+    sectors of one group are tried."""
+    start = index * GROUP_ALIGN
+    damaged = bytes(group_data[start:start + GROUP_ALIGN])
+    rebuilt = int.from_bytes(group_xor or xor_sectors(group_data), "little") ^ int.from_bytes(damaged, "little")
+    return (rebuilt ^ int.from_bytes(parity, "little")).to_bytes(GROUP_ALIGN, "little")
 
 
 # ----------------------------------------------------------------- payloads

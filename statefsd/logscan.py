@@ -17,13 +17,23 @@ Records are handed out one *complete* group at a time: a group whose last
 record (flag GROUP_END) is missing is discarded whole, deterministically, so
 the same image always yields the same state.
 
-Where the walk stops, the reader looks further for a record that proves the
-stopping point was once durable: a valid record of this epoch, of this or a
-later mount, whose group is at least two past the last complete group. The
-writer never starts group g+1 before group g is flushed (DESIGN.md,
-invariant 7), so such a record means flushed data was damaged: *corruption*,
-reported with byte offset and reason. Without one the stop is a torn tail,
-which is not an error.
+With redundancy on (format 2.1), every group is followed by a parity
+trailer (format.PARITY_TRAILER_SIZE bytes). When a record of a group fails,
+the reader finds the group's PARITY record and tries each sector the failing
+record touches as the one damaged sector; the first rebuilt sector with which
+the whole group checks out is the repair, reported in ``ScanEnd.repaired``.
+
+Where the walk stops, the reader decides between a torn tail and corruption:
+
+- a stop below the superblock's ``durable_end`` (the durable floor) is
+  corruption: a superblock written after that data was flushed says so;
+- otherwise it looks further for a record that proves the stopping point
+  was once durable: a valid record of this epoch, of this or a later mount,
+  whose group is at least two past the last complete group. The writer never
+  starts group g+1 before group g is flushed (DESIGN.md, invariant 7), so
+  such a record means flushed data was damaged: *corruption*, reported with
+  byte offset and reason. Without one the stop is a torn tail, which is not
+  an error (but is reported when bytes of an incomplete group were found).
 """
 
 from __future__ import annotations
@@ -64,9 +74,11 @@ class ScanEnd:
     stop_offset: int            # where the walk stopped
     stop_reason: str            # why the record at stop_offset was not accepted
     torn_bytes: int = 0         # bytes of an incomplete last group that were discarded
-    corruption: str = ""        # non-empty: damage followed by durable records
+    corruption: str = ""        # non-empty: damage at or below durable data
     corruption_offset: int = -1
-    evidence_offset: int = -1   # offset of the valid record proving the damage
+    evidence_offset: int = -1   # offset of the valid record proving the damage (-1: the floor does)
+    repaired: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, sector) rebuilt from parity
+    damaged_trailers: list[int] = field(default_factory=list)        # offsets of unreadable parity trailers
 
     @property
     def corrupt(self) -> bool:
@@ -74,11 +86,13 @@ class ScanEnd:
 
 
 class _Window:
-    """Sequential reader over one region with bounded memory."""
+    """Sequential reader over one region with bounded memory. Sectors
+    rebuilt from parity are laid over what the device returns."""
 
     def __init__(self, device: BlockDevice, start: int, end: int) -> None:
         self.device, self.start, self.end = device, start, end
-        self.base, self.buf = start, b""
+        self.base, self.raw, self.buf = start, b"", b""
+        self.patches: dict[int, bytes] = {}
 
     def get(self, offset: int, length: int) -> bytes | None:
         """Bytes [offset, offset+length) of the region, or None past its end."""
@@ -86,9 +100,36 @@ class _Window:
             return None
         if offset < self.base or offset + length > self.base + len(self.buf):
             size = min(max(READ_WINDOW, length), self.end - offset)
-            self.base, self.buf = offset, self.device.read(offset, size)
+            self.base, self.raw = offset, self.device.read(offset, size)
+            self.buf = apply_patches(self.patches, offset, self.raw)
         rel = offset - self.base
         return self.buf[rel:rel + length]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Like device.read, with the patches applied (for the searches)."""
+        return apply_patches(self.patches, offset, self.device.read(offset, length))
+
+    def patch(self, offset: int, sector: bytes | None) -> None:
+        if sector is None:
+            self.patches.pop(offset, None)
+        else:
+            self.patches[offset] = sector
+        self.buf = apply_patches(self.patches, self.base, self.raw)
+
+
+def apply_patches(patches: dict[int, bytes], offset: int, data: bytes) -> bytes:
+    """``data`` read at ``offset`` with every overlapping patched sector laid over it."""
+    if not patches:
+        return data
+    end = offset + len(data)
+    hits = [(at, sector) for at, sector in patches.items() if at < end and at + len(sector) > offset]
+    if not hits:
+        return data
+    out = bytearray(data)
+    for at, sector in hits:
+        lo, hi = max(at, offset), min(at + len(sector), end)
+        out[lo - offset:hi - offset] = sector[lo - at:hi - at]
+    return bytes(out)
 
 
 @dataclass
@@ -109,6 +150,8 @@ def _check(window: _Window, offset: int, sb: fmt.Superblock,
     problem = fmt.header_problem(h)
     if problem:
         return None, problem
+    if h.type == fmt.PARITY:
+        return None, "PARITY record where a group record belongs"
     payload = window.get(offset + fmt.HEADER_SIZE, h.payload_len)
     if payload is None:
         return None, "record runs past the end of the region"
@@ -126,38 +169,187 @@ def _check(window: _Window, offset: int, sb: fmt.Superblock,
     return Record(offset, h, bytes(raw), bytes(payload)), ""
 
 
+class _Stop(NamedTuple):
+    offset: int                 # where the group's walk stopped
+    reason: str
+
+
+def _read_group(window: _Window, start: int, sb: fmt.Superblock,
+                cur: _Cursor) -> tuple[list[Record] | None, _Stop]:
+    """The records of the complete group starting at ``start``, or None and
+    where and why the walk stopped. ``cur`` is not changed."""
+    records: list[Record] = []
+    probe = _Cursor(cur.seq, cur.group, cur.mount_gen)
+    pos = start
+    while True:
+        if pos - start > fmt.MAX_GROUP_BYTES:
+            return None, _Stop(pos, f"write group larger than {fmt.MAX_GROUP_BYTES} bytes")
+        rec, reason = _check(window, pos, sb, probe)
+        if rec is None:
+            return None, _Stop(pos, reason)
+        records.append(rec)
+        probe.seq += 1
+        pos = rec.end
+        if rec.header.flags & fmt.FLAG_GROUP_END:
+            return records, _Stop(pos, "")
+
+
 def scan_groups(device: BlockDevice, sb: fmt.Superblock) -> Iterator[list[Record] | ScanEnd]:
     """Yield each complete group (a list of records) in log order, then one
     ScanEnd describing the end of the log."""
     start, length = sb.active_extent
     window = _Window(device, start, start + length)
+    parity = sb.redundancy == fmt.REDUNDANCY_PARITY
     cur = _Cursor()
     group_start = start
-    pending: list[Record] = []
-    pos = start
+    repaired: list[tuple[int, bytes]] = []
+    damaged_trailers: list[int] = []
     while True:
-        rec, reason = _check(window, pos, sb, cur)
-        if rec is None:
+        records, stop = _read_group(window, group_start, sb, cur)
+        if records is None and parity:
+            fix = _repair_group(window, group_start, sb, cur, stop)
+            if fix is not None:
+                repaired.append(fix)
+                records, stop = _read_group(window, group_start, sb, cur)
+        if records is None:
             break
-        pending.append(rec)
-        cur.seq += 1
-        pos = rec.end
-        if rec.header.flags & fmt.FLAG_GROUP_END:
-            yield pending
-            pending = []
-            cur.group = rec.header.group
-            cur.mount_gen = rec.header.mount_gen
-            pos = group_start = fmt.align_up(pos)
-    end = ScanEnd(offset=group_start, next_seq=cur.seq - len(pending), next_group=cur.group + 1,
-                  mount_gen=cur.mount_gen, stop_offset=pos, stop_reason=reason,
-                  torn_bytes=pos - group_start)
-    _look_for_durable_records_beyond(window, sb, end)
+        yield records
+        cur.seq += len(records)
+        cur.group = records[-1].header.group
+        cur.mount_gen = records[-1].header.mount_gen
+        data_end = fmt.align_up(records[-1].end)
+        group_start = data_end
+        if parity:
+            # A trailer that does not check out leaves the group's data
+            # valid (its records did); only its protection is gone.
+            if _parity_record(window, data_end, sb, records[0].header, data_end - records[0].offset) is None:
+                damaged_trailers.append(data_end)
+            group_start = data_end + fmt.PARITY_TRAILER_SIZE
+    end = ScanEnd(offset=group_start, next_seq=cur.seq, next_group=cur.group + 1,
+                  mount_gen=cur.mount_gen, stop_offset=stop.offset, stop_reason=stop.reason,
+                  torn_bytes=stop.offset - group_start, repaired=repaired,
+                  damaged_trailers=damaged_trailers)
+    decide_stop(window, sb, end)
     yield end
 
 
-def _look_for_durable_records_beyond(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
-    """Search past the stop for a record that could only exist if the
-    stopping point had been flushed (see the module docstring).
+def decide_stop(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
+    """Torn tail or corruption (see the module docstring)."""
+    if sb.durable_end and end.offset < sb.durable_end:
+        end.corruption = f"{end.stop_reason} (below the durable floor at byte offset {sb.durable_end})"
+        end.corruption_offset = end.stop_offset
+        return
+    _look_for_durable_records_beyond(window, sb, end)
+
+
+# ------------------------------------------------------------------ parity
+
+def _parity_record(window: _Window, at: int, sb: fmt.Superblock, first: fmt.RecordHeader,
+                   data_bytes: int) -> bytes | None:
+    """The parity sector of the PARITY record at ``at`` if it is the
+    trailer of the group whose first record has header ``first``."""
+    raw = window.get(at, fmt.HEADER_SIZE + fmt.GROUP_ALIGN)
+    if raw is None:
+        return None
+    h = fmt.unpack_header(raw)
+    if (fmt.header_problem(h) or h.type != fmt.PARITY or h.epoch != sb.log_epoch or h.group != first.group
+            or h.seq != first.seq or h.mount_gen != first.mount_gen
+            or fmt.parity_sectors(h) * fmt.GROUP_ALIGN != data_bytes
+            or not fmt.record_crc_ok(raw, 0, h)):
+        return None
+    return raw[fmt.HEADER_SIZE:]
+
+
+def find_parity(window: _Window, sb: fmt.Superblock, group_start: int,
+                group: int | None = None) -> tuple[int, bytes] | None:
+    """Offset and parity sector of the trailer of the group starting at
+    ``group_start`` (of number ``group`` when given), searched for within
+    MAX_GROUP_BYTES."""
+    limit = min(window.end, group_start + fmt.MAX_GROUP_BYTES + fmt.PARITY_TRAILER_SIZE)
+    for at, h in _headers_of_epoch(window, sb, group_start + fmt.GROUP_ALIGN, limit):
+        if (h.type == fmt.PARITY and (at - group_start) % fmt.GROUP_ALIGN == 0
+                and fmt.parity_sectors(h) * fmt.GROUP_ALIGN == at - group_start
+                and (group is None or h.group == group)):
+            raw = window.get(at, fmt.HEADER_SIZE + fmt.GROUP_ALIGN)
+            if raw is not None and not fmt.header_problem(h) and fmt.record_crc_ok(raw, 0, h):
+                return at, raw[fmt.HEADER_SIZE:]
+    return None
+
+
+def _repair_group(window: _Window, group_start: int, sb: fmt.Superblock, cur: _Cursor,
+                  stop: _Stop) -> tuple[int, bytes] | None:
+    """Rebuild the one damaged sector of the group at ``group_start`` from
+    its parity trailer, if that makes the whole group check out."""
+    found = find_parity(window, sb, group_start, cur.group + 1)
+    if found is None:
+        return None
+    trailer, parity = found
+    data = window.get(group_start, trailer - group_start)
+    group_xor = fmt.xor_sectors(data)
+    for sector in candidate_sectors(window, stop.offset, group_start, trailer):
+        rebuilt = fmt.rebuild_sector(data, (sector - group_start) // fmt.GROUP_ALIGN, parity, group_xor)
+        window.patch(sector, rebuilt)
+        records, _ = _read_group(window, group_start, sb, cur)
+        if records is not None and fmt.align_up(records[-1].end) == trailer:
+            return sector, rebuilt
+        window.patch(sector, None)
+    return None
+
+
+def repair_record(device: BlockDevice, sb: fmt.Superblock, offset: int,
+                  patches: dict[int, bytes]) -> tuple[int, bytes] | None:
+    """Rebuild the one damaged sector under the record at ``offset`` (a
+    record replay once accepted) from its group's parity trailer: the
+    sector with which the record's CRC checks out again."""
+    start, length = sb.active_extent
+    window = _Window(device, start, start + length)
+    window.patches = dict(patches)
+    limit = min(window.end, offset + fmt.MAX_GROUP_BYTES + fmt.PARITY_TRAILER_SIZE)
+    for at, h in _headers_of_epoch(window, sb, offset + fmt.HEADER_SIZE, limit):
+        covered = fmt.parity_sectors(h) * fmt.GROUP_ALIGN
+        if h.type != fmt.PARITY or (at - start) % fmt.GROUP_ALIGN or at - covered > offset:
+            continue
+        raw = window.get(at, fmt.HEADER_SIZE + fmt.GROUP_ALIGN)
+        if raw is None or fmt.header_problem(h) or not fmt.record_crc_ok(raw, 0, h):
+            continue
+        group_start, parity = at - covered, raw[fmt.HEADER_SIZE:]
+        data = window.get(group_start, covered)
+        group_xor = fmt.xor_sectors(data)
+        for sector in candidate_sectors(window, offset, group_start, at):
+            rebuilt = fmt.rebuild_sector(data, (sector - group_start) // fmt.GROUP_ALIGN, parity, group_xor)
+            window.patch(sector, rebuilt)
+            head = window.get(offset, fmt.HEADER_SIZE)
+            rh = fmt.unpack_header(head)
+            if not fmt.header_problem(rh):
+                body = window.get(offset, fmt.HEADER_SIZE + rh.payload_len)
+                if body is not None and fmt.record_crc_ok(body, 0, rh):
+                    return sector, rebuilt
+            window.patch(sector, None)
+        return None
+    return None
+
+
+def candidate_sectors(window: _Window, failed_at: int, group_start: int, trailer: int) -> range:
+    """The sectors one of which must be damaged for the record at
+    ``failed_at`` to fail: those under its header and, when the header's
+    length is sane, its payload (never past the group's data)."""
+    span = fmt.HEADER_SIZE
+    raw = window.get(failed_at, fmt.HEADER_SIZE)
+    if raw is not None:
+        h = fmt.unpack_header(raw)
+        if h.payload_len <= fmt.MAX_PAYLOAD + fmt.SEAL_OVERHEAD:
+            span += h.payload_len
+    first = group_start + (failed_at - group_start) // fmt.GROUP_ALIGN * fmt.GROUP_ALIGN
+    last = min(failed_at + span, trailer)
+    return range(first, max(last, first + 1), fmt.GROUP_ALIGN)
+
+
+# ---------------------------------------------------------- the far search
+
+def _headers_of_epoch(window: _Window, sb: fmt.Superblock, start: int,
+                      end: int) -> Iterator[tuple[int, fmt.RecordHeader]]:
+    """Every offset in [start, end) where a header of this epoch with the
+    record magic could start, with the header parsed (not yet checked).
 
     Candidates are found by searching for this epoch's four bytes (at header
     offset 8), not the record magic: a region is full of stale records of
@@ -165,28 +357,34 @@ def _look_for_durable_records_beyond(window: _Window, sb: fmt.Superblock, end: S
     memory speed instead of parsing every stale header."""
     epoch_at = 8
     needle = struct.pack("<I", sb.log_epoch)
-    pos = end.offset
+    pos = start
     step = READ_WINDOW
-    while pos < window.end:
-        chunk = window.device.read(pos, min(step + fmt.HEADER_SIZE, window.end - pos))
+    while pos < end:
+        chunk = window.read(pos, min(step + fmt.HEADER_SIZE, end - pos))
         hit = chunk.find(needle, epoch_at)
         while hit != -1 and hit - epoch_at < step:
-            start = hit - epoch_at
-            if start + fmt.HEADER_SIZE <= len(chunk) and chunk[start + 4:start + 6] == fmt.RECORD_MAGIC:
-                h = fmt.unpack_header(chunk, start)
-                if (h.group >= end.next_group + 1 and h.mount_gen >= end.mount_gen
-                        and h.seq >= end.next_seq and not fmt.header_problem(h)
-                        and _crc_ok_at(window, pos + start, h)):
-                    end.corruption = end.stop_reason
-                    end.corruption_offset = end.stop_offset
-                    end.evidence_offset = pos + start
-                    return
+            at = hit - epoch_at
+            if at + fmt.HEADER_SIZE <= len(chunk) and chunk[at + 4:at + 6] == fmt.RECORD_MAGIC:
+                yield pos + at, fmt.unpack_header(chunk, at)
             hit = chunk.find(needle, hit + 1)
         pos += step
+
+
+def _look_for_durable_records_beyond(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
+    """Search past the stop for a record that could only exist if the
+    stopping point had been flushed (see the module docstring)."""
+    for at, h in _headers_of_epoch(window, sb, end.offset, window.end):
+        if (h.group >= end.next_group + 1 and h.mount_gen >= end.mount_gen
+                and h.seq >= end.next_seq and not fmt.header_problem(h)
+                and _crc_ok_at(window, at, h)):
+            end.corruption = end.stop_reason
+            end.corruption_offset = end.stop_offset
+            end.evidence_offset = at
+            return
 
 
 def _crc_ok_at(window: _Window, offset: int, h: fmt.RecordHeader) -> bool:
     if offset + fmt.HEADER_SIZE + h.payload_len > window.end:
         return False
-    raw = window.device.read(offset, fmt.HEADER_SIZE + h.payload_len)
+    raw = window.read(offset, fmt.HEADER_SIZE + h.payload_len)
     return fmt.record_crc_ok(raw, 0, h)

@@ -131,13 +131,14 @@ class Replayer:
         if self.open is not None and not self.stopped:
             self._drop_open("orphan", "prepared but never committed")
         if end.corrupt and not self.stopped:
-            self.findings.append(Finding(end.corruption_offset, "corruption",
-                                         f"{end.corruption}; a durable record follows at "
-                                         f"offset {end.evidence_offset}"))
-        elif end.torn_bytes and not self.stopped:
+            proof = (f"a durable record follows at offset {end.evidence_offset}" if end.evidence_offset >= 0
+                     else "the superblock recorded it as flushed")
+            self.findings.append(Finding(end.corruption_offset, "corruption", f"{end.corruption}; {proof}"))
+        elif (end.torn_bytes or not _clean_stop(end.stop_reason)) and not self.stopped:
             self.findings.append(Finding(end.offset, "torn-tail",
                                          f"incomplete last group of {end.torn_bytes} bytes discarded "
-                                         f"({end.stop_reason})"))
+                                         f"({end.stop_reason}): a write cut by power loss, or damage "
+                                         f"past the durable floor that cannot be told from one"))
         return ReplayResult(self.index, end, self.chain, self.max_txn_id, self.committed,
                             self.records, self.findings, self.unverified_chunks, self.checkpoints,
                             self.verified_checkpoints)
@@ -283,6 +284,14 @@ class Replayer:
             self._drop_open("aborted", "transaction aborted")
         elif h.txn_id > self.max_txn_id:
             self.max_txn_id = h.txn_id   # an ABORT may burn an id whose PREPARE never landed
+
+
+def _clean_stop(reason: str) -> bool:
+    """Stops that a log ends with normally: never-written space, the end of
+    the region, or stale records of an earlier epoch or mount. Anything else
+    past the durable floor is a tear, or damage that cannot be told from one:
+    reported, never silent."""
+    return reason.startswith("zeroed space") or reason == "end of region" or reason.endswith("(stale)")
 
 
 _HANDLERS = {

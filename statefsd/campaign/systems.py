@@ -62,7 +62,7 @@ def format_image(label: str, *, encryption: bool, model: CrashModel,
     uuid = derive(label + "/uuid", 16)
     epoch = int.from_bytes(derive(label + "/epoch", 4), "little") or 1
     sb = sb.evolve(device_uuid=uuid, chain_base=fmt.genesis_hash(uuid), log_epoch=epoch)
-    for offset in fmt.SUPERBLOCK_OFFSETS:
+    for offset in (*fmt.SUPERBLOCK_OFFSETS, sb.identity_copy_offset):
         dev.write(offset, fmt.encode_superblock(sb))
     dev.flush()
     return dev.crash_point().device(Outcome(()))

@@ -81,7 +81,8 @@ class _Matches(int):
 
 _trusting_fmt = types.SimpleNamespace(**vars(fmt))
 _trusting_fmt.crc32c = lambda data, start=0: _Matches(0)
-_scan_without_crc = rebind(logscan.scan_groups, _check=rebind(logscan._check, fmt=_trusting_fmt))
+_scan_without_crc = rebind(logscan.scan_groups, _read_group=rebind(
+    logscan._read_group, _check=rebind(logscan._check, fmt=_trusting_fmt)))
 
 
 class NoCrcSystem(System):
@@ -109,12 +110,12 @@ def _scan_streaming(device, sb):
         pos = rec.end
         if rec.header.flags & fmt.FLAG_GROUP_END:
             cur.group, cur.mount_gen = rec.header.group, rec.header.mount_gen
-            pos = group_start = fmt.align_up(pos)
+            pos = group_start = fmt.align_up(pos) + (fmt.PARITY_TRAILER_SIZE if sb.redundancy else 0)
             group_seq = cur.seq
     end = logscan.ScanEnd(offset=group_start, next_seq=group_seq, next_group=cur.group + 1,
                           mount_gen=cur.mount_gen, stop_offset=pos, stop_reason=reason,
                           torn_bytes=pos - group_start)
-    logscan._look_for_durable_records_beyond(window, sb, end)
+    logscan.decide_stop(window, sb, end)
     yield end
 
 

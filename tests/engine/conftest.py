@@ -1,4 +1,8 @@
+import contextlib
+
 import pytest
+
+from statefsd import format as fmt
 
 from statefsd.blockdev import FileDevice, create_image
 from statefsd.engine import Engine
@@ -7,16 +11,32 @@ from statefsd.engine import Engine
 class Image:
     """A real image file on disk, mounted and remounted like statefsd does."""
 
-    def __init__(self, path, size):
+    def __init__(self, path, size, redundancy="parity"):
         self.path = str(path)
         create_image(self.path, size)
         with FileDevice(self.path) as dev:
-            Engine.mkfs(dev)
+            self.sb = Engine.mkfs(dev, redundancy=redundancy)
         self.events = []
 
     def mount(self, **kw):
         return Engine.mount(FileDevice(self.path, read_only=kw.get("read_only", False)),
                             audit=lambda event, **f: self.events.append((event, f)), **kw)
+
+    @contextlib.contextmanager
+    def mount_then_crash(self, **kw):
+        """A mount that ends like a process crash after its last commit: every
+        commit was flushed, but no clean unmount recorded the durable floor."""
+        engine = self.mount(**kw)
+        try:
+            yield engine
+        finally:
+            engine.device.close()
+
+    def tear_tail(self, end):
+        """Lose the last data sector of the group ending at ``end`` and its
+        parity trailer: what a write cut by power loss leaves."""
+        trailer = fmt.PARITY_TRAILER_SIZE if self.sb.redundancy else 0
+        self.patch(end - trailer - 512, bytes(trailer + 512))
 
     def read(self, offset, length):
         with open(self.path, "rb") as f:
@@ -36,3 +56,9 @@ class Image:
 @pytest.fixture
 def image(tmp_path):
     return Image(tmp_path / "state.img", 4 << 20)
+
+
+@pytest.fixture
+def plain_image(tmp_path):
+    """An image without redundancy: damage is detected, never repaired."""
+    return Image(tmp_path / "plain.img", 4 << 20, redundancy="off")

@@ -26,11 +26,11 @@ def fixed_key(sb: fmt.Superblock) -> bytes:
     return KEY
 
 
-def make_image(path, size: int = 2 << 20, *, encryption: str = "off") -> str:
+def make_image(path, size: int = 2 << 20, *, encryption: str = "off", redundancy: str = "parity") -> str:
     path = str(path)
     create_image(path, size)
     with FileDevice(path) as dev:
-        Engine.mkfs(dev, encryption=encryption)
+        Engine.mkfs(dev, encryption=encryption, redundancy=redundancy)
     return path
 
 

@@ -21,7 +21,7 @@ VALUES = {"a": b"alpha" * 100, "b": b"bravo" * 30_000, "c": b"charlie"}
 
 @pytest.fixture
 def enc(tmp_path):
-    path = make_image(tmp_path / "enc.img", encryption="on")
+    path = make_image(tmp_path / "enc.img", encryption="on", redundancy="off")
     put_each(path, VALUES)
     return path
 

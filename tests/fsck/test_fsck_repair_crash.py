@@ -21,7 +21,7 @@ PREFIX = {k: v for k, v in VALUES.items() if k < "k3"}
 
 
 def _damaged_image(tmp_path) -> bytes:
-    path = make_image(tmp_path / "crash.img", 1 << 20)
+    path = make_image(tmp_path / "crash.img", 1 << 20, redundancy="off")
     put_each(path, VALUES)
     recs, _, _ = records(path)
     victim = next(r for r in recs if r.header.type == fmt.PAYLOAD and r.header.path_hash == fmt.path_hash(b"k3"))

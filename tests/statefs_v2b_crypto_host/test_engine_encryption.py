@@ -92,7 +92,7 @@ def _sealed_record(path):
     return offset, plen
 
 
-def test_every_bit_flip_in_a_sealed_record_is_rejected_and_never_yields_other_plaintext(enc_image):
+def test_every_bit_flip_in_a_sealed_record_is_repaired_or_rejected_and_never_yields_other_plaintext(enc_image):
     offset, plen = _sealed_record(enc_image)
     original = open(enc_image, "rb").read()
     length = fmt.HEADER_SIZE + plen
@@ -103,7 +103,8 @@ def test_every_bit_flip_in_a_sealed_record_is_rejected_and_never_yields_other_pl
             f.write(data)
         try:
             with mount(enc_image) as e:
-                assert "victim" not in e.list()
+                # one damaged sector: rebuilt from the group's parity, or the txn is dropped
+                assert "victim" not in e.list() or e.get("victim") == b"v" * 100
         except CorruptImage:
             pass  # a CRC error inside a flushed group: refused, never wrong plaintext
     with open(enc_image, "wb") as f:
