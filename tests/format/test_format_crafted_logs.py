@@ -17,7 +17,7 @@ from statefsd.engine import Engine
 
 from tests.format import spec_reader as sr
 from tests.format.test_format_spec_reader import (
-    KEY, _assert_agrees, _key_provider, _rw_mount_refuses_as_corrupt, _statefsd_view)
+    KEY, SIGNER, _assert_agrees, _key_provider, _rw_mount_refuses_as_corrupt, _statefsd_view)
 
 BODY = struct.Struct("<2sBBIIQQQ8sIIH6x")  # the header without its CRC field (5.1)
 
@@ -33,13 +33,17 @@ class Log:
         self.chain, self.t = found["chain_head"], found["max_txn_id"]
         self.pending: list[bytes] = []
 
-    def rec(self, typ, txn, payload=b"", *, flags=0, phash=bytes(8), chunk=0, op=0, **over) -> bytes:
+    def encode(self, typ, txn, payload=b"", *, flags=0, phash=bytes(8), chunk=0, op=0, **over) -> bytes:
+        """One record (5.1), numbered as the next record of the group in progress."""
         f = dict(epoch=self.sb["log_epoch"], group=self.group, seq=self.seq,
                  mount_gen=self.mount_gen, reserved=bytes(6)) | over
         body = bytearray(BODY.pack(b"R2", typ, flags, f["epoch"], f["group"], f["seq"],
                                    f["mount_gen"], txn, phash, len(payload), chunk, op))
         body[54:60] = f["reserved"]
-        raw = struct.pack("<I", sr.crc32c(bytes(body) + payload)) + bytes(body) + payload
+        return struct.pack("<I", sr.crc32c(bytes(body) + payload)) + bytes(body) + payload
+
+    def rec(self, typ, txn, payload=b"", **kw) -> bytes:
+        raw = self.encode(typ, txn, payload, **kw)
         self.pending.append(raw)
         self.seq += 1
         return raw
@@ -82,16 +86,38 @@ class Log:
         if end:
             self.flush()
 
+    def checkpoint(self, *, end=True, txn=0, flags=0, chain=None, signature=None, extra=b"") -> bytes:
+        """A CHECKPOINT (5.3) signed with SIGNER over the chain head, normally a group of its own."""
+        head = self.chain if chain is None else chain
+        message = sr.checkpoint_message(self.sb["device_uuid"], self.sb["log_epoch"], self.seq, head)
+        sig = SIGNER.sign(sr.CHECKPOINT_SIGN_LABEL.decode(), message) if signature is None else signature
+        raw = self.rec(sr.CHECKPOINT, txn, head + SIGNER.public_key + sig + extra,
+                       flags=flags | (sr.GROUP_END if end else 0))
+        if end:
+            self.flush()
+        return raw
+
     def txn(self, txn, ops, *, sealed=None, **kw) -> None:
         self.commit(txn, self.open(txn, ops, sealed=sealed), **kw)
 
     def flush(self) -> None:
-        """Ends the group: place it at the log end, pad to 512 (6.1 rules 1-2)."""
+        """Ends the group: place it at the log end, pad to 512 (6.1 rules 1-2)
+        and, with redundancy on, append its parity trailer (6.5)."""
         blob = b"".join(self.pending)
+        blob += bytes(-len(blob) % 512)
+        if self.sb.get("redundancy") == 1:
+            blob += self.parity_trailer(blob, seq=self.seq - len(self.pending))
         self.img[self.pos:self.pos + len(blob)] = blob
-        self.pos = -(-(self.pos + len(blob)) // 512) * 512
+        self.pos += len(blob)
         self.group += 1
         self.pending = []
+
+    def parity_trailer(self, data: bytes, *, seq: int) -> bytes:
+        """PARITY record (5.3) whose payload is the XOR of the group's data sectors, padded to 1024 (6.5)."""
+        n = len(data) // 512
+        rec = self.encode(sr.PARITY, 0, sr._xor(*(data[i * 512:(i + 1) * 512] for i in range(n))),
+                          chunk=n, seq=seq)
+        return rec + bytes(sr.TRAILER - len(rec))
 
 
 def prepare_payload(ops) -> bytes:
@@ -259,6 +285,54 @@ PLAIN = [zeroed_group_before_valid_groups_is_corruption, abort_burns_ids_and_clo
          damage_two_groups_before_a_valid_one_is_corruption]
 
 
+def signed_checkpoint_as_its_own_group_verifies(L, T):
+    L.txn(T + 1, [put("cp/1", b"1")])
+    L.checkpoint()
+    L.txn(T + 2, [put("cp/2", b"2")])
+
+
+def checkpoint_header_fields_and_sealed_flag_are_ignored(L, T):
+    L.txn(T + 1, [put("cp/1", b"1")])
+    L.checkpoint(txn=T + 77, flags=sr.SEALED)  # txn_id is not burned: T+2 is still fine
+    L.txn(T + 2, [put("cp/2", b"2")])
+
+
+def checkpoint_need_not_be_alone_in_its_group(L, T):
+    L.txn(T + 1, [put("cp/1", b"1")], end=False)
+    L.checkpoint(end=False)
+    L.txn(T + 2, [put("cp/2", b"2")])
+
+
+def checkpoint_inside_a_transaction_orphans_it(L, T):
+    recs = L.open(T + 1, [put("orphan", b"x")])
+    L.checkpoint(end=False)
+    L.commit(T + 1, recs)  # its transaction was dropped: this COMMIT is corruption
+
+
+def checkpoint_over_another_chain_head_is_corruption(L, T):
+    L.txn(T + 1, [put("cp/1", b"1")])
+    L.checkpoint(chain=bytes(32))
+    L.txn(T + 2, [put("cp/2", b"2")])
+
+
+def checkpoint_payload_of_129_bytes_is_corruption(L, T):
+    L.txn(T + 1, [put("cp/1", b"1")])
+    L.checkpoint(extra=b"\0")
+    L.txn(T + 2, [put("cp/2", b"2")])
+
+
+def forged_checkpoint_stops_replay_only_with_the_device_key(L, T):
+    L.txn(T + 1, [put("cp/1", b"1")])
+    L.checkpoint(signature=bytes(64))
+    L.txn(T + 2, [put("cp/2", b"2")])
+
+
+CHECKPOINTS = [signed_checkpoint_as_its_own_group_verifies, checkpoint_header_fields_and_sealed_flag_are_ignored,
+               checkpoint_need_not_be_alone_in_its_group, checkpoint_inside_a_transaction_orphans_it,
+               checkpoint_over_another_chain_head_is_corruption, checkpoint_payload_of_129_bytes_is_corruption,
+               forged_checkpoint_stops_replay_only_with_the_device_key]
+
+
 def tampered_ciphertext_drops_only_its_txn_and_the_chain_goes_on(L, T):
     L.commit(T + 1, L.open(T + 1, [put("t/1", b"secret")], tamper=True))
     L.txn(T + 2, [put("t/2", b"fine")])
@@ -274,18 +348,19 @@ SEALED = [tampered_ciphertext_drops_only_its_txn_and_the_chain_goes_on,
 
 @pytest.fixture(scope="module")
 def base_images(tmp_path_factory):
+    """"off": plaintext, redundancy off; "parity": plaintext, parity trailers; "on": encrypted, parity."""
     out = {}
-    for enc in ("off", "on"):
-        path = str(tmp_path_factory.mktemp("base") / f"{enc}.img")
+    for name, enc, redundancy in (("off", "off", "off"), ("parity", "off", "parity"), ("on", "on", "parity")):
+        path = str(tmp_path_factory.mktemp("base") / f"{name}.img")
         create_image(path, 1 << 20)
         with FileDevice(path) as dev:
-            Engine.mkfs(dev, encryption=enc, key_provider=_key_provider)
+            Engine.mkfs(dev, encryption=enc, key_provider=_key_provider, redundancy=redundancy)
         eng = Engine.mount(FileDevice(path), key_provider=_key_provider)
         eng.put("base", b"b" * 100)
         eng.put("gone", b"g")
         eng.delete("gone")
         eng.close()
-        out[enc] = open(path, "rb").read()
+        out[name] = open(path, "rb").read()
     return out
 
 
@@ -312,20 +387,47 @@ def test_key_check_not_yet_recorded_lets_a_wrong_key_through_as_integrity_findin
     assert sr.read_image(img, key=KEY)["state"] == {"k/1": b"one", "k/empty": b"", "k/2": b"two"}
 
 
-def _run(base: bytes, scenario, tmp_path) -> dict:
+def _run(base: bytes, scenario, tmp_path, signer=None) -> dict:
+    """Both readers on the crafted image; with ``signer`` both are given its public key."""
     L = Log(base)
     scenario(L, L.t)
     path = tmp_path / "crafted.img"
     path.write_bytes(bytes(L.img))
-    ours = sr.read_image(str(path), key=KEY)
-    _assert_agrees(ours, _statefsd_view(str(path)))
-    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(str(path))
+    ours = sr.read_image(str(path), key=KEY, device_key=signer.public_key if signer else None)
+    _assert_agrees(ours, _statefsd_view(str(path), signer))
+    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(str(path), signer)
     return ours
 
 
+@pytest.mark.parametrize("base", ["off", "parity"], ids=["redundancy-off", "redundancy-parity"])
 @pytest.mark.parametrize("scenario", PLAIN, ids=lambda f: f.__name__)
-def test_crafted_plaintext_log_gets_the_same_verdict_from_both(base_images, tmp_path, scenario):
-    _run(base_images["off"], scenario, tmp_path)
+def test_crafted_plaintext_log_gets_the_same_verdict_from_both(base_images, tmp_path, scenario, base):
+    _run(base_images[base], scenario, tmp_path)
+
+
+@pytest.mark.parametrize("with_device_key", [True, False], ids=["device-key", "no-device-key"])
+@pytest.mark.parametrize("scenario", CHECKPOINTS, ids=lambda f: f.__name__)
+def test_crafted_checkpoint_gets_the_same_verdict_from_both(base_images, tmp_path, scenario, with_device_key):
+    _run(base_images["off"], scenario, tmp_path, SIGNER if with_device_key else None)
+
+
+def test_crafted_checkpoint_scenarios_reach_what_they_are_named_for(base_images, tmp_path):
+    def run(scn, signed=True):
+        return _run(base_images["off"], scn, tmp_path, SIGNER if signed else None)
+    for scn in (signed_checkpoint_as_its_own_group_verifies, checkpoint_header_fields_and_sealed_flag_are_ignored,
+                checkpoint_need_not_be_alone_in_its_group):
+        r = run(scn)
+        assert not r["corrupt"] and r["verified_checkpoints"] == 1 and {"cp/1", "cp/2"} <= set(r["state"]), scn
+    r = run(checkpoint_inside_a_transaction_orphans_it)
+    assert [k for k, _ in r["findings"]] == ["orphan", "corruption"]
+    for scn in (checkpoint_over_another_chain_head_is_corruption, checkpoint_payload_of_129_bytes_is_corruption):
+        for signed in (True, False):
+            r = run(scn, signed)
+            assert r["corrupt"] and "cp/1" in r["state"] and "cp/2" not in r["state"], scn
+    with_key, without = run(forged_checkpoint_stops_replay_only_with_the_device_key), run(
+        forged_checkpoint_stops_replay_only_with_the_device_key, signed=False)
+    assert with_key["corrupt"] and "cp/2" not in with_key["state"]
+    assert not without["corrupt"] and without["state"]["cp/2"] == b"2" and without["checkpoints"] == 1
 
 
 @pytest.mark.parametrize("scenario", SEALED, ids=lambda f: f.__name__)
@@ -347,6 +449,9 @@ def test_crafted_scenarios_reach_the_findings_they_are_named_for(base_images, tm
     for scn in (zeroed_group_before_valid_groups_is_corruption, repeated_txn_id_is_corruption, broken_chain_is_corruption, nul_in_path_is_corruption,
                 damage_two_groups_before_a_valid_one_is_corruption):
         assert _run(base_images["off"], scn, tmp_path)["corrupt"], scn.__name__
+    # With parity the single damaged byte is rebuilt, and nothing is lost.
+    r = _run(base_images["parity"], damage_two_groups_before_a_valid_one_is_corruption, tmp_path)
+    assert not r["corrupt"] and len(r["repaired"]) == 1 and {"g/1", "g/2", "g/3"} <= set(r["state"])
     r = _run(base_images["off"], lower_mount_gen_after_a_complete_group_is_a_stale_tail, tmp_path)
     assert r["stop_reason"] == "stale mount generation" and "stale" not in r["state"]
     r = _run(base_images["on"], tampered_ciphertext_drops_only_its_txn_and_the_chain_goes_on, tmp_path)
