@@ -400,7 +400,8 @@ def test_a_torn_tail_is_reported_with_its_size_and_no_txn(L, tmp_path):
     assert r.end.offset == start and r.end.torn_bytes > 0
     assert [f.as_dict() for f in r.findings] == [{
         "offset": start, "kind": "torn-tail", "txn_id": 0,
-        "reason": f"incomplete last group of {r.end.torn_bytes} bytes discarded ({r.end.stop_reason})"}]
+        "reason": f"incomplete last group of {r.end.torn_bytes} bytes discarded ({r.end.stop_reason}): "
+                  f"a write cut by power loss, or damage past the durable floor that cannot be told from one"}]
 
 
 def test_damage_followed_by_a_durable_group_is_reported_with_the_evidence_offset(L, tmp_path):

@@ -177,9 +177,18 @@ def test_field_values_at_the_edge_of_what_is_allowed_are_accepted(changes):
 # ------------------------------------------------------------ record header
 
 def test_a_packed_header_of_every_record_type_has_no_problem():
-    for rtype in fmt.RECORD_TYPES:
+    for rtype in set(fmt.RECORD_TYPES) - {fmt.PARITY}:
         for flags in (0, fmt.FLAG_GROUP_END, fmt.FLAG_SEALED, fmt.KNOWN_FLAGS):
             assert fmt.header_problem(_header(rtype, flags=flags)) == ""
+    assert fmt.header_problem(_header(fmt.PARITY, payload=bytes(fmt.GROUP_ALIGN))) == ""
+
+
+@pytest.mark.parametrize("flags,payload_len", [(0, fmt.GROUP_ALIGN - 1), (0, fmt.GROUP_ALIGN + 1), (0, 0),
+                                               (fmt.FLAG_GROUP_END, fmt.GROUP_ALIGN),
+                                               (fmt.FLAG_SEALED, fmt.GROUP_ALIGN)])
+def test_a_parity_record_carries_exactly_one_sector_and_no_flags(flags, payload_len):
+    h = _header(fmt.PARITY, flags=flags, payload=bytes(payload_len))
+    assert fmt.header_problem(h) == "malformed PARITY record"
 
 
 def test_record_magic_must_be_R2():
