@@ -25,7 +25,7 @@ class Target(NamedTuple):
 # read from the device are acceptable. Encoders and constants are out.
 FORMAT_VALIDATION = frozenset({
     "decode_superblock", "superblock_layout_problem", "header_problem", "record_crc_ok",
-    "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint",
+    "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint", "has_identity_copy",
 })
 
 _BROAD = ("tests/engine/test_engine_recovery.py",
@@ -43,6 +43,7 @@ TARGETS = {
                      ("tests/engine/test_replay_rules.py",),
                      _BROAD),
     "logscan": Target("statefsd/logscan.py", None,
-                      ("tests/engine/test_logscan_end.py",),
-                      ("tests/engine/test_replay_rules.py", *_BROAD)),
+                      ("tests/engine/test_logscan_end.py", "tests/engine/test_logscan_parity.py"),
+                      ("tests/engine/test_replay_rules.py", "tests/engine/test_engine_durable_floor.py",
+                       "tests/format/test_format_spec_reader_v21.py", *_BROAD)),
 }

@@ -1,0 +1,249 @@
+"""The log walk with parity trailers and a durable floor (format 2.1).
+
+Real images from the engine (redundancy "parity", or off with a floor), with
+groups crafted after the log end by the crafted-log writer, which appends
+the parity trailer like the engine does. Each test damages exact sectors and
+checks the walk's ScanEnd whole: what was rebuilt (offset and bytes), which
+trailers were unreadable, and the torn-tail-or-corruption decision.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from statefsd import format as fmt
+from statefsd.blockdev import FileDevice
+from statefsd.engine import Engine, read_superblock_slot
+from statefsd.errors import CorruptImage
+from statefsd.logscan import apply_patches, repair_record
+from statefsd.replay import Finding, replay
+
+from tests.format import spec_reader as sr
+from tests.format.test_format_crafted_logs import Log, base_images, put  # noqa: F401
+from tests.format.test_format_spec_reader import KEY
+
+S = fmt.GROUP_ALIGN
+
+
+def _replay(img: bytes | bytearray, tmp_path, name="crafted.img"):
+    path = tmp_path / name
+    path.write_bytes(bytes(img))
+    with FileDevice(str(path), read_only=True) as dev:
+        return replay(dev, read_superblock_slot(dev)[0])
+
+
+def _sb(img) -> fmt.Superblock:
+    slots = [fmt.decode_superblock(bytes(img[o:o + fmt.BLOCK_SIZE])).superblock for o in fmt.SUPERBLOCK_OFFSETS]
+    return max((sb for sb in slots if sb is not None), key=lambda sb: sb.generation)
+
+
+@pytest.fixture
+def P(base_images) -> Log:
+    L = Log(base_images["parity"])
+    assert L.sb["redundancy"] == fmt.REDUNDANCY_PARITY
+    return L
+
+
+def _big_group(L: Log, txn: int, path="big", size=5 * S) -> tuple[int, int, bytes]:
+    """One group of several sectors; returns its start, its trailer offset and its data."""
+    start = L.pos
+    L.txn(txn, [put(path, bytes(range(256)) * (size // 256))])
+    trailer = L.pos - fmt.PARITY_TRAILER_SIZE
+    return start, trailer, bytes(L.img[start:trailer])
+
+
+def _smash(L: Log, offset: int, length=S) -> None:
+    L.img[offset:offset + length] = bytes(b ^ 0xA5 for b in L.img[offset:offset + length])
+
+
+# ------------------------------------------------------------ repair on replay
+
+@pytest.mark.parametrize("sector", [0, 2, "last"])
+def test_one_damaged_sector_is_rebuilt_and_reported_with_its_original_bytes(P, tmp_path, sector):
+    T = P.t
+    start, trailer, data = _big_group(P, T + 1)
+    P.txn(T + 2, [put("after", b"a")])
+    n = len(data) // S
+    index = n - 1 if sector == "last" else sector
+    at = start + index * S
+    _smash(P, at)
+    r = _replay(P.img, tmp_path)
+    assert r.end.repaired == [(at, data[index * S:(index + 1) * S])]
+    assert r.findings == [] and r.index[b"big"].size == 5 * S and b"after" in r.index
+    assert r.end.damaged_trailers == [] and not r.end.corrupt
+
+
+def test_one_damaged_sector_in_each_of_two_groups_is_rebuilt_in_each(P, tmp_path):
+    T = P.t
+    s1, _, d1 = _big_group(P, T + 1, "one")
+    s2, _, d2 = _big_group(P, T + 2, "two")
+    _smash(P, s1 + S)
+    _smash(P, s2 + 3 * S)
+    r = _replay(P.img, tmp_path)
+    assert r.end.repaired == [(s1 + S, d1[S:2 * S]), (s2 + 3 * S, d2[3 * S:4 * S])]
+    assert {b"one", b"two"} <= set(r.index) and r.findings == []
+
+
+def test_two_damaged_sectors_of_a_group_are_not_guessed(P, tmp_path):
+    T = P.t
+    start, _, _ = _big_group(P, T + 1)
+    P.txn(T + 2, [put("after", b"a")])
+    P.txn(T + 3, [put("later", b"l")])
+    _smash(P, start)
+    _smash(P, start + 2 * S)
+    r = _replay(P.img, tmp_path)
+    assert r.end.repaired == [] and r.end.corrupt and r.end.corruption_offset == start
+    assert b"big" not in r.index
+
+
+def test_a_damaged_sector_without_a_trailer_of_its_group_is_not_repaired(P, tmp_path):
+    # the trailer names another group: it is not this group's parity
+    T = P.t
+    start, trailer, _ = _big_group(P, T + 1)
+    raw = bytearray(P.img[trailer:trailer + fmt.HEADER_SIZE + S])
+    h = fmt.unpack_header(bytes(raw))
+    P.img[trailer:trailer + fmt.HEADER_SIZE + S] = fmt.pack_record(
+        fmt.PARITY, flags=0, epoch=h.epoch, group=h.group + 7, seq=h.seq, mount_gen=h.mount_gen, txn_id=0,
+        payload=bytes(raw[fmt.HEADER_SIZE:]), chunk_index=h.chunk_index)
+    _smash(P, start + S)
+    r = _replay(P.img, tmp_path)
+    assert r.end.repaired == [] and r.end.offset == start and b"big" not in r.index
+
+
+def test_a_damaged_trailer_leaves_its_group_valid_and_is_reported(P, tmp_path):
+    T = P.t
+    _, trailer, _ = _big_group(P, T + 1)
+    P.txn(T + 2, [put("after", b"a")])
+    _smash(P, trailer, 8)
+    r = _replay(P.img, tmp_path)
+    assert r.end.damaged_trailers == [trailer] and r.end.repaired == []
+    assert {b"big", b"after"} <= set(r.index) and r.findings == []
+
+
+@pytest.mark.parametrize("field", ["group", "seq", "mount_gen", "epoch", "sectors"])
+def test_a_trailer_of_another_group_position_or_mount_is_reported_as_damaged(P, tmp_path, field):
+    T = P.t
+    start, trailer, _ = _big_group(P, T + 1)
+    P.txn(T + 2, [put("after", b"a")])
+    h = fmt.unpack_header(bytes(P.img[trailer:trailer + fmt.HEADER_SIZE]))
+    f = dict(epoch=h.epoch, group=h.group, seq=h.seq, mount_gen=h.mount_gen, chunk_index=h.chunk_index)
+    if field == "sectors":
+        f["chunk_index"] += 1
+    else:
+        f[field] += 1
+    payload = bytes(P.img[trailer + fmt.HEADER_SIZE:trailer + fmt.HEADER_SIZE + S])
+    P.img[trailer:trailer + fmt.HEADER_SIZE + S] = fmt.pack_record(fmt.PARITY, flags=0, txn_id=0, payload=payload,
+                                                                 **f)
+    r = _replay(P.img, tmp_path)
+    assert r.end.damaged_trailers == [trailer] and {b"big", b"after"} <= set(r.index)
+
+
+def test_an_undamaged_parity_image_reports_nothing(P, tmp_path):
+    T = P.t
+    _big_group(P, T + 1)
+    r = _replay(P.img, tmp_path)
+    assert (r.end.repaired, r.end.damaged_trailers, r.findings) == ([], [], [])
+    assert r.end.offset == P.pos
+
+
+def test_a_parity_record_where_a_group_record_belongs_stops_the_walk(P, tmp_path):
+    start = P.pos
+    P.rec(fmt.PARITY, 0, bytes(S), chunk=1)
+    blob = b"".join(P.pending)
+    P.img[start:start + len(blob)] = blob
+    P.pending = []
+    r = _replay(P.img, tmp_path)
+    assert (r.end.stop_offset, r.end.stop_reason) == (start, "PARITY record where a group record belongs")
+
+
+# ------------------------------------------------------------ the durable floor
+
+@pytest.fixture
+def floored(base_images) -> Log:
+    """Plaintext, no redundancy: the base image's floor is at its log end."""
+    L = Log(base_images["off"])
+    assert _sb(L.img).durable_end == L.pos
+    return L
+
+
+def test_damage_below_the_floor_is_corruption_even_with_nothing_after_it(floored, tmp_path):
+    sb = _sb(floored.img)
+    start, _ = sb.active_extent
+    last = _replay(floored.img, tmp_path)
+    # the base image's last group: its first record sits somewhere below the floor
+    groups = [off for off in range(start, sb.durable_end, S)
+              if floored.img[off + 4:off + 6] == b"R2"]
+    victim = groups[-1]
+    floored.img[victim + 70] ^= 1
+    r = _replay(floored.img, tmp_path)
+    reason = f"checksum mismatch (below the durable floor at byte offset {sb.durable_end})"
+    assert (r.end.corrupt, r.end.corruption, r.end.corruption_offset, r.end.evidence_offset) == (
+        True, reason, victim, -1)
+    assert r.findings == [Finding(victim, "corruption", f"{reason}; the superblock recorded it as flushed")]
+    assert len(r.index) < len(last.index) or r.committed < last.committed
+    with pytest.raises(CorruptImage, match="below the durable floor"):
+        Engine.mount(FileDevice(str(tmp_path / "crafted.img")))
+
+
+def test_damage_below_the_floor_with_later_groups_names_the_floor_not_the_evidence(floored, tmp_path):
+    sb = _sb(floored.img)
+    start, _ = sb.active_extent
+    first = start
+    floored.img[first + 70] ^= 1           # the very first group: every later one is below the floor too
+    r = _replay(floored.img, tmp_path)
+    assert r.end.corruption_offset == first and r.end.evidence_offset == -1
+    assert r.findings[0].reason.endswith("the superblock recorded it as flushed")
+
+
+def test_a_group_starting_at_the_floor_may_be_torn(floored, tmp_path):
+    sb = _sb(floored.img)
+    start = floored.pos
+    floored.open(floored.t + 1, [put("t", b"torn")])
+    floored.flush()
+    r = _replay(floored.img, tmp_path)
+    assert start == sb.durable_end and r.end.offset == start and r.end.torn_bytes > 0 and not r.end.corrupt
+    assert [f.kind for f in r.findings] == ["torn-tail"]
+
+
+def test_a_20_image_without_a_floor_reads_a_zeroed_last_group_as_a_clean_end(floored, tmp_path):
+    img = bytearray(floored.img)
+    for off in fmt.SUPERBLOCK_OFFSETS:
+        st = fmt.decode_superblock(bytes(img[off:off + fmt.BLOCK_SIZE]))
+        if st.superblock is not None:
+            img[off:off + fmt.BLOCK_SIZE] = fmt.encode_superblock(st.superblock.evolve(durable_end=0))
+    sb = _sb(img)
+    groups = [o for o in range(sb.active_extent[0], floored.pos, S) if img[o + 4:o + 6] == b"R2"]
+    img[groups[-1]:floored.pos] = bytes(floored.pos - groups[-1])
+    r = _replay(img, tmp_path)
+    assert not r.end.corrupt and r.end.offset == groups[-1] and r.findings == []
+
+
+# ---------------------------------------------------------- reads and patches
+
+def test_patches_lay_rebuilt_sectors_over_exactly_the_bytes_they_cover():
+    data = bytes(range(256)) * 8                     # 2048 bytes read at device offset 10_000
+    patches = {10_000 - S: b"\x01" * S, 10_000 + S: b"\x02" * S, 12_048: b"\x03" * S, 9_000: b"\x04" * S}
+    out = apply_patches(patches, 10_000, data)
+    assert len(out) == len(data)
+    assert out[:S] == data[:S]                       # the patch below ends exactly at the read: untouched
+    assert out[S:2 * S] == b"\x02" * S
+    assert out[2 * S:] == data[2 * S:]               # the one above starts exactly at its end: untouched
+    assert apply_patches({9_000: b"\x04" * S}, 9_600, data[:100]) == data[:100]
+    assert apply_patches({}, 5, b"abc") == b"abc"
+    partial = apply_patches({9_800: b"\x05" * S}, 10_000, data)   # overlaps the first 312 bytes
+    assert partial[:312] == b"\x05" * 312 and partial[312:] == data[312:]
+
+
+def test_a_value_damaged_after_replay_is_rebuilt_by_repair_record(P, tmp_path):
+    T = P.t
+    start, trailer, data = _big_group(P, T + 1)
+    path = tmp_path / "img"
+    path.write_bytes(bytes(P.img))
+    with FileDevice(str(path), read_only=True) as dev:
+        sb = read_superblock_slot(dev)[0]
+        entry = replay(dev, sb).index[b"big"]
+        chunk_at = entry.chunks[0][0]
+        _smash(P, start + 3 * S)
+    path.write_bytes(bytes(P.img))
+    with FileDevice(str(path), read_only=True) as dev:
+        assert repair_record(dev, sb, chunk_at, {}) == (start + 3 * S, data[3 * S:4 * S])
