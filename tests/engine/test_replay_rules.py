@@ -594,3 +594,26 @@ def test_a_txn_with_two_tampered_chunks_is_reported_once_at_the_first(base_image
     assert r.findings == [Finding(first, "integrity", "sealed payload failed authentication; transaction discarded",
                                   T + 1)]
     assert b"s" not in r.index and b"fine" in r.index and r.committed >= 1
+
+
+# ------------------------------------------------ stops past the durable floor
+
+@pytest.mark.parametrize("how,reported", [("checksum", True), ("magic", True), ("seq", True), ("group", True),
+                                          ("epoch", False), ("mount_gen", False)])
+def test_a_stop_past_the_floor_is_a_torn_tail_finding_unless_it_is_a_clean_end(L, tmp_path, how, reported):
+    # stale records (another epoch, a lower mount) and zeroed space end a log
+    # normally; anything else there is a tear, or damage that cannot be told from one
+    from tests.engine.test_logscan_end import _damaged_group
+    start, reason = _damaged_group(L, how)
+    r = _replay(L, tmp_path)
+    assert r.end.stop_reason == reason and r.end.torn_bytes == 0 and not r.end.corrupt
+    assert [(f.kind, f.offset) for f in r.findings] == ([("torn-tail", start)] if reported else [])
+
+
+def test_the_end_of_the_region_is_a_clean_end(L, tmp_path):
+    from tests.engine.test_logscan_end import _fill_to, _region_end
+    end = _region_end(L)
+    _fill_to(L, 0)
+    assert L.pos == end
+    r = _replay(L, tmp_path)
+    assert r.end.stop_reason == "end of region" and r.findings == []

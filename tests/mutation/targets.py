@@ -28,7 +28,9 @@ FORMAT_VALIDATION = frozenset({
     "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint", "has_identity_copy",
 })
 
-_BROAD = ("tests/engine/test_engine_recovery.py",
+_BROAD = ("tests/engine/test_engine_durable_floor.py",
+          "tests/format/test_format_spec_reader_v21.py",
+          "tests/engine/test_engine_recovery.py",
           "tests/format/test_format_crafted_logs.py",
           "tests/format/test_format_spec_reader.py",
           # slow, and timing-sensitive under the load of two mutants at once
@@ -42,10 +44,9 @@ TARGETS = {
                      ("tests/format/test_format_validation.py",),
                      ("tests/engine/test_replay_rules.py", *_BROAD)),
     "replay": Target("statefsd/replay.py", None,
-                     ("tests/engine/test_replay_rules.py",),
+                     ("tests/engine/test_replay_rules.py", "tests/engine/test_logscan_parity.py"),
                      _BROAD),
     "logscan": Target("statefsd/logscan.py", None,
                       ("tests/engine/test_logscan_end.py", "tests/engine/test_logscan_parity.py"),
-                      ("tests/engine/test_replay_rules.py", "tests/engine/test_engine_durable_floor.py",
-                       "tests/format/test_format_spec_reader_v21.py", *_BROAD)),
+                      ("tests/engine/test_replay_rules.py", *_BROAD)),
 }
