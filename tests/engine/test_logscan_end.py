@@ -354,3 +354,65 @@ def test_the_search_past_the_stop_ends_and_reads_each_byte_about_once_even_if_ev
     assert not out["corrupt"]
     assert out["bytes"] <= 2 * out["region"] + (1 << 20)
     assert out["seconds"] < 10
+
+
+# ------------------------------------------------------------- the group cap
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory) -> tuple[bytes, fmt.Superblock, object]:
+    """A 72 MiB image (log regions of about 36 MiB) with one committed put,
+    no redundancy; with where its log ends."""
+    path = str(tmp_path_factory.mktemp("roomy") / "roomy.img")
+    create_image(path, 72 << 20)
+    with FileDevice(path) as dev:
+        Engine.mkfs(dev, redundancy="off")
+    with Engine.mount(FileDevice(path)) as eng:
+        eng.put("k", b"v")
+    with FileDevice(path, read_only=True) as dev:
+        sb = read_superblock_slot(dev)[0]
+        result = replay(dev, sb)
+    return open(path, "rb").read(), sb, result
+
+
+def _abort_group(sb, result, sizes: list[int]) -> bytes:
+    """One write group of ABORT records (their payloads are not replayed)
+    with the given payload sizes, packed by statefsd.format."""
+    end = result.end
+    out = []
+    for i, size in enumerate(sizes):
+        out.append(fmt.pack_record(fmt.ABORT, flags=fmt.FLAG_GROUP_END if i == len(sizes) - 1 else 0,
+                                   epoch=sb.log_epoch, group=end.next_group, seq=end.next_seq + i,
+                                   mount_gen=end.mount_gen + 1, txn_id=result.max_txn_id + 1 + i,
+                                   payload=bytes(size)))
+    return b"".join(out)
+
+
+def _records_up_to(total: int) -> list[int]:
+    """Payload sizes of records that together take exactly ``total`` bytes."""
+    sizes = []
+    while total > 0:
+        size = min(fmt.MAX_PAYLOAD, total - fmt.HEADER_SIZE)
+        sizes.append(size)
+        total -= fmt.HEADER_SIZE + size
+    assert total == 0
+    return sizes
+
+
+@pytest.mark.parametrize("extra,accepted", [(0, True), (fmt.HEADER_SIZE, False)])
+def test_a_group_may_hold_a_record_starting_at_its_32_MiB_cap_but_none_after_it(roomy, tmp_path, extra, accepted):
+    data, sb, result = roomy
+    sizes = _records_up_to(fmt.MAX_GROUP_BYTES + extra) + [0]   # the last record starts at the cap (+ extra)
+    group = _abort_group(sb, result, sizes)
+    img = bytearray(data)
+    start = result.end.offset
+    img[start:start + len(group)] = group
+    path = tmp_path / "capped.img"
+    path.write_bytes(bytes(img))
+    with FileDevice(str(path), read_only=True) as dev:
+        r = replay(dev, read_superblock_slot(dev)[0])
+    if accepted:
+        assert r.max_txn_id == result.max_txn_id + len(sizes) and r.end.offset == fmt.align_up(start + len(group))
+    else:
+        assert r.max_txn_id == result.max_txn_id and r.end.offset == start
+        assert r.end.stop_offset == start + fmt.MAX_GROUP_BYTES + extra
+        assert r.end.stop_reason == f"write group larger than {fmt.MAX_GROUP_BYTES} bytes"

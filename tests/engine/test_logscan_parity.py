@@ -247,3 +247,50 @@ def test_a_value_damaged_after_replay_is_rebuilt_by_repair_record(P, tmp_path):
     path.write_bytes(bytes(P.img))
     with FileDevice(str(path), read_only=True) as dev:
         assert repair_record(dev, sb, chunk_at, {}) == (start + 3 * S, data[3 * S:4 * S])
+
+
+def test_a_record_with_the_largest_payload_is_repaired_in_any_of_its_sectors(P, tmp_path):
+    start = P.pos
+    payload = bytes(range(251)) * (fmt.MAX_PAYLOAD // 251) + bytes(fmt.MAX_PAYLOAD % 251 + fmt.SEAL_OVERHEAD)
+    assert len(payload) == fmt.MAX_PAYLOAD + fmt.SEAL_OVERHEAD
+    P.t += 1
+    P.rec(sr.ABORT, P.t, payload, flags=sr.GROUP_END)
+    P.flush()
+    data = bytes(P.img[start:P.pos - fmt.PARITY_TRAILER_SIZE])
+    at = start + 200 * S
+    _smash(P, at)
+    r = _replay(P.img, tmp_path)
+    assert r.end.repaired == [(at, data[200 * S:201 * S])] and r.max_txn_id == P.t
+
+
+def test_a_trailer_that_does_not_fit_in_the_region_leaves_the_last_group_valid(P, tmp_path):
+    sb = _sb(P.img)
+    start, length = sb.active_extent
+    end = start + length
+    cap = fmt.MAX_PAYLOAD + fmt.SEAL_OVERHEAD
+    while end - S - P.pos - fmt.HEADER_SIZE > cap:     # fill until the last group's payload fits one record
+        room = end - S - P.pos - fmt.HEADER_SIZE
+        big = fmt.MAX_PAYLOAD if room >= fmt.align_up(fmt.HEADER_SIZE + fmt.MAX_PAYLOAD) + fmt.PARITY_TRAILER_SIZE else 0
+        P.t += 1
+        P.rec(sr.ABORT, P.t, bytes(big), flags=sr.GROUP_END)
+        P.flush()
+    P.t += 1
+    last = P.pos
+    P.rec(sr.ABORT, P.t, bytes(end - S - P.pos - fmt.HEADER_SIZE), flags=sr.GROUP_END)
+    beyond = bytes(P.img[end:end + fmt.PARITY_TRAILER_SIZE])
+    P.flush()                       # its trailer would start at end - 512: it cannot be read whole
+    P.img[end:end + fmt.PARITY_TRAILER_SIZE] = beyond   # what the flush wrote past the region is undone
+    r = _replay(P.img, tmp_path)
+    assert r.max_txn_id == P.t and r.end.damaged_trailers == [end - S]
+    assert r.end.stop_reason == "end of region" and not r.end.corrupt and last < end - S
+
+
+def test_the_first_record_of_a_group_is_rebuilt_by_repair_record(P, tmp_path):
+    T = P.t
+    start, _, data = _big_group(P, T + 1)
+    _smash(P, start)
+    path = tmp_path / "img"
+    path.write_bytes(bytes(P.img))
+    with FileDevice(str(path), read_only=True) as dev:
+        sb = read_superblock_slot(dev)[0]
+        assert repair_record(dev, sb, start, {}) == (start, data[:S])
