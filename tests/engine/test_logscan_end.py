@@ -416,3 +416,17 @@ def test_a_group_may_hold_a_record_starting_at_its_32_MiB_cap_but_none_after_it(
         assert r.max_txn_id == result.max_txn_id and r.end.offset == start
         assert r.end.stop_offset == start + fmt.MAX_GROUP_BYTES + extra
         assert r.end.stop_reason == f"write group larger than {fmt.MAX_GROUP_BYTES} bytes"
+
+
+def test_a_group_of_mixed_mount_generations_counts_as_its_last_records(L, tmp_path):
+    # a later group of the first record's (lower) generation is stale tail data
+    gen = L.mount_gen
+    L.txn(L.t + 1, [put("a", b"1")], end=False)
+    L.mount_gen = gen + 1
+    L.txn(L.t + 2, [put("b", b"2")])
+    stale = L.pos
+    L.mount_gen = gen
+    L.txn(L.t + 3, [put("c", b"3")])
+    end = _replay(L, tmp_path).end
+    assert end.mount_gen == gen + 1 and end.offset == stale
+    assert end.stop_reason == f"mount generation {gen} below {gen + 1} (stale)"
