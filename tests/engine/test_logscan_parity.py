@@ -294,3 +294,57 @@ def test_the_first_record_of_a_group_is_rebuilt_by_repair_record(P, tmp_path):
     with FileDevice(str(path), read_only=True) as dev:
         sb = read_superblock_slot(dev)[0]
         assert repair_record(dev, sb, start, {}) == (start, data[:S])
+
+
+def _aligned_group(P: Log, count=4) -> tuple[int, int, bytes]:
+    """A group of ABORT records of exactly one sector each, so every record
+    starts on a sector boundary; returns its start, trailer offset and data."""
+    start = P.pos
+    for i in range(count):
+        P.t += 1
+        P.rec(sr.ABORT, P.t, bytes([i + 1]) * (S - fmt.HEADER_SIZE), flags=sr.GROUP_END if i == count - 1 else 0)
+    P.flush()
+    trailer = P.pos - fmt.PARITY_TRAILER_SIZE
+    return start, trailer, bytes(P.img[start:trailer])
+
+
+def _repair(P: Log, tmp_path, offset: int, patches=None):
+    path = tmp_path / "img"
+    path.write_bytes(bytes(P.img))
+    with FileDevice(str(path), read_only=True) as dev:
+        return repair_record(dev, read_superblock_slot(dev)[0], offset, patches or {})
+
+
+def test_repair_record_passes_over_the_groups_other_records_to_its_trailer(P, tmp_path):
+    start, _, data = _aligned_group(P)
+    _smash(P, start + S)
+    assert _repair(P, tmp_path, start + S) == (start + S, data[S:2 * S])
+    assert _replay(P.img, tmp_path).end.repaired == [(start + S, data[S:2 * S])]
+
+
+def test_a_trailer_whose_crc_fails_is_not_trusted_for_a_repair(P, tmp_path):
+    start, trailer, _ = _aligned_group(P)
+    _smash(P, start + S)
+    P.img[trailer + 40] ^= 0x01          # path_hash field of the PARITY header: its CRC no longer matches
+    assert _repair(P, tmp_path, start + S) is None
+    r = _replay(P.img, tmp_path)
+    assert r.end.repaired == [] and r.end.offset == start
+
+
+def test_repair_record_uses_only_the_first_trailer_that_covers_the_record(P, tmp_path):
+    # A later PARITY record that claims to cover the group too (only a forger
+    # writes one) is never consulted when the group's own trailer fails.
+    # (The decoy's parity is not zero: with one-sector records of equal length,
+    # the XOR of three valid records is itself a record whose CRC checks out.)
+    start, trailer, data = _aligned_group(P)
+    decoy = fmt.unpack_header(bytes(P.img[trailer:trailer + fmt.HEADER_SIZE]))
+    P.img[trailer:trailer + fmt.HEADER_SIZE + S] = fmt.pack_record(
+        fmt.PARITY, flags=0, epoch=decoy.epoch, group=decoy.group, seq=decoy.seq, mount_gen=decoy.mount_gen,
+        txn_id=0, payload=b"\x5a" * S, chunk_index=decoy.chunk_index)
+    later = trailer + fmt.PARITY_TRAILER_SIZE
+    covered = bytes(P.img[start:later])
+    P.img[later:later + fmt.HEADER_SIZE + S] = fmt.pack_record(
+        fmt.PARITY, flags=0, epoch=decoy.epoch, group=decoy.group, seq=decoy.seq, mount_gen=decoy.mount_gen,
+        txn_id=0, payload=fmt.xor_sectors(covered), chunk_index=(later - start) // S)
+    _smash(P, start + S)
+    assert _repair(P, tmp_path, start + S) is None
