@@ -66,12 +66,14 @@ def test_every_target_regenerates_to_the_same_program_when_unmutated():
 
 def test_every_declared_equivalent_mutant_exists_and_has_a_reason():
     eqs = load_equivalents()
-    ms = []
+    matched, stale = 0, []
     for target in TARGETS.values():
-        ms += mutator.mutants(target.module, (REPO / target.module).read_text(), target.functions)
-    matched, stale = classify_equivalents(ms, eqs)
+        ms = mutator.mutants(target.module, (REPO / target.module).read_text(), target.functions)
+        found, gone = classify_equivalents(ms, eqs)
+        matched += len(found)
+        stale += gone
     assert stale == [], f"entries in {EQUIVALENT_FILE.name} that match no mutant: {stale}"
-    assert len(set(matched.values())) == len(eqs)
+    assert matched == len(eqs)
     assert all(len(e.reason) > 10 for e in eqs)
 
 
