@@ -366,3 +366,29 @@ def test_checkpoint_payload_must_be_exactly_128_bytes():
     for size in (0, 127, 129):
         with pytest.raises(ValueError, match=f"CHECKPOINT payload is {size} bytes, expected 128"):
             fmt.decode_checkpoint(fmt.encode_checkpoint(body)[:size].ljust(size, b"\0"))
+
+
+# -------------------------------------------------------- format 2.1 fields
+
+def test_redundancy_modes_off_and_parity_are_read_and_another_is_named():
+    for mode in (fmt.REDUNDANCY_NONE, fmt.REDUNDANCY_PARITY):
+        assert _problem(redundancy=mode) == ""
+    assert _problem(redundancy=2) == "unknown redundancy mode 2"
+    assert fmt.superblock_layout_problem(_sb(redundancy=0xFF)) == "unknown redundancy mode 255"
+
+
+def test_the_durable_floor_may_be_unset_or_anywhere_from_the_start_to_the_end_of_the_active_region():
+    for active in (0, 1):
+        start, length = _sb(active_region=active).active_extent
+        for floor in (0, start, start + 512, start + length):
+            assert _problem(active_region=active, durable_end=floor) == "", (active, floor)
+        for floor in (start - 1, start + length + 1, 1):
+            assert _problem(active_region=active, durable_end=floor) == (
+                f"durable_end {floor} outside the active log region"), (active, floor)
+
+
+def test_an_identity_copy_exists_only_where_the_regions_leave_the_last_block_free():
+    assert fmt.has_identity_copy(_sb())                                             # what mkfs lays out now
+    assert fmt.has_identity_copy(_sb(regions=((2, 100), (102, 153))))               # region 1 ends at block 254
+    assert not fmt.has_identity_copy(_sb(regions=((2, 127), (129, 127))))           # a 2.0 layout: the log owns it
+    assert not fmt.has_identity_copy(_sb(regions=((2, 100), (102, 154))))
