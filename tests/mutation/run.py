@@ -46,6 +46,7 @@ PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addop
 @dataclass(frozen=True)
 class Equivalent:
     module: str
+    function: str       # enclosing top-level function or class ("" at module level)
     line: int
     col: int
     desc: str
@@ -53,21 +54,25 @@ class Equivalent:
     reason: str
 
     def matches(self, m: Mutant) -> bool:
-        # Source text and column identify the site even if lines moved.
-        return (m.module, m.col, m.desc, m.source_line) == (self.module, self.col, self.desc, self.source_line)
+        # Function, source text and column identify the site even if lines moved.
+        return ((m.module, m.function, m.col, m.desc, m.source_line)
+                == (self.module, self.function, self.col, self.desc, self.source_line))
+
+
+_FIELDS = "module | function | line:col | mutation | source line | reason"
 
 
 def load_equivalents(path: Path = EQUIVALENT_FILE) -> list[Equivalent]:
-    """Lines: ``module | line:col | mutation | source line | reason``; # starts a comment."""
+    """Lines: ``module | function | line:col | mutation | source line | reason``; # starts a comment."""
     out = []
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         parts = [p.strip() for p in raw.split(" | ")]
-        if len(parts) != 5 or not parts[4]:
-            raise SystemExit(f"{path}:{n}: want 'module | line:col | mutation | source line | reason'")
-        line, col = (int(x) for x in parts[1].split(":"))
-        out.append(Equivalent(parts[0], line, col, parts[2], parts[3], parts[4]))
+        if len(parts) != 6 or not parts[5]:
+            raise SystemExit(f"{path}:{n}: want '{_FIELDS}'")
+        line, col = (int(x) for x in parts[2].split(":"))
+        out.append(Equivalent(parts[0], parts[1], line, col, parts[3], parts[4], parts[5]))
     return out
 
 
@@ -205,8 +210,8 @@ def run_target(name: str, target: Target, args, sandboxes: list[Sandbox], stop: 
     print(f"== {target.module}: {len(ms)} mutants ({len(equivalent)} declared equivalent); "
           f"tests: {' | then: '.join(' '.join(s) for s in stages)}", flush=True)
     for e in stale:
-        print(f"  STALE equivalent entry (matches no mutant): {e.module} | {e.line}:{e.col} | {e.desc} | "
-              f"{e.source_line}", flush=True)
+        print(f"  STALE equivalent entry (matches no mutant): {e.module} | {e.function} | {e.line}:{e.col} | "
+              f"{e.desc} | {e.source_line}", flush=True)
 
     # Control: the unmutated module, regenerated from its AST like every mutant, must pass.
     timeouts = []
@@ -352,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                 tag = "equivalent" if m.index in equivalent else m.op
                 print(f"{m.key:60s} [{tag}] {m.source_line}")
             for e in stale:
-                print(f"STALE equivalent entry: {e.module} | {e.line}:{e.col} | {e.desc} | {e.source_line}")
+                print(f"STALE equivalent entry: {e.module} | {e.function} | {e.line}:{e.col} | {e.desc} | "
+                      f"{e.source_line}")
         return 0
 
     # SIGTERM takes the same path as Ctrl-C: kill the pytest runs, delete the copies.
