@@ -121,6 +121,11 @@ def _inspect_slots(device: BlockDevice) -> list[dict]:
     return slots
 
 
+def slot_table(device: BlockDevice) -> list[dict]:
+    """Both slots as the report shows them, when neither is valid."""
+    return _mark_active(_inspect_slots(device), None, Report(image=device.path))
+
+
 def _mark_active(slots: list[dict], sb: fmt.Superblock | None, report: Report) -> list[dict]:
     """The slots as reported (the chosen one marked active); notes for the invalid ones."""
     for slot in slots:

@@ -4,7 +4,8 @@ Checks a StateFS image without a daemon and exits with an fsck(8) status
 (statefsd.errors.FsckExit): 0 clean, 1 errors corrected, 4 errors left
 uncorrected, 8 operational error (cannot open, image held by statefsd, not a
 StateFS image, key unavailable), 16 usage error. Torn tails and orphaned
-transactions are what a power cut leaves: reported as notes, exit 0.
+transactions are what a power cut leaves: reported as notes, exit 0. When
+both superblock slots are lost, --repair first rebuilds one (rebuild.py).
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 
 from statefsd.blockdev import FileDevice
 from statefsd.engine import KeyProvider, Signer
 from statefsd.errors import Busy, DeviceIOError, FsckExit, StateFSError
 
-from fsck_statefs.check import Progress, check
+from fsck_statefs import rebuild
+from fsck_statefs.check import Progress, check, slot_table
 from fsck_statefs.repair import blockers, plan, repair
-from fsck_statefs.report import Report
+from fsck_statefs.report import ERROR, Issue, Report
 
 
 class _UsageError(Exception):
@@ -42,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(cannot open, image in use, not a StateFS image, key unavailable), 16 usage error")
     p.add_argument("image", help="image file or block device")
     p.add_argument("--repair", action="store_true",
-                   help="rebuild the active log without corrupt or unauthenticated transactions")
+                   help="rebuild the active log without corrupt or unauthenticated transactions; "
+                        "rebuild lost superblocks from the identity copy and the log")
     p.add_argument("--dry-run", action="store_true", help="say what --repair would do and write nothing (with or without --repair)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--keystore-socket", metavar="PATH",
@@ -66,21 +70,34 @@ def run(image: str, *, repair_image: bool = False, dry_run: bool = False,
     except StateFSError as exc:
         return _operational(image, exc)
     try:
-        device_key = signer.public_key if signer is not None else None
+        rebuilt = None
+        if rebuild.slots_lost(device) and rebuild.looks_like_statefs(device):
+            rebuilt = rebuild.plan_rebuild(device)
+            if rebuilt.sb is None or not writes:
+                return _lost_superblocks(device, rebuilt, repair_image or dry_run)
+            rebuild.write_superblock(device, rebuilt.sb)
+        # Checkpoints signed under a uuid the rebuild could not recover
+        # would read as forged, and a repair would drop what follows them.
+        trusted_uuid = rebuilt is None or rebuilt.identity
+        device_key = signer.public_key if signer is not None and trusted_uuid else None
         checked = check(device, key_provider=key_provider, device_key=device_key, progress=progress)
         report = checked.report
-        if not report.errors:
-            report.exit_code = FsckExit.CLEAN
+        done = [f"done: {s}" for s in rebuilt.steps] + rebuilt.notes if rebuilt else []
+        rebuild_issues = _rebuild_issues(rebuilt) if rebuilt else []
+        report.issues[:0] = rebuild_issues
+        if len(report.errors) == len(rebuild_issues):   # the log needs nothing
+            report.exit_code = FsckExit.CORRECTED if rebuilt else FsckExit.CLEAN
             if repair_image or dry_run:
-                report.repair = {"performed": False, "planned": [], "log": ["nothing to repair"]}
+                report.repair = {"performed": bool(rebuilt), "planned": rebuilt.steps if rebuilt else [],
+                                 "log": done or ["nothing to repair"]}
             return report
         report.exit_code = FsckExit.UNCORRECTED
         if not (repair_image or dry_run):
             return report
         blocked = blockers(checked)
         if blocked:
-            report.repair = {"performed": False, "planned": [], "blocked": blocked,
-                             "log": [f"cannot repair: {b}" for b in blocked]}
+            report.repair = {"performed": bool(rebuilt), "planned": [], "blocked": blocked,
+                             "log": done + [f"cannot repair: {b}" for b in blocked]}
             return report
         steps = plan(checked, signed=signer is not None)
         if dry_run:
@@ -89,11 +106,44 @@ def run(image: str, *, repair_image: bool = False, dry_run: bool = False,
             return report
         report.repair = {"performed": False, "planned": steps, "log": []}
         _repair_and_recheck(device, checked, report, key_provider, signer)
+        report.repair["log"][:0] = done
         return report
     except StateFSError as exc:
         return _operational(image, exc)
     finally:
         device.close()
+
+
+def _rebuild_issues(rebuilt: rebuild.Rebuild) -> list[Issue]:
+    """The findings a performed rebuild corrected (as far as anything can)."""
+    source = "the identity copy and the log" if rebuilt.identity else "the log (no identity copy)"
+    return [Issue(ERROR, "superblock", f"both superblock slots were lost; rebuilt from {source}", repairable=True)] + [
+        Issue(ERROR, "superblock", f"lost in the rebuild: {loss}", repairable=True) for loss in rebuilt.losses]
+
+
+def _lost_superblocks(device, rebuilt: rebuild.Rebuild, repairing: bool) -> Report:
+    """The report when both slots are lost and nothing was written: what to
+    run (a check), what --repair would write (--dry-run), or why nothing
+    can be rebuilt."""
+    report = Report(image=device.path, exit_code=FsckExit.UNCORRECTED)
+    report.superblocks = slot_table(device)
+    if rebuilt.sb is None:
+        report.add(ERROR, "superblock", rebuilt.problem)
+        if repairing:
+            report.repair = {"performed": False, "planned": [], "blocked": [rebuilt.problem],
+                             "log": [f"cannot repair: {rebuilt.problem}"]}
+        return report
+    source = "the identity copy and the log" if rebuilt.identity else "the log (there is no identity copy)"
+    report.add(ERROR, "superblock", f"both superblock slots are lost; to rebuild the superblock from "
+                                    f"{source}, run: fsck-statefs --repair {shlex.quote(device.path)}",
+               repairable=True)
+    for loss in rebuilt.losses:
+        report.add(ERROR, "superblock", f"a rebuild cannot bring back: {loss}", repairable=True)
+    if repairing:
+        report.repair = {"performed": False, "dry_run": True, "planned": rebuilt.steps,
+                         "log": [f"would {s}" for s in rebuilt.steps] + rebuilt.notes
+                         + ["then check the log under the rebuilt superblock", "dry run: nothing written"]}
+    return report
 
 
 def _repair_and_recheck(device, checked, report: Report, key_provider, signer) -> None:
@@ -170,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still no traceback, still an fsck(8) status
         print(f"fsck-statefs: internal error (please report): {type(exc).__name__}: {exc}", file=sys.stderr)
         return FsckExit.OPERATIONAL
-    if report.operational_error:
-        print(f"fsck-statefs: cannot check {args.image}: {report.operational_error}", file=sys.stderr)
     try:
-        print(report.to_json() if args.json else report.to_text(args.verbose), flush=True)
+        text = report.to_json() if args.json else report.to_text(args.verbose)
+        if report.operational_error and not args.json:
+            # The header line names the image first; the error follows it.
+            head, _, text = text.partition("\n")
+            print(head, flush=True)
+        if report.operational_error:
+            print(f"fsck-statefs: cannot check {args.image}: {report.operational_error}",
+                  file=sys.stderr, flush=True)
+        print(text, flush=True)
     except BrokenPipeError:  # e.g. piped into head: the reader left, the status still counts
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the way Python's docs advise
     return int(report.exit_code)

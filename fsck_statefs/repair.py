@@ -93,8 +93,14 @@ def repair(device: BlockDevice, checked: Checked, audit=None, signer=None) -> di
 
 def highest_txn_id_on_device(device: BlockDevice, sb: fmt.Superblock) -> int:
     """The highest txn id of any checksummed record in either log region."""
-    highest = 0
-    for start_block, blocks in sb.regions:
+    return highest_counters_on_device(device, sb.regions)[0]
+
+
+def highest_counters_on_device(device: BlockDevice, regions) -> tuple[int, int]:
+    """The highest txn id and the highest mount_gen of any checksummed
+    record in the log regions ((start block, blocks) pairs)."""
+    txn = mount_gen = 0
+    for start_block, blocks in regions:
         start, end = start_block * fmt.BLOCK_SIZE, (start_block + blocks) * fmt.BLOCK_SIZE
         pos = start
         while pos < end:
@@ -105,11 +111,12 @@ def highest_txn_id_on_device(device: BlockDevice, sb: fmt.Superblock) -> int:
                 at = hit - 4
                 if at + fmt.HEADER_SIZE <= len(chunk):
                     h = fmt.unpack_header(chunk, at)
-                    if h.txn_id > highest and not fmt.header_problem(h) and fmt.record_crc_ok(chunk, at, h):
-                        highest = h.txn_id
+                    if ((h.txn_id > txn or h.mount_gen > mount_gen) and not fmt.header_problem(h)
+                            and fmt.record_crc_ok(chunk, at, h)):
+                        txn, mount_gen = max(txn, h.txn_id), max(mount_gen, h.mount_gen)
                 hit = chunk.find(fmt.RECORD_MAGIC, hit + 1)
             pos += SWEEP_WINDOW
-    return highest
+    return txn, mount_gen
 
 
 def _no_audit(event: str, **fields) -> None:

@@ -12,7 +12,6 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -20,6 +19,7 @@ import threading
 from keystored import entropy, keyfile, policy, wire
 from keystored.audit import AuditLog
 from keystored.service import Keystore, Peer
+from statefsd import unixsock
 from statefsd.errors import (
     Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
 )
@@ -77,23 +77,8 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket left by a dead keystored; refuse to touch anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise Busy(f"another process is already listening on {path}")
+def _check_socket_path(path: str, *, remove_stale: bool = False) -> None:
+    unixsock.check_socket_path(path, owner="keystored", example="keystored.sock", remove_stale=remove_stale)
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -113,7 +98,7 @@ class Listener:
         self._inode = -1
 
     def bind(self) -> None:
-        _clear_stale_socket(self.path)
+        _check_socket_path(self.path, remove_stale=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock = sock
         sock.bind(self.path)
@@ -228,6 +213,9 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
         raise UsageError(f"--socket path is longer than {_MAX_SUN_PATH} bytes: {args.socket}")
     access = policy.AccessList.from_allows(args.allow)
     passphrase = read_passphrase(args.passphrase_env)
+    # Everything that can refuse the socket is checked before a key is
+    # created: a start that fails must not leave a new identity behind.
+    _check_socket_path(args.socket)
     lock_fd = lock_state_dir(args.state_dir)
     keystore = Keystore(os.path.join(args.state_dir, keyfile.FILE_NAME), passphrase, access, audit)
     if not keystore.open():

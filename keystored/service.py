@@ -7,6 +7,7 @@ peer's kernel-reported credentials and sends back what it returns.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -87,6 +88,13 @@ class Keystore:
         except EntropyNotReady:
             return False
         keyfile.write_atomic(self.key_path, data)
+        if self._passphrase is None:
+            # Say it where a person starting keystored reads it, not only in the log.
+            message = (f"{self.key_path} is written unsealed: anyone who can read it has the "
+                       "device keys; to seal it, set STATEFS_KEY_PASSPHRASE (or --passphrase-env VAR) "
+                       "before the first start")
+            print(f"keystored: warning: {message}", file=sys.stderr, flush=True)
+            self._audit.event("warning", message=message)
         self._set(identity, "identity_created", sealed=self._passphrase is not None)
         return True
 

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 
-from statefsd.errors import DeviceIOError
+from statefsd.errors import DeviceIOError, InvalidArgument
 
 
 def _jsonable(value: object) -> object:
@@ -41,6 +41,13 @@ class AuditLog:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             except OSError as exc:
+                parent = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(parent):
+                    raise InvalidArgument(f"audit journal {path}: directory {parent} does not exist",
+                                          hint=f"create it first with mkdir -p {parent}") from None
+                if isinstance(exc, (PermissionError, IsADirectoryError)):
+                    raise InvalidArgument(f"audit journal {path}: {exc.strerror}",
+                                          hint="give --audit a file this user may append to") from None
                 raise DeviceIOError(f"audit journal {path}: {exc.strerror}") from None
             self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 

@@ -83,7 +83,16 @@ class FileDevice(BlockDevice):
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise InvalidArgument(f"{path}: no such image or device") from None
+            raise InvalidArgument(f"{path}: no such image or device",
+                                  hint="check the path, or create an image with "
+                                       "'statefs mkfs IMAGE --size 64M'") from None
+        except IsADirectoryError:
+            raise InvalidArgument(f"{path} is a directory, not an image or device",
+                                  hint="give the image file inside it, e.g. "
+                                       f"{os.path.join(path, 'statefs.img')}") from None
+        except PermissionError as exc:
+            raise InvalidArgument(f"{path}: cannot open: {exc.strerror}",
+                                  hint="check the file's permissions, or run as its owner") from None
         except OSError as exc:
             raise DeviceIOError(f"{path}: cannot open: {exc.strerror}") from None
         self.wfd = self.fd
@@ -202,18 +211,26 @@ class FileDevice(BlockDevice):
             self.fd = -1
 
 
-def create_image(path: str, size: int) -> None:
+def create_image(path: str, size: int, *, sparse: bool = False) -> None:
     """Create an image file of ``size`` bytes, fully written with zeros.
 
     Pre-writing matters: a later fdatasync into already-allocated blocks
     carries no file-system metadata, so a commit costs one plain flush.
+    ``sparse`` skips it (quick, no space used up front); then the first
+    write into each hole also allocates blocks, and that commit's flush
+    carries file-system metadata too.
     """
     if size % SECTOR:
-        raise InvalidArgument(f"image size {size} is not a multiple of {SECTOR}")
+        raise InvalidArgument(f"image size {size} is not a multiple of {SECTOR}",
+                              hint="give a size in whole KiB or with an M or G suffix, e.g. 64M")
     chunk = bytes(1 << 20)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, 0)
+        if sparse:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            return
         written = 0
         while written < size:
             n = min(len(chunk), size - written)
@@ -224,12 +241,13 @@ def create_image(path: str, size: int) -> None:
 
 
 def parse_size(text: str) -> int:
-    """'64M' -> 67108864. Accepts K, M, G suffixes (binary)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    """'64M' -> 67108864. Accepts K, M, G, T suffixes (binary)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
     try:
         if text and text[-1] in units:
             return int(float(text[:-1]) * units[text[-1]])
         return int(text)
     except ValueError:
-        raise InvalidArgument(f"cannot parse size {text!r}; use e.g. 64M") from None
+        raise InvalidArgument(f"cannot parse size {text!r}",
+                              hint="give a number with an optional K, M, G or T suffix, e.g. 64M") from None

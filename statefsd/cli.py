@@ -1,20 +1,19 @@
 """statefs: the command line for StateFS.
 
     statefs mkfs IMAGE --size 64M [--encryption on|off] [--redundancy parity|off] [--force]
-    statefs [--socket PATH] put KEY VALUE | put KEY --file F | put KEY -
-    statefs [--socket PATH] get KEY          (raw value bytes on stdout)
-    statefs [--socket PATH] rm KEY
-    statefs [--socket PATH] ls [PREFIX]
-    statefs [--socket PATH] txn [FILE|-]     (JSON, see below)
-    statefs [--socket PATH] stat [KEY]       (key stat, or daemon info, as JSON)
+    statefs [--socket PATH] put KEY VALUE | put KEY --file F | put KEY -   [--json | -v]
+    statefs [--socket PATH] get KEY [-o FILE] (raw value bytes on stdout or into FILE)
+    statefs [--socket PATH] rm KEY                                          [--json | -v]
+    statefs [--socket PATH] ls [PREFIX] [-l] [--json | -0]
+    statefs [--socket PATH] txn [FILE|-]     (JSON, see TXN_HELP)           [--json | -v]
+    statefs [--socket PATH] stat [KEY] [--json]   (a key's stat, or the daemon's info)
+    statefs [--socket PATH] compact
 
-txn JSON: {"ops": [{"op": "put", "key": K, "value": TEXT},
-                   {"op": "put", "key": K, "value_b64": BASE64},
-                   {"op": "delete", "key": K}]}
-
-The socket comes from --socket or $STATEFS_SOCKET. Failures print
-``statefs: <NAME>: message (hint)`` on stderr and exit with the numeric
-code of errors.Code; argparse usage errors exit 2 (EUSAGE).
+Writes are quiet on success, as Unix tools are: ``--json`` prints
+``{"txn": ID}``, ``-v`` a line saying what was done. The socket comes from
+--socket or $STATEFS_SOCKET. Failures print ``statefs: <NAME>: message
+(hint)`` on stderr and exit with the numeric code of errors.Code; argparse
+usage errors exit 2 (EUSAGE).
 """
 
 from __future__ import annotations
@@ -22,12 +21,37 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import errno
 import json
 import os
 import stat
 import sys
 
-from statefsd.errors import InternalError, InvalidArgument, StateFSError, UsageError
+from statefsd.errors import DeviceIOError, InternalError, InvalidArgument, StateFSError, UsageError
+
+
+TXN_HELP = """\
+The transaction is one JSON object; its ops apply all together or not at all:
+
+  {"ops": [{"op": "put",    "key": "net/ip",  "value": "10.0.0.2"},
+           {"op": "put",    "key": "fw/blob", "value_b64": "AAEC/w=="},
+           {"op": "delete", "key": "net/old"}]}
+
+  "value"      the value as UTF-8 text
+  "value_b64"  the value as base64, for bytes that are not text
+  a put has exactly one of the two; a delete of a missing key is not an error.
+Limits: 128 ops and 16 MiB of values per transaction, 8 MiB per value,
+512 bytes per key (docs/statefs.md).
+
+example:
+  echo '{"ops":[{"op":"put","key":"a","value":"1"}]}' | statefs txn -
+"""
+
+
+def _write_options(p: argparse.ArgumentParser) -> None:
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help='print {"txn": ID}, the committed transaction\'s id')
+    out.add_argument("-v", "--verbose", action="store_true", help="say what was done")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mkfs", help="format an image file or block device")
     p.add_argument("image")
-    p.add_argument("--size", help="create (zero-filled) an image file of this size, e.g. 64M")
+    p.add_argument("--size", help="create an image file of this size (suffix K, M, G or T), e.g. 64M; "
+                                  "it is written with zeros up front unless --sparse")
+    p.add_argument("--sparse", action="store_true",
+                   help="with --size: create the file sparse (instant, no space used until written); "
+                        "the cost: a commit that first writes into a hole also flushes file-system "
+                        "metadata, so early commits are slower")
     p.add_argument("--encryption", choices=("on", "off"),
                    default=os.environ.get("STATEFS_ENCRYPTION", "off"),
                    help="encrypt values at rest (default: $STATEFS_ENCRYPTION or off)")
@@ -50,22 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "damaged sector of it; off: damage is detected, not repaired")
     p.add_argument("--force", action="store_true", help="overwrite an existing StateFS image")
 
-    p = sub.add_parser("put", parents=[common], help="store a value")
+    p = sub.add_parser("put", parents=[common], help="store a value (quiet on success)")
     p.add_argument("key")
     p.add_argument("value", nargs="?", help="the value as text, or - to read stdin")
     p.add_argument("--file", help="read the value from this file")
+    _write_options(p)
 
-    for name, text in (("get", "print a value's raw bytes"), ("rm", "delete a key")):
-        sub.add_parser(name, parents=[common], help=text).add_argument("key")
+    p = sub.add_parser("get", parents=[common], help="print a value's raw bytes")
+    p.add_argument("key")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the value to FILE instead of stdout")
+
+    p = sub.add_parser("rm", parents=[common], help="delete a key (quiet on success)")
+    p.add_argument("key")
+    _write_options(p)
 
     p = sub.add_parser("ls", parents=[common], help="list keys")
     p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("-l", dest="long", action="store_true",
+                   help="long listing: size in bytes, id of the transaction that wrote it, key")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="a JSON array (of objects with -l)")
+    out.add_argument("-0", dest="null", action="store_true",
+                     help="end each key with NUL instead of newline (keys may contain newlines)")
 
-    p = sub.add_parser("txn", parents=[common], help="apply a JSON transaction atomically")
+    p = sub.add_parser("txn", parents=[common], help="apply a JSON transaction atomically (quiet on success)",
+                       description="Apply a JSON transaction atomically.", epilog=TXN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
+    _write_options(p)
 
     p = sub.add_parser("stat", parents=[common], help="a key's stat, or the daemon's info")
     p.add_argument("key", nargs="?")
+    p.add_argument("--json", action="store_true", help="print the raw fields as JSON")
 
     sub.add_parser("compact", parents=[common], help="compact the log now")
     return parser
@@ -98,25 +143,119 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     from statefsd.engine import Engine
 
     path = args.image
+    size = parse_size(args.size) if args.size else None
+    if args.sparse and size is None:
+        raise UsageError("--sparse goes with --size", hint="add --size to create a sparse image file")
+    existed = check_safe_to_format(path, size=size, force=args.force)
+    try:
+        if size is not None:
+            try:
+                create_image(path, size, sparse=args.sparse)
+            except OSError as exc:
+                raise DeviceIOError(f"cannot create {path}: {exc.strerror}",
+                                    hint="check the directory's permissions and free space") from None
+        with FileDevice(path) as device:
+            sb = Engine.mkfs(device, encryption=args.encryption, redundancy=args.redundancy)
+            size = device.size
+    except BaseException:
+        if not existed:  # a failed mkfs leaves nothing behind that it created
+            _remove_quietly(path)
+        raise
+    print(_mkfs_summary(path, size, sb, args.encryption, args.redundancy))
+    return 0
+
+
+def _mkfs_summary(path: str, size: int, sb, encryption: str, redundancy: str) -> str:
+    """What a newcomer needs to size an image: how much of it holds data."""
+    from statefsd.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_VALUE_BYTES
+
+    log = sb.regions[sb.active_region][1] * sb.block_size
+    return (f"statefs: formatted {path}: {size} bytes ({_human(size)}), encryption {encryption}, "
+            f"redundancy {redundancy}\n"
+            f"  log capacity: {log} bytes ({_human(log)}) usable; the device holds two log regions, "
+            f"one live and one that receives compaction\n"
+            f"  limits: a value up to {_human(MAX_VALUE_BYTES)}, a key up to {MAX_KEY_BYTES} bytes, "
+            f"a transaction up to {_human(MAX_TXN_BYTES)} of values")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------- mkfs: is the target safe to format?
+#
+# mkfs is meant for /dev/vda as much as for image files, so a typo must not
+# destroy a file system, a partition table or somebody's notes. Everything
+# that decides whether formatting may go ahead lives here.
+
+# Whole-target scans stop being cheap on big disks; past this size only the
+# head and tail are read, where partition tables, file-system superblocks
+# and LUKS headers live (blkid still probes the whole signature set).
+_SCAN_ALL_BYTES = 1 << 30
+_SCAN_EDGE_BYTES = 64 << 20
+
+
+def check_safe_to_format(path: str, *, size: int | None, force: bool) -> bool:
+    """Refuse a target mkfs must not touch; return whether it already exists.
+
+    An absent file (with --size) or an existing all-zero file or device is
+    fine. Anything holding a StateFS image, a signature blkid knows (file
+    system, partition table, LUKS, swap) or any non-zero byte is refused
+    unless ``force``. An image held by statefsd or fsck-statefs is refused
+    even with ``force`` (EBUSY).
+    """
+    from statefsd.blockdev import FileDevice
+    from statefsd.format import MIN_IMAGE_BYTES
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InvalidArgument(f"cannot create {path}: directory {parent} does not exist",
+                              hint=f"create it first with mkdir -p {parent}, or choose another path")
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a directory",
+                              hint="give the path of an image file inside it, or a block device")
     exists = os.path.exists(path)
     is_block = exists and stat.S_ISBLK(os.stat(path).st_mode)
-    if exists:
-        with FileDevice(path) as device:  # the lock refuses an image in use
-            if not args.force and _holds_statefs(device):
-                raise UsageError(f"{path} already holds a StateFS image; add --force to overwrite it")
-    if is_block:
-        if args.size:
-            raise UsageError("--size does not apply to a block device")
-    elif args.size:
-        create_image(path, parse_size(args.size))
-    elif not exists:
-        raise UsageError(f"{path} does not exist; give --size to create it")
-    with FileDevice(path) as device:
-        Engine.mkfs(device, encryption=args.encryption, redundancy=args.redundancy)
-        size = device.size
-    print(f"statefs: formatted {path}: {size} bytes, encryption {args.encryption}, "
-          f"redundancy {args.redundancy}")
-    return 0
+    if is_block and size is not None:
+        raise UsageError("--size does not apply to a block device",
+                         hint="drop --size; a block device is formatted at its own size")
+    if not exists and size is None:
+        raise UsageError(f"{path} does not exist",
+                         hint="give --size to create an image file, e.g. --size 64M")
+    if size is not None and size < MIN_IMAGE_BYTES:
+        raise UsageError(f"an image of {size} bytes is too small; StateFS needs at least "
+                         f"{MIN_IMAGE_BYTES >> 20} MiB",
+                         hint=f"give a bigger --size, e.g. --size {max(64, MIN_IMAGE_BYTES >> 20)}M")
+    if not exists:
+        return False
+    with FileDevice(path) as device:  # the lock refuses an image in use (EBUSY)
+        found = "" if force else _what_it_holds(path, device)
+        small = size is None and device.size < MIN_IMAGE_BYTES
+    if found:
+        raise UsageError(f"{path} already holds {found}; formatting would destroy it",
+                         hint="check the path; add --force to overwrite it anyway")
+    if small:
+        raise UsageError(f"{path} has {os.path.getsize(path) if not is_block else device.size} bytes; "
+                         f"StateFS needs at least {MIN_IMAGE_BYTES >> 20} MiB",
+                         hint="give a bigger --size to make it an image file of that size, e.g. --size 64M"
+                         if not is_block else "use a bigger device")
+    return True
+
+
+def _what_it_holds(path: str, device) -> str:
+    """Words for what is on the target, or '' when it is all zeros."""
+    if _holds_statefs(device):
+        return "a StateFS image"
+    signature = _blkid_signature(path)
+    if signature:
+        return signature
+    offset = _first_nonzero(device)
+    if offset is not None:
+        return f"data (a non-zero byte at offset {offset})"
+    return ""
 
 
 def _holds_statefs(device) -> bool:
@@ -124,6 +263,73 @@ def _holds_statefs(device) -> bool:
 
     return any(device.read(offset, len(SUPERBLOCK_MAGIC)) == SUPERBLOCK_MAGIC
                for offset in SUPERBLOCK_OFFSETS if offset < device.size)
+
+
+def _blkid_signature(path: str) -> str:
+    """What ``blkid -p`` (util-linux) recognizes on ``path``, e.g. 'an ext4
+    file system'; '' when it finds nothing or is not installed (the zero
+    scan still guards the target then)."""
+    import shutil
+    import subprocess
+
+    blkid = shutil.which("blkid") or next(
+        (p for p in ("/usr/sbin/blkid", "/sbin/blkid") if os.access(p, os.X_OK)), None)
+    if blkid is None:
+        return ""
+    try:
+        probe = subprocess.run([blkid, "-p", "-o", "export", path], capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if probe.returncode != 0:  # 2: nothing found
+        return ""
+    fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+    if "PTTYPE" in fields and "TYPE" not in fields:
+        return f"a partition table ({fields['PTTYPE']})"
+    kind = fields.get("TYPE", "unknown")
+    if kind == "crypto_LUKS":
+        return "a LUKS encrypted volume"
+    usage = {"filesystem": "file system", "crypto": "encrypted volume", "raid": "RAID member"}
+    return f"a{'n' if kind[:1] in 'aeiou' else ''} {kind} {usage.get(fields.get('USAGE', ''), 'signature')}"
+
+
+def _first_nonzero(device) -> int | None:
+    """Offset of the first non-zero byte, or None. Reads every byte (also a
+    tail shorter than a sector, which the device interface hides) through
+    the buffered descriptor; holes of a sparse file are skipped."""
+    chunk = 1 << 20
+    zeros = bytes(chunk)
+    size = os.lseek(device.fd, 0, os.SEEK_END)
+    if size <= _SCAN_ALL_BYTES:
+        ranges = _data_ranges(device.fd, size)
+    else:
+        ranges = [(0, _SCAN_EDGE_BYTES), (size - _SCAN_EDGE_BYTES, size)]
+    for start, end in ranges:
+        for offset in range(start, end, chunk):
+            try:
+                data = os.pread(device.fd, min(chunk, end - offset), offset)
+            except OSError as exc:
+                raise DeviceIOError(f"{device.path}: read at {offset}: {exc.strerror}") from None
+            if data != zeros[:len(data)]:
+                return offset + next(i for i, b in enumerate(data) if b)
+    return None
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The extents that hold data (SEEK_DATA/SEEK_HOLE where the file system
+    supports them; otherwise everything)."""
+    ranges, offset = [], 0
+    try:
+        while offset < size:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            ranges.append((start, end))
+            offset = end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past offset
+            return ranges
+        return [(0, size)]
+    return ranges
 
 
 # -------------------------------------------------------- daemon commands
@@ -144,13 +350,16 @@ def cmd_put(args: argparse.Namespace) -> int:
     else:
         value = os.fsencode(args.value)  # the exact bytes the shell passed
     with _client(args) as client:
-        client.put(args.key, value)
-    return 0
+        txn = client.put(args.key, value)
+    return _report_write(args, txn, f"put {args.key} ({len(value)} bytes)")
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         value = client.get(args.key)
+    if args.output is not None:
+        _write_file(args.output, value)
+        return 0
     sys.stdout.buffer.write(value)
     sys.stdout.buffer.flush()
     return 0
@@ -158,23 +367,83 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        client.delete(args.key)
+        txn = client.delete(args.key)
+    return _report_write(args, txn, f"removed {args.key}")
+
+
+def _report_write(args: argparse.Namespace, txn: int | None, what: str) -> int:
+    """Silence on success, unless asked: --json for scripts, -v for people."""
+    if args.json:
+        print(json.dumps({"txn": txn}))
+    elif args.verbose:
+        print(f"statefs: {what}: committed as transaction {txn}")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         keys = client.list(args.prefix)
-    for key in keys:
-        print(key)
+        stats = [client.stat(key) for key in keys] if args.long else None
+    if args.json:
+        print(json.dumps(stats if args.long else keys, ensure_ascii=False))
+    elif args.long:
+        width = max((len(str(st["size"])) for st in stats), default=1)
+        tid = max((len(str(st["txn_id"])) for st in stats), default=1)
+        end = "\0" if args.null else "\n"
+        for st in stats:
+            sys.stdout.write(f"{st['size']:>{width}} {st['txn_id']:>{tid}} {st['path']}{end}")
+    else:
+        end = "\0" if args.null else "\n"
+        sys.stdout.write("".join(key + end for key in keys))
+    sys.stdout.flush()
     return 0
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.stat(args.key) if args.key is not None else client.info()
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    elif args.key is not None:
+        print(_key_stat_text(result))
+    else:
+        print(_info_text(result))
     return 0
+
+
+def _key_stat_text(st: dict) -> str:
+    return (f"key:  {st['path']}\n"
+            f"size: {st['size']} bytes\n"
+            f"txn:  {st['txn_id']} (the transaction that last wrote it)")
+
+
+def _info_text(info: dict) -> str:
+    """The daemon's info in words. Field names of the JSON form are the
+    protocol's; here each line says what the number means."""
+    replay = info.get("replay") or {}
+    mode = "read-only" if info.get("read_only") else "read-write"
+    lines = [
+        f"image:         {info['image']} ({_human(info['device_bytes'])}, format {info['format']}, "
+        f"encryption {info['encryption']}, {mode})",
+        f"keys:          {info['keys']} ({_human(info['live_bytes'])} of values)",
+        f"log:           {_human(info['log_used'])} used of {_human(info['log_size'])} "
+        f"(the active half of the device; the other half receives compaction)",
+        f"next txn id:   {info['next_txn_id']} (ids only grow; they are reserved on disk in "
+        f"batches, so a restart skips ahead)",
+    ]
+    if replay:
+        lines.append(f"at mount:      replayed {replay.get('committed_txns', 0)} committed transactions, "
+                     f"highest id {replay.get('max_txn_id', 0)}, log ended at byte "
+                     f"{replay.get('log_end', 0)} of the device")
+    lines.append(f"uuid:          {info['device_uuid']}, superblock generation {info['generation']}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -194,7 +463,10 @@ def cmd_txn(args: argparse.Namespace) -> int:
                     txn.put(key, value)
                 else:
                     txn.delete(key)
-    return 0
+    return _report_write(args, txn.txn_id, f"applied {len(ops)} ops")
+
+
+TXN_FORMAT_HINT = "the format is in 'statefs txn --help'"
 
 
 def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
@@ -203,38 +475,47 @@ def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"transaction is not valid JSON: {exc}") from None
+        raise InvalidArgument(f"transaction is not valid JSON: {exc}", hint=TXN_FORMAT_HINT) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("ops"), list):
-        raise InvalidArgument('transaction JSON must be an object {"ops": [...]}')
+        raise InvalidArgument('transaction JSON must be an object {"ops": [...]}', hint=TXN_FORMAT_HINT)
     if not doc["ops"]:
-        raise InvalidArgument("transaction has no ops")
+        raise InvalidArgument("transaction has no ops", hint=TXN_FORMAT_HINT)
     ops = []
     for i, op in enumerate(doc["ops"]):
         where = f"ops[{i}]"
         if not isinstance(op, dict) or op.get("op") not in ("put", "delete"):
-            raise InvalidArgument(f'{where} must be an object with "op": "put" or "delete"')
+            raise InvalidArgument(f'{where} must be an object with "op": "put" or "delete"', hint=TXN_FORMAT_HINT)
         key = op.get("key")
         if not isinstance(key, str):
-            raise InvalidArgument(f'{where} needs a string "key"')
+            raise InvalidArgument(f'{where} needs a string "key"', hint=TXN_FORMAT_HINT)
         if op["op"] == "delete":
             ops.append(("delete", key, b""))
             continue
         if ("value" in op) == ("value_b64" in op):
-            raise InvalidArgument(f'{where} needs exactly one of "value" and "value_b64"')
+            raise InvalidArgument(f'{where} needs exactly one of "value" and "value_b64"', hint=TXN_FORMAT_HINT)
         if "value" in op:
             if not isinstance(op["value"], str):
-                raise InvalidArgument(f'{where} "value" must be a string (use "value_b64" for bytes)')
+                raise InvalidArgument(f'{where} "value" must be a string (use "value_b64" for bytes)', hint=TXN_FORMAT_HINT)
             try:
                 value = op["value"].encode("utf-8")
             except UnicodeEncodeError:
-                raise InvalidArgument(f'{where} "value" is not valid Unicode text') from None
+                raise InvalidArgument(f'{where} "value" is not valid Unicode text', hint=TXN_FORMAT_HINT) from None
         else:
             try:
                 value = base64.b64decode(op["value_b64"], validate=True)
             except (binascii.Error, TypeError, ValueError):
-                raise InvalidArgument(f'{where} "value_b64" is not valid base64') from None
+                raise InvalidArgument(f'{where} "value_b64" is not valid base64', hint=TXN_FORMAT_HINT) from None
         ops.append(("put", key, value))
     return ops
+
+
+def _write_file(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write {path}: {exc.strerror}",
+                              hint="check the path and the directory's permissions") from None
 
 
 def _read_file(path: str) -> bytes:
@@ -242,7 +523,7 @@ def _read_file(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", hint="check the file's path") from None
 
 
 COMMANDS = {

@@ -27,18 +27,23 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import stat
 import threading
 from typing import Any, Iterable
 
 from statefsd import protocol
-from statefsd.errors import ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TransactionError
+from statefsd.errors import (
+    ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig, TransactionError,
+)
+from statefsd.format import MAX_VALUE_BYTES
 
 
 class Client:
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
         path = socket_path or os.environ.get("STATEFS_SOCKET")
         if not path:
-            raise ConnectionFailed("no statefsd socket given: pass a socket path or set STATEFS_SOCKET")
+            raise ConnectionFailed("no statefsd socket given",
+                                   hint="pass --socket PATH or set STATEFS_SOCKET=PATH")
         self.socket_path = path
         self.timeout = timeout
         self.server: dict = {}          # the daemon's hello answer
@@ -59,8 +64,7 @@ class Client:
                 sock.connect(self.socket_path)
             except OSError as exc:
                 sock.close()
-                reason = exc.strerror or str(exc)
-                raise ConnectionFailed(f"cannot connect to statefsd at {self.socket_path}: {reason}") from None
+                raise _connect_error(self.socket_path, exc) from None
             self._sock, self._reader = sock, sock.makefile("rb", buffering=1 << 16)
             try:
                 hello = self._roundtrip("hello", {})
@@ -131,7 +135,7 @@ class Client:
         return _field(self.call("stat", key=key), "stat", dict)
 
     def put(self, key: str, value: bytes) -> int:
-        return self.call("put", key=key, value=_bytes(value))["txn"]
+        return self.call("put", key=key, value=_value(value))["txn"]
 
     def delete(self, key: str) -> int:
         return self.call("delete", key=key)["txn"]
@@ -157,7 +161,7 @@ class Client:
         wire = []
         for op in ops:
             if op[0] == "put":
-                wire.append({"op": "put", "key": op[1], "value": _bytes(op[2])})
+                wire.append({"op": "put", "key": op[1], "value": _value(op[2])})
             elif op[0] == "delete":
                 wire.append({"op": "delete", "key": op[1]})
             else:
@@ -193,7 +197,7 @@ class Transaction:
 
     def put(self, key: str, value: bytes) -> None:
         self._check_open()
-        self.client.call("txn_put", key=key, value=_bytes(value))
+        self.client.call("txn_put", key=key, value=_value(value))
 
     def delete(self, key: str) -> None:
         self._check_open()
@@ -233,6 +237,29 @@ def _bytes(value: object) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise InvalidArgument(f"values are bytes, got {type(value).__name__}; encode text first")
+
+
+def _value(value: object) -> bytes:
+    """A value to send; one over the documented limit is refused here, with
+    the limit that matters to the caller (not the frame cap it would hit)."""
+    data = _bytes(value)
+    if len(data) > MAX_VALUE_BYTES:
+        raise TooBig(f"value of {len(data)} bytes exceeds the limit of {MAX_VALUE_BYTES}",
+                     hint="split the value over several keys")
+    return data
+
+
+def _connect_error(path: str, exc: OSError) -> ConnectionFailed:
+    """Why the socket cannot be reached, in the words that lead to the fix."""
+    if os.path.isdir(path):
+        return ConnectionFailed(f"{path} is a directory, not a statefsd socket",
+                                hint=f"give the socket file, e.g. {os.path.join(path, 'statefs.sock')}")
+    if os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
+        return ConnectionFailed(f"{path} is not a socket", hint="check --socket or STATEFS_SOCKET")
+    if isinstance(exc, FileNotFoundError):
+        return ConnectionFailed(f"cannot connect to statefsd at {path}: no such socket",
+                                hint="is statefsd running? start it with --socket " + path)
+    return ConnectionFailed(f"cannot connect to statefsd at {path}: {exc.strerror or exc}")
 
 
 def _field(response: dict, name: str, kind: type) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ from statefsd.errors import (
     CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
     NotFound, ReadOnly, StateFSError, TooBig,
 )
-from statefsd.logscan import apply_patches, repair_record
+from statefsd.logscan import apply_patches, first_record, repair_record
 from statefsd.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
@@ -74,7 +75,8 @@ def validate_path(path: str) -> bytes:
     if b"\x00" in raw:
         raise InvalidArgument("a key must not contain NUL")
     if len(raw) > fmt.MAX_KEY_BYTES:
-        raise TooBig(f"key of {len(raw)} bytes exceeds the limit of {fmt.MAX_KEY_BYTES}")
+        raise TooBig(f"key of {len(raw)} bytes exceeds the limit of {fmt.MAX_KEY_BYTES}",
+                     hint=f"use a key of at most {fmt.MAX_KEY_BYTES} UTF-8 bytes")
     return raw
 
 
@@ -108,14 +110,34 @@ def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list
         else:
             found.append((status.superblock, index))
     if not found:
-        if not magic_seen:
+        if (not magic_seen and read_identity_copy(device) is None
+                and first_record(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is None):
             raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
-        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)})")
+        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)}); "
+                           f"to rebuild the superblock from the identity copy and the log, run: "
+                           f"fsck-statefs --repair {shlex.quote(device.path)}",
+                           hint="without a superblock not even a read-only mount is possible")
     sb, slot = max(found, key=lambda pair: pair[0].generation)
     if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
         raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "
                            f"device has only {device.size // fmt.BLOCK_SIZE} (truncated image?)")
     return sb, slot, problems
+
+
+def read_identity_copy(device: BlockDevice) -> fmt.Superblock | None:
+    """The mkfs superblock kept in the device's last block (format 2.1), or
+    None when that block holds no valid copy (a 2.0 image keeps log data
+    there, which never passes the magic, CRC and layout checks)."""
+    total_blocks = device.size // fmt.BLOCK_SIZE
+    if total_blocks <= fmt.LOG_START_BLOCK:
+        return None
+    try:
+        sb = fmt.decode_superblock(device.read(fmt.identity_copy_offset(total_blocks), fmt.BLOCK_SIZE)).superblock
+    except FormatError:
+        return None
+    if sb is None or sb.total_blocks != total_blocks or not fmt.has_identity_copy(sb):
+        return None
+    return sb
 
 
 COUNTER_HEADROOM = 1 << 32   # far more ids and generations than any device will use
@@ -145,6 +167,10 @@ class _Request:
 
 
 class Engine:
+    # Where compaction draws its fresh log epochs; a test rig that must
+    # reproduce a run byte for byte pins it per mount.
+    entropy = staticmethod(os.urandom)
+
     def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
                  read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None,
                  sb_slot: int, signer: "Signer | None" = None) -> None:
@@ -237,6 +263,10 @@ class Engine:
         block = fmt.encode_superblock(sb)
         for offset in (*fmt.SUPERBLOCK_OFFSETS, sb.identity_copy_offset):
             device.write(offset, block)
+        # No log of an earlier file system may open a region: rebuilding a
+        # lost superblock takes a region's first record for the start of a log.
+        for start, _blocks in sb.regions:
+            device.write(start * fmt.BLOCK_SIZE, bytes(fmt.BLOCK_SIZE))
         device.flush()
         return sb
 
@@ -268,12 +298,13 @@ class Engine:
         cipher = None
         if sb.encryption != fmt.ENCRYPTION_OFF:
             if key_provider is None:
-                raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}); a key from "
-                                     f"keystored is required (--keystore-socket)")
+                raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}) and no keystored "
+                                     f"was given", hint="start keystored and pass --keystore-socket")
             key = key_provider(sb)
             if sb.key_check != bytes(16) and fmt.key_check(key, sb.device_uuid, sb.salt) != sb.key_check:
-                raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image "
-                                     f"(another device identity?); refusing to mount")
+                raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image; "
+                                     f"refusing to mount",
+                                     hint="use the keystored (state dir) of the device that formatted it")
             cipher = RecordCipher(key, sb)
         result = replay(device, sb, cipher, signer.public_key if signer else None)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
@@ -284,9 +315,9 @@ class Engine:
         if bad and not read_only:
             first = bad[0]
             raise CorruptImage(f"{device.path}: corruption at byte offset {first.offset}: {first.reason}; "
-                               f"refusing to mount read-write (mount read-only to read the "
-                               f"{result.committed} committed transactions before it)",
-                               offset=first.offset)
+                               f"refusing to mount read-write", offset=first.offset,
+                               hint=f"run fsck-statefs {device.path}; statefsd --read-only serves the "
+                                    f"{result.committed} committed transactions before it")
         if not read_only:
             problem = counters_problem(sb, result)
             if problem:
@@ -402,12 +433,23 @@ class Engine:
             return False
         offset, sector = fix
         self.audit("sector_repaired", offset=offset, source="parity", during="read")
-        if self.read_only:
-            self._patches[offset] = sector
-            return True
-        with self._writer():
-            self.device.write(offset, sector)
-            self.device.flush()
+        self._patches[offset] = sector
+        if not self.read_only:
+            # Written back only when the writer role is free at once: a read
+            # inside compaction's catch-up (which holds it) must not wait on
+            # itself. Otherwise the next mount writes it back.
+            with self._cv:
+                if self._writing or self._closed:
+                    return True
+                self._writing = True
+            try:
+                self.device.write(offset, sector)
+                self.device.flush()
+                del self._patches[offset]
+            finally:
+                with self._cv:
+                    self._writing = False
+                    self._cv.notify_all()
         return True
 
     def stat(self, path: str) -> dict:
@@ -558,7 +600,7 @@ class Engine:
             limit = self._region_end - (0 if only_deletes else self._delete_reserve)
             if fmt.align_up(pos + size) + trailer > limit:
                 req.error = NoSpace(f"{self.device.path}: log full ({self._region_end - self._pos} bytes "
-                                    f"left, transaction needs {size}); committed data is intact")
+                                    f"left, transaction needs {size})")
                 self.audit("enospc", needed=size, left=self._region_end - self._pos)
                 req.done = True
                 continue
@@ -663,7 +705,7 @@ class Engine:
         # that never got its superblock switch stay stale by the epoch rule.
         epoch = self.sb.log_epoch
         while epoch in (0, self.sb.log_epoch):
-            epoch = int.from_bytes(os.urandom(4), "little")
+            epoch = int.from_bytes(self.entropy(4), "little")
         began = time.monotonic()
         with self._writer():  # phase 0: a consistent snapshot, and txn ids for it
             snapshot = dict(self.index)
@@ -705,6 +747,7 @@ class Engine:
                 self._region_start, self._region_end = start, end
                 self._pos, self._seq, self._group, self._chain = cur.offset, cur.seq, cur.group, cur.chain
                 self.index = index
+                self._patches = {}   # they lay over the old region
                 self._live_bytes = sum(e.size for e in index.values())
                 self._unsigned_commits = 0 if self.signer else self._unsigned_commits
                 pause = time.monotonic() - paused
@@ -721,8 +764,8 @@ class Engine:
 
     def _append_snapshot_txn(self, cur: "_LogCursor", ops, index: dict, limit: int) -> None:
         if cur.offset + fmt.align_up(self._txn_bytes(ops)) + cur.trailer_bytes() > limit:
-            raise NoSpace(f"{self.device.path}: live data does not fit in a log region; "
-                          f"delete keys (committed data is intact)")
+            raise NoSpace(f"{self.device.path}: live data does not fit in a log region",
+                          hint="delete keys (compaction cannot help); committed data is intact")
         at = cur.offset
         blob, entries = cur.encode_group([ops], self.cipher)
         self.device.write(at, blob)
@@ -736,7 +779,8 @@ class Engine:
         """Append a CHECKPOINT signed by the device key over the chain head,
         as a group of its own (one write, one flush)."""
         if self.signer is None:
-            raise KeyUnavailable("checkpoints need the device key: start statefsd with --keystore-socket")
+            raise KeyUnavailable("checkpoints need the device key",
+                                 hint="start statefsd with --keystore-socket")
         if self.read_only:
             raise ReadOnly(f"{self.device.path} is mounted read-only")
         with self._writer():

@@ -75,13 +75,18 @@ class StateFSError(Exception):
 
     @property
     def hint(self) -> str:
-        return HINTS.get(self.code, "")
+        """The one next step that fits: a hint given where the error was
+        raised (``hint=...``) beats the code's general advice."""
+        return str(self.details.get("hint") or HINTS.get(self.code, ""))
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
     def to_wire(self) -> dict:
-        return {"code": int(self.code), "name": self.code.name, "message": self.message}
+        wire = {"code": int(self.code), "name": self.code.name, "message": self.message}
+        if self.details.get("hint"):
+            wire["hint"] = str(self.details["hint"])
+        return wire
 
     @staticmethod
     def from_wire(payload: dict) -> "StateFSError":
@@ -89,7 +94,9 @@ class StateFSError(Exception):
             code = Code(int(payload.get("code", Code.EINTERNAL)))
         except ValueError:
             code = Code.EINTERNAL
-        return error_class(code)(str(payload.get("message", "")))
+        hint = payload.get("hint")
+        extra = {"hint": hint} if isinstance(hint, str) and hint else {}
+        return error_class(code)(str(payload.get("message", "")), **extra)
 
 
 def _make(name: str, code: Code, doc: str) -> type[StateFSError]:

@@ -13,7 +13,8 @@ def keystore_key_provider(socket_path: str | None) -> KeyProvider:
 
     def provide(sb: fmt.Superblock) -> bytes:
         if not socket_path:
-            raise KeyUnavailable("the image is encrypted; start keystored and pass --keystore-socket")
+            raise KeyUnavailable("the image is encrypted and no keystored was given",
+                                 hint="start keystored and pass --keystore-socket")
         from keystored.client import KeystoreClient
         with KeystoreClient(socket_path) as client:
             return client.derive(fmt.RECORD_KEY_LABEL, fmt.record_key_context(sb))

@@ -103,18 +103,27 @@ class _Window:
             self.base, self.raw = offset, self.device.read(offset, size)
             self.buf = apply_patches(self.patches, offset, self.raw)
         rel = offset - self.base
-        return self.buf[rel:rel + length]
+        return bytes(self.buf[rel:rel + length])
 
     def read(self, offset: int, length: int) -> bytes:
         """Like device.read, with the patches applied (for the searches)."""
         return apply_patches(self.patches, offset, self.device.read(offset, length))
 
     def patch(self, offset: int, sector: bytes | None) -> None:
+        """Lay ``sector`` over the device at ``offset`` (None: lift it again).
+        Only the patched bytes of the buffered window are rewritten: repair
+        tries many sectors of one group."""
         if sector is None:
             self.patches.pop(offset, None)
         else:
             self.patches[offset] = sector
-        self.buf = apply_patches(self.patches, self.base, self.raw)
+        lo, hi = max(offset, self.base), min(offset + fmt.GROUP_ALIGN, self.base + len(self.raw))
+        if lo < hi:
+            if not isinstance(self.buf, bytearray):
+                self.buf = bytearray(self.buf)
+            src = self.raw if sector is None else sector
+            start = self.base if sector is None else offset
+            self.buf[lo - self.base:hi - self.base] = src[lo - start:hi - start]
 
 
 def apply_patches(patches: dict[int, bytes], offset: int, data: bytes) -> bytes:
@@ -240,6 +249,20 @@ def decide_stop(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
         end.corruption_offset = end.stop_offset
         return
     _look_for_durable_records_beyond(window, sb, end)
+
+
+def first_record(device: BlockDevice, offset: int) -> fmt.RecordHeader | None:
+    """The header at ``offset`` if it opens a log: a valid record (checksum
+    included) of group 1, seq 0. Any epoch: this is how a log is found
+    without a superblock."""
+    if offset + fmt.HEADER_SIZE > device.size:
+        return None
+    h = fmt.unpack_header(device.read(offset, fmt.HEADER_SIZE))
+    if fmt.header_problem(h) or h.type == fmt.PARITY or h.group != 1 or h.seq != 0:
+        return None
+    if not fmt.record_crc_ok(device.read(offset, fmt.HEADER_SIZE + h.payload_len), 0, h):
+        return None
+    return h
 
 
 # ------------------------------------------------------------------ parity

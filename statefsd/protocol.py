@@ -80,11 +80,13 @@ def encode_frame(message: dict) -> bytes:
     try:
         body = msgpack.packb(message, use_bin_type=True)
     except UnicodeEncodeError as exc:  # e.g. a key taken from undecodable argv bytes
-        raise InvalidArgument(f"text {printable(exc.object[:80])!r} is not valid UTF-8") from None
+        shown = exc.object[:80].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InvalidArgument(f"text '{shown}' is not valid UTF-8",
+                              hint="keys are UTF-8 text; rename or recode the key") from None
     if len(body) > MAX_FRAME:
         # The peer would refuse it unread; the usual cause is one huge value.
-        raise TooBig(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame cap "
-                     f"(values are limited to {MAX_VALUE_BYTES} bytes)")
+        raise TooBig(f"request of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame cap",
+                     hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys")
     return LENGTH.pack(len(body)) + body
 
 
@@ -210,6 +212,8 @@ def ok_response(request_id: int | None, **fields: Any) -> dict:
 def error_response(request_id: int | None, error: StateFSError) -> dict:
     wire = error.to_wire()
     wire["message"] = printable(wire["message"])
+    if "hint" in wire:
+        wire["hint"] = printable(wire["hint"])
     return {"id": request_id, "ok": False, "error": wire}
 
 

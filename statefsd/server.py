@@ -13,16 +13,15 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 import time
 from typing import Any, Callable
 
-from statefsd import protocol
+from statefsd import protocol, unixsock
 from statefsd.engine import Mutation, validate_path
 from statefsd.errors import (
-    Busy, Code, ConnectionFailed, DeviceIOError, InternalError,
+    Code, ConnectionFailed, InternalError,
     InvalidArgument, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
 )
 from statefsd.format import MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -235,20 +234,7 @@ def _peer_credentials(conn: socket.socket) -> dict:
 
 def bind_socket(path: str) -> socket.socket:
     """Listen on ``path`` with mode 0660, replacing only a stale socket file."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            _unlink(path)  # left behind by a daemon that died: nobody listens
-        except OSError as exc:
-            raise DeviceIOError(f"cannot probe existing socket {path}: {exc.strerror}") from None
-        else:
-            raise Busy(f"socket {path} is served by a running statefsd")
-        finally:
-            probe.close()
+    check_socket_path(path, remove_stale=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~SOCKET_MODE)  # no window with a looser mode
     try:
@@ -257,10 +243,16 @@ def bind_socket(path: str) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}",
+                              hint="check the directory's permissions, or choose another --socket") from None
     finally:
         os.umask(old_umask)
     return sock
+
+
+def check_socket_path(path: str, *, remove_stale: bool = False) -> None:
+    """statefsd's --socket: see statefsd.unixsock."""
+    unixsock.check_socket_path(path, owner="statefsd", example="statefs.sock", remove_stale=remove_stale)
 
 
 def _unlink(path: str) -> None:

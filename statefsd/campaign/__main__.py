@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -30,6 +31,7 @@ DEFAULT_SEEDS = 11              # per workload: about 130,000 crash states, unde
 LONG_SEEDS = 40
 LONG = dict(limit=96, extra=8, second_every=1, second_limit=12, second_extra=3, fsck_every=1)
 SHOWN_VIOLATIONS = 20
+HEARTBEAT_SECONDS = 30.0        # progress line interval when stdout is not a terminal (CI logs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
                    help="system under test: the engine, or a deliberately broken variant")
     p.add_argument("--repro", metavar="CODE", help="rebuild and check the one crash state CODE names")
     p.add_argument("--list", action="store_true", help="list workloads and systems, then exit")
+    p.add_argument("--heartbeat", type=float, default=HEARTBEAT_SECONDS, metavar="SECONDS",
+                   help="when stdout is not a terminal, print a progress line this often "
+                        "(default %(default)g; on a terminal a progress bar is shown instead)")
     return p
 
 
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if args.workers < 1 or (args.seeds is not None and args.seeds < 1):
         cli.error("--workers and --seeds must be at least 1")
+    if args.heartbeat <= 0:
+        cli.error("--heartbeat must be a positive number of seconds")
     try:
         if args.list:
             return list_plugins()
@@ -76,15 +83,52 @@ def main(argv: list[str] | None = None) -> int:
           f"point (+{settings.extra} byte cuts); second cut every {settings.second_every or 'no'} points; "
           f"{args.workers} workers")
     print(fsckhook.resolve()[1])
+    sys.stdout.flush()
     started = time.perf_counter()
-    results = execute(tasks, args.workers, progress(len(tasks)))
+    if sys.stdout.isatty():
+        results = execute(tasks, args.workers, progress(len(tasks)))
+    else:
+        with Heartbeat(len(tasks), args.heartbeat) as beat:
+            results = execute(tasks, args.workers, beat.on_result)
     return report(results, time.perf_counter() - started)
 
 
+class Heartbeat:
+    """Off a terminal (CI logs, a pipe), a line every ``interval`` seconds, so
+    a ten-minute run is visibly alive and its pace can be read from the log."""
+
+    def __init__(self, total: int, interval: float) -> None:
+        self.total, self.interval = total, interval
+        self.runs = self.states = self.violations = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def on_result(self, r: Result) -> None:
+        with self._lock:
+            self.runs += 1
+            self.states += r.states + r.second
+            self.violations += len(r.violations)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                line = (f"progress: {self.runs}/{self.total} runs, {self.states:,} crash states, "
+                        f"{self.violations} violations, {time.monotonic() - self._started:.0f} s elapsed")
+            print(line, flush=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def progress(total: int):
-    """A per-run callback: a rich progress bar on a terminal, nothing otherwise."""
-    if not sys.stdout.isatty():
-        return None
+    """A per-run callback drawing a rich progress bar (stdout is a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -107,12 +151,13 @@ def report(results: list[Result], wall: float) -> int:
     per: dict[str, list[Result]] = {}
     for r in results:
         per.setdefault(r.workload, []).append(r)
-    print(f"{'workload':24} {'runs':>4} {'ops':>6} {'1 cut':>8} {'2 cuts':>8} {'cpu s':>7} {'violations':>10}")
+    rows = [("workload", "runs", "ops", "1 cut", "2 cuts", "cpu s", "violations")]
     for name in sorted(per):
         rs = per[name]
-        print(f"{name:24} {len(rs):4} {sum(r.ops for r in rs):6} {sum(r.states for r in rs):8} "
-              f"{sum(r.second for r in rs):8} {sum(r.cpu_seconds for r in rs):7.1f} "
-              f"{sum(len(r.violations) for r in rs):10}")
+        rows.append((name, str(len(rs)), str(sum(r.ops for r in rs)), str(sum(r.states for r in rs)),
+                     str(sum(r.second for r in rs)), f"{sum(r.cpu_seconds for r in rs):.1f}",
+                     str(sum(len(r.violations) for r in rs))))
+    print_table(rows)
     violations = sorted(v for r in results for v in r.violations)
     first = sum(r.states for r in results)
     second = sum(r.second for r in results)
@@ -134,6 +179,14 @@ def report(results: list[Result], wall: float) -> int:
     return 1 if violations or errors else 0
 
 
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns as wide as their widest cell: names left, numbers right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        print(" ".join(cells).rstrip())
+
+
 def run_repro(code: Code) -> int:
     if code.system not in SYSTEMS or code.workload not in WORKLOADS:
         print(f"powerloss-campaign: unknown system or workload in {code.text()!r} (see --list)", file=sys.stderr)
@@ -147,12 +200,13 @@ def run_repro(code: Code) -> int:
 
 
 def list_plugins() -> int:
+    width = max(map(len, [*WORKLOADS, *SYSTEMS]))
     print("workloads:")
     for name, wl in sorted(WORKLOADS.items()):
-        print(f"  {name:24} {wl.doc}")
+        print(f"  {name:{width}}  {wl.doc}")
     print("systems:")
     for name, cls in sorted(SYSTEMS.items()):
-        print(f"  {name:24} {cls.description}")
+        print(f"  {name:{width}}  {cls.description}")
     return 0
 
 

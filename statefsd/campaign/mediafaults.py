@@ -120,64 +120,37 @@ class _Store:
         return self.dev.image()
 
 
+# Each scenario as steps: a number writes that many workload rounds (a
+# negative one, rounds of large values), "older" keeps the image for
+# rollbacks, the rest drive the store.
+SCENARIOS: dict[str, tuple] = {
+    "clean": (25, "older", 10, "unmount"),
+    # recovery replays, flushes and writes the durable floor; then more commits and a second crash
+    "recovered": (20, "older", "crash", "mount", 6, "crash"),
+    "compacted": (30, "older", "compact", "unmount"),
+    "compacted-then-commits": (25, "compact", "older", 12, "crash"),
+    "encrypted": (20, "older", 8, "unmount"),
+    "large-values": (-3, "older", -2, "unmount"),
+}
+
+
 def build_scenarios(redundancy: str, seed: int = 1) -> list[Scenario]:
     out = []
-
-    def scenario(name: str, *, encrypted: bool = False):
+    for name, steps in SCENARIOS.items():
+        encrypted = name == "encrypted"
         store = _Store(redundancy, encrypted, mix("media", name, redundancy, seed))
-        return store, Scenario(f"{name}#{seed}", redundancy, encrypted)
-
-    store, sc = scenario("clean")
-    store.mount()
-    store.workload(25)
-    sc.older = store.image()
-    store.workload(10)
-    store.unmount()
-    out.append(_done(sc, store))
-
-    store, sc = scenario("recovered")
-    store.mount()
-    store.workload(20)
-    sc.older = store.image()
-    store.crash()
-    store.mount()             # recovery: replays, flushes, writes the durable floor
-    store.workload(6)
-    store.crash()
-    out.append(_done(sc, store))
-
-    store, sc = scenario("compacted")
-    store.mount()
-    store.workload(30)
-    sc.older = store.image()
-    store.engine.compact()
-    store.unmount()
-    out.append(_done(sc, store))
-
-    store, sc = scenario("compacted-then-commits")
-    store.mount()
-    store.workload(25)
-    store.engine.compact()
-    sc.older = store.image()
-    store.workload(12)
-    store.crash()
-    out.append(_done(sc, store))
-
-    store, sc = scenario("encrypted", encrypted=True)
-    store.mount()
-    store.workload(20)
-    sc.older = store.image()
-    store.workload(8)
-    store.unmount()
-    out.append(_done(sc, store))
-
-    store, sc = scenario("large-values")
-    store.mount()
-    store.workload(3, big=True)
-    sc.older = store.image()
-    store.workload(2, big=True)
-    store.unmount()
-    out.append(_done(sc, store))
-
+        sc = Scenario(f"{name}#{seed}", redundancy, encrypted)
+        store.mount()
+        for step in steps:
+            if isinstance(step, int):
+                store.workload(abs(step), big=step < 0)
+            elif step == "older":
+                sc.older = store.image()
+            elif step == "compact":
+                store.engine.compact()
+            else:
+                getattr(store, step)()
+        out.append(_done(sc, store))
     return out
 
 

@@ -9,6 +9,7 @@ the checker can fail. Everything the campaign does to a store goes through
 from __future__ import annotations
 
 import hashlib
+import random
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -101,5 +102,11 @@ class System:
 
     def mount(self, device: BlockDevice, *, read_only: bool = False, audit=None,
               signer: FixedSigner | None = None) -> Engine:
-        return self.engine_class.mount(self.wrap(device), read_only=read_only, audit=audit,
-                                       key_provider=key_provider, signer=signer)
+        # Compaction epochs drawn from the image's own superblocks: the same
+        # run writes the same bytes, and every mount (a higher generation)
+        # draws different ones.
+        seed = device.read(0, len(fmt.SUPERBLOCK_OFFSETS) * fmt.BLOCK_SIZE)
+        engine = self.engine_class.mount(self.wrap(device), read_only=read_only, audit=audit,
+                                         key_provider=key_provider, signer=signer)
+        engine.entropy = random.Random(hashlib.sha256(seed).digest()).randbytes
+        return engine

@@ -78,7 +78,10 @@ def test_second_daemon_on_a_live_socket_exits_ebusy(ws, daemon, tmp_path):
     make_image(other_image)
     second = ws.start(image=str(other_image), wait=False)
     assert second.wait_exit() == Code.EBUSY
-    assert any("served by a running statefsd" in line for line in second.stderr), second.stderr
+    assert any("already listening on" in line and "is statefsd already running? use its socket"
+               in line for line in second.stderr), second.stderr
+    assert not any("holds the image" in line for line in second.stderr)
+    assert "statefsd: encryption off" not in second.stdout  # refused before mounting its image
     assert os.path.exists(daemon.socket)
 
 
@@ -92,10 +95,30 @@ def test_image_that_is_not_statefs_is_refused_with_eformat(ws, tmp_path):
     assert not os.path.exists(ws.socket)
 
 
-def test_missing_image_is_refused_with_einval(ws, tmp_path):
+def test_missing_image_is_refused_with_einval_pointing_at_mkfs(ws, tmp_path):
     daemon = ws.start(image=str(tmp_path / "nope.img"), wait=False)
     assert daemon.wait_exit() == Code.EINVAL
-    assert any("no such image" in line for line in daemon.stderr)
+    assert any("no such image" in line and "statefs mkfs" in line for line in daemon.stderr), daemon.stderr
+
+
+def test_a_directory_as_image_is_einval_not_an_io_error(ws, tmp_path):
+    daemon = ws.start(image=str(tmp_path), wait=False)
+    assert daemon.wait_exit() == Code.EINVAL
+    assert any(line.startswith(f"statefsd: ERROR EINVAL: {tmp_path} is a directory") for line in daemon.stderr)
+    assert not any("dmesg" in line for line in daemon.stderr)
+
+
+def test_a_directory_as_socket_is_einval_suggesting_a_path_inside_it(ws):
+    daemon = ws.start(socket=ws.dir, wait=False)
+    assert daemon.wait_exit() == Code.EINVAL
+    assert any(f"--socket {ws.dir} is a directory" in line and os.path.join(ws.dir, "statefs.sock") in line
+               for line in daemon.stderr), daemon.stderr
+
+
+def test_a_socket_in_a_missing_directory_is_einval_suggesting_mkdir(ws):
+    daemon = ws.start(socket=os.path.join(ws.dir, "nodir", "s.sock"), wait=False)
+    assert daemon.wait_exit() == Code.EINVAL
+    assert any(f"mkdir -p {os.path.join(ws.dir, 'nodir')}" in line for line in daemon.stderr), daemon.stderr
 
 
 def test_a_regular_file_at_the_socket_path_is_not_replaced(ws):
@@ -122,6 +145,32 @@ def test_encrypted_image_without_a_keystore_is_refused_with_ekey(ws, tmp_path):
     assert daemon.wait_exit() == Code.EKEY
     assert any(line.startswith("statefsd: ERROR EKEY: ") and "--keystore-socket" in line
                for line in daemon.stderr), daemon.stderr
+    line = next(line for line in daemon.stderr if line.startswith("statefsd: ERROR EKEY: "))
+    assert line.count("--keystore-socket") == 1 and line.count("start keystored") == 1, line
+
+
+def test_lost_superblocks_are_refused_with_ecorrupt_naming_the_fsck_command_that_rebuilds_them(ws):
+    daemon = ws.start()
+    with daemon.client() as c:
+        for i in range(10):
+            c.put(f"keep/{i}", str(i).encode())
+    assert daemon.stop(signal.SIGTERM) == 0
+    with open(ws.image, "r+b") as f:   # both slots: blocks 0 and 1
+        f.write(bytes(8192))
+    refused = ws.start(wait=False)
+    assert refused.wait_exit() == Code.ECORRUPT
+    assert any(line.startswith("statefsd: ERROR ECORRUPT: ") and
+               f"run: fsck-statefs --repair {ws.image}" in line and "mount read-only to read" not in line
+               for line in refused.stderr), refused.stderr
+    fsck = subprocess.run([sys.executable, "-m", "fsck_statefs", "--repair", ws.image], cwd=REPO,
+                          env=env_with_repo(), capture_output=True, text=True, timeout=60)
+    assert fsck.returncode == 1, fsck.stdout + fsck.stderr
+    restarted = ws.start()
+    with restarted.client() as c:
+        assert c.list("keep/") == sorted(f"keep/{i}" for i in range(10))
+        assert c.get("keep/7") == b"7"
+        c.put("after/rebuild", b"ok")
+    assert restarted.stop(signal.SIGTERM) == 0
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
@@ -271,3 +320,65 @@ def test_client_vanishing_inside_a_frame_does_not_disturb_the_daemon(daemon):
     with daemon.client() as c:
         c.put("after/partial", b"ok")
         assert c.get("after/partial") == b"ok"
+
+
+def test_corrupt_image_is_ecorrupt_giving_its_advice_once(ws):
+    with Engine.mount(FileDevice(ws.image)) as engine:
+        engine.put("first", b"1")
+        middle = engine.log_end
+        engine.put("second", b"2")
+        engine.put("third", b"3")
+    with open(ws.image, "r+b") as f:  # damage inside a flushed group
+        f.seek(middle + 20)
+        f.write(b"\xff\xff")
+    daemon = ws.start(wait=False)
+    assert daemon.wait_exit() == Code.ECORRUPT
+    line = next(line for line in daemon.stderr if line.startswith("statefsd: ERROR ECORRUPT: "))
+    assert f"corruption at byte offset {middle}" in line
+    assert line.count("read-only") == 1 and line.count("fsck-statefs") == 1, line
+    assert line.endswith(f"(run fsck-statefs {ws.image}; statefsd --read-only serves the 1 committed "
+                         "transactions before it)")
+
+
+def test_full_log_is_enospc_saying_committed_data_is_intact_once(ws, tmp_path):
+    small = make_image(tmp_path / "small.img", 1 << 20)
+    daemon = ws.start(image=small)
+    value = tmp_path / "value"
+    value.write_bytes(os.urandom(100_000))
+    for i in range(20):
+        result = subprocess.run([sys.executable, "-m", "statefsd.cli", "--socket", daemon.socket,
+                                 "put", f"k{i}", "--file", str(value)],
+                                cwd=REPO, env=env_with_repo(), capture_output=True, text=True, timeout=60)
+        if result.returncode:
+            break
+    assert result.returncode == Code.ENOSPC, result.stderr
+    assert result.stderr.startswith("statefs: ENOSPC: ") and "log full" in result.stderr
+    assert result.stderr.count("committed data is intact") == 1, result.stderr
+
+
+def _statefsd(*args):
+    return subprocess.run([sys.executable, "-m", "statefsd.daemon", *args], cwd=REPO, env=env_with_repo(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_help_shows_image_and_socket_as_required_and_hides_internal_test_flags():
+    result = _statefsd("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: statefsd --image PATH --socket PATH ")
+    required = result.stdout[result.stdout.index("\nrequired:"):]
+    assert "--image PATH" in required and "--socket PATH" in required
+    assert "--selftest-persist" not in result.stdout and "--crash-writer" not in result.stdout
+
+
+def test_a_missing_required_option_is_a_usage_error_naming_it():
+    result = _statefsd("--image", "x.img")
+    assert result.returncode == 2
+    assert "the following arguments are required: --socket (or set STATEFS_SOCKET)" in result.stderr
+
+
+def test_an_audit_journal_in_a_missing_directory_is_einval_suggesting_mkdir_not_dmesg(ws, tmp_path):
+    daemon = ws.start(audit=str(tmp_path / "nodir" / "audit.jsonl"), wait=False)
+    assert daemon.wait_exit() == Code.EINVAL
+    line = next(line for line in daemon.stderr if line.startswith("statefsd: ERROR "))
+    assert line.startswith("statefsd: ERROR EINVAL: audit journal ")
+    assert f"(create it first with mkdir -p {tmp_path / 'nodir'})" in line and "dmesg" not in line

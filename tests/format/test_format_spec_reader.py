@@ -268,6 +268,51 @@ def test_any_single_bit_flip_in_the_log_gets_the_same_verdict_from_both(images, 
     assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(path, _signer(case[0]))
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(CASES), where=st.floats(0, 1), damage=st.sampled_from(["garbage", "zeroed"]))
+def test_any_single_damaged_sector_of_the_log_gets_the_same_verdict_and_repair_from_both(
+        images, tmp_path, case, where, damage):
+    data, model = images[case]
+    clean = _ours(data, *case)
+    start = clean["superblock"]["regions"][clean["superblock"]["active_region"]][0] * 4096
+    at = start + int(where * (clean["log_end"] - start - 1)) // 512 * 512  # data or trailer
+    bad = bytearray(data)
+    bad[at:at + 512] = random.Random(at).randbytes(512) if damage == "garbage" else bytes(512)
+    path = _write(tmp_path, bytes(bad))
+    ours = _ours(path, *case)
+    _assert_agrees(ours, _statefsd_view(path, _signer(case[0])))
+    if case[0] not in UNREDUNDANT_SEEDS:
+        assert ours["state"] == model and not ours["corrupt"]  # parity repairs any one sector
+    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(path, _signer(case[0]))
+
+
+@pytest.mark.parametrize("redundancy", ["parity", "off"])
+def test_a_damaged_compacted_snapshot_with_nothing_after_it_is_repaired_or_corruption_never_empty(
+        tmp_path, redundancy):
+    path = str(tmp_path / "compacted.img")
+    create_image(path, IMAGE_BYTES)
+    with FileDevice(path) as dev:
+        Engine.mkfs(dev, redundancy=redundancy)
+    model = {f"k{i}": bytes([i, r]) * 30 for i in range(40) for r in range(3)}
+    with Engine.mount(FileDevice(path)) as eng:
+        for r in range(3):
+            for i in range(40):
+                eng.put(f"k{i}", bytes([i, r]) * 30)
+        eng.compact()
+    data = bytearray(pathlib.Path(path).read_bytes())
+    sb = read_image(bytes(data))["superblock"]
+    first = sb["regions"][sb["active_region"]][0] * 4096
+    data[first + 100] ^= 0xFF  # inside the snapshot's first group; no group follows the snapshot
+    path = _write(tmp_path, bytes(data))
+    ours = read_image(path)
+    _assert_agrees(ours, _statefsd_view(path))
+    if redundancy == "parity":
+        assert not ours["corrupt"] and ours["state"] == model and ours["repaired"][0][0] == first
+    else:
+        assert ours["corrupt"] and ours["outcome"] == "corruption below the durable floor"
+    assert ours["corrupt"] == _rw_mount_refuses_as_corrupt(path)
+
+
 # --- record types and signed checkpoints ------------------------------------------
 
 def test_spec_reader_decodes_every_record_type_statefsd_defines():

@@ -128,7 +128,9 @@ def test_broken_digest_with_valid_checksums_is_found_by_replay_and_repaired(img)
 
 def test_dry_run_says_what_it_would_do_and_writes_nothing(img):
     _, victim = _first_record_of(img, "cfg/5")
-    patch(img, victim[0].offset + 10, b"\x99")
+    with open(img, "rb") as f:   # flip the byte, whatever it was (it is part of the random epoch)
+        f.seek(victim[0].offset + 10)
+        patch(img, victim[0].offset + 10, bytes([f.read(1)[0] ^ 0x99]))
     before = digest(img)
     proc = fsck(img, "--repair", "--dry-run")
     assert proc.returncode == 4
@@ -155,6 +157,18 @@ def test_image_held_by_statefsd_is_refused_with_exit_8(img):
     assert digest(img) == before
 
 
+def test_image_held_by_statefsd_prints_the_header_line_before_the_error(img):
+    with FileDevice(img):
+        proc = subprocess.run([sys.executable, "-m", "fsck_statefs", img], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 8
+    assert lines[0] == f"fsck-statefs: {img}"
+    assert lines[1].startswith(f"fsck-statefs: cannot check {img}: EBUSY")
+    assert lines[2].startswith(f"{img}: operational-error")
+
+
 def test_missing_image_and_non_statefs_file_are_operational_errors(tmp_path):
     assert fsck(str(tmp_path / "nope.img")).returncode == 8
     junk = tmp_path / "junk.img"
@@ -171,13 +185,15 @@ def test_bad_command_line_is_a_usage_error_16(argv):
     assert "usage: fsck-statefs" in proc.stderr
 
 
-def test_both_superblock_slots_damaged_is_an_uncorrectable_error(img):
+def test_both_superblock_slots_with_bad_checksums_are_an_error_that_repair_rebuilds(img):
     for offset in fmt.SUPERBLOCK_OFFSETS:
         patch(img, offset + 20, b"\x00\x01")
-    proc = fsck(img, "--repair", "--json")
-    rep = json.loads(proc.stdout)
-    assert proc.returncode == 4
-    assert rep["findings"][0]["kind"] == "superblock" and rep["repair"]["blocked"]
+    found = json.loads(fsck(img, "--json").stdout)
+    assert found["exit_code"] == 4 and found["findings"][0]["kind"] == "superblock"
+    rep = json.loads(fsck(img, "--repair", "--json").stdout)
+    assert rep["exit_code"] == 1 and rep["repair"]["performed"]
+    assert rep["summary"]["committed_txns"] == len(VALUES)
+    assert fsck(img).returncode == 0
 
 
 def test_one_torn_superblock_slot_is_a_note(img):

@@ -101,3 +101,24 @@ def test_checkpoint_signed_by_another_key_is_corruption(tmp_path, keystore_socke
     again = json.loads(fsck(path, "--keystore-socket", keystore_socket, "--json").stdout)
     assert again["exit_code"] == 0 and again["summary"]["verified_checkpoints"] == 1
     assert state(path) == {"a": b"1"}
+
+
+def test_a_signed_image_rebuilt_after_losing_both_superblocks_still_verifies_its_checkpoints(tmp_path, keystore_socket):
+    from statefsd import format as fmt
+    from fsck_images import mount, patch
+    signer = KeystoreSigner(keystore_socket)
+    path = make_image(tmp_path / "signed.img", 4 << 20)
+    put_each(path, {"a": b"1", "b": b"2"}, signer=signer)
+    with mount(path, signer=signer) as e:
+        e.compact()          # the new region opens with a checkpoint over the chain head
+        e.put("c", b"3")
+    before = state(path)
+    for offset in fmt.SUPERBLOCK_OFFSETS:
+        patch(path, offset, os.urandom(fmt.BLOCK_SIZE))
+
+    assert fsck(path, "--keystore-socket", keystore_socket, "--repair").returncode == 1
+    rep = json.loads(fsck(path, "--keystore-socket", keystore_socket, "--json").stdout)
+    assert rep["exit_code"] == 0, rep["findings"]
+    assert rep["superblock"]["active_region"] == 1
+    assert rep["summary"]["verified_checkpoints"] == rep["summary"]["checkpoints"] >= 2
+    assert state(path, signer=signer) == before

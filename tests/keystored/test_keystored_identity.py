@@ -34,6 +34,16 @@ def test_first_start_creates_a_0600_key_file_in_a_0700_state_dir(keystored):
         assert created[0]["public_key"] == ks.public_key().hex()
 
 
+def test_creating_an_unsealed_key_file_says_so_on_stderr(keystored):
+    assert f"keystored: warning: {keystored.key_path} is written unsealed" in keystored.stderr
+    assert "STATEFS_KEY_PASSPHRASE" in keystored.stderr
+
+
+def test_creating_a_sealed_key_file_gives_no_unsealed_warning(launcher):
+    sealed = launcher.start(env=PASS)
+    assert "unsealed" not in sealed.stderr
+
+
 def test_restart_reuses_the_same_identity(launcher):
     first = launcher.start()
     with first.client() as ks:

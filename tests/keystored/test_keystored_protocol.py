@@ -168,10 +168,13 @@ def test_second_keystored_on_the_same_state_dir_is_refused(keystored, launcher, 
         ks.ping()
 
 
-def test_socket_of_a_live_keystored_is_not_stolen(keystored, launcher, tmp_path):
+def test_socket_of_a_live_keystored_is_not_stolen_and_no_key_is_created(keystored, launcher, tmp_path):
     other = launcher.fail(state_dir=tmp_path / "elsewhere")
     assert other.proc.returncode == Code.EBUSY
     assert "already listening" in other.stderr
+    assert "is keystored already running? use its socket" in other.stderr
+    assert not (tmp_path / "elsewhere" / "identity.key").exists()
+    assert not other.log_events("identity_created")
     with keystored.client() as ks:
         ks.ping()
 
@@ -254,3 +257,10 @@ def test_connections_over_the_limit_get_ebusy_and_others_keep_working(keystored,
     finally:
         for s in held:
             s.close()
+
+
+def test_socket_in_a_missing_directory_is_einval_before_any_key_is_created(launcher, tmp_path):
+    refused = launcher.fail(socket_path=os.path.join(launcher.sock_dir, "nodir", "k.sock"))
+    assert refused.proc.returncode == Code.EINVAL
+    assert "nodir does not exist" in refused.stderr and "mkdir -p" in refused.stderr
+    assert not launcher.state_dir.joinpath("identity.key").exists()

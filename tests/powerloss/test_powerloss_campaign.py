@@ -8,6 +8,7 @@ but still cut the power after every single write of each run.
 from __future__ import annotations
 
 import os
+import pty
 import re
 import subprocess
 from collections import Counter
@@ -90,9 +91,10 @@ def test_a_bad_reproduction_code_is_refused_with_a_clear_error():
     assert "bad reproduction code" in out.stderr
 
 
-@pytest.mark.parametrize("workload", sorted(w for w in WORKLOADS if not w.startswith("compaction")))
+@pytest.mark.parametrize("workload", sorted(w for w in WORKLOADS if w != "compaction-signed"))
 def test_a_workload_run_is_the_same_bytes_every_time(workload):
-    # Reproduction codes rely on this; compaction draws a random epoch (see docs/crash-model.md).
+    # Reproduction codes rely on this (compaction epochs are pinned per mount by the campaign;
+    # the signed compaction run is left out: where its checkpoint lands depends on thread timing).
     system, model = SYSTEMS["engine"](), CrashModel()
     a = run_workload(system, WORKLOADS[workload], 3, model)
     b = run_workload(system, WORKLOADS[workload], 3, model)
@@ -105,6 +107,60 @@ def test_concurrent_commits_share_one_group_write():
     commits_per_write = [sum(h.type == fmt.COMMIT for h, _ in records_in(op.data))
                          for op in run.trace if op.kind == "write"]
     assert max(commits_per_write) >= 2
+
+
+HEADER_CELLS = ("runs", "ops", "1 cut", "2 cuts", "cpu s", "violations")
+
+
+def _column_ends(line: str) -> list[int]:
+    return [m.end() for m in re.finditer(r"\S+", line)][1:]  # numbers are right-aligned
+
+
+def test_off_a_terminal_a_heartbeat_line_reports_progress_and_the_table_is_aligned():
+    out = campaign("--workload", "single-puts", "--workload", "deletes-overwrites-signed",
+                   "--seeds", "1", "--workers", "1", "--heartbeat", "0.2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    beats = [line for line in lines if line.startswith("progress: ")]
+    assert beats and re.match(r"^progress: \d+/2 runs, [\d,]+ crash states, 0 violations, \d+ s elapsed$", beats[0])
+    header = lines.index(next(line for line in lines if line.startswith("workload ")))
+    assert all(not line.startswith("progress: ") for line in lines[header:])
+    table = lines[header:header + 3]
+    assert table[1].startswith("deletes-overwrites-signed ") and table[2].startswith("single-puts ")
+    header_ends = [table[0].index(cell) + len(cell) for cell in HEADER_CELLS]
+    assert _column_ends(table[1]) == _column_ends(table[2]) == header_ends, "\n".join(table)
+    assert LAST_LINE.match(lines[-1])
+
+
+def test_on_a_terminal_a_progress_bar_is_drawn_instead_of_heartbeat_lines():
+    main, child = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120", TERM="xterm")
+    proc = subprocess.Popen([str(ROOT / "scripts/powerloss-campaign"), "--workload", "single-puts", "--seeds", "2",
+                             "--workers", "1", "--heartbeat", "0.2"],
+                            cwd=ROOT, env=env, stdout=child, stderr=child, stdin=subprocess.DEVNULL)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main)
+    assert proc.wait(120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"runs .*1/2.*crash states|runs .*states, 0 violations", text), text[-2000:]
+    assert "progress: " not in text
+    assert "crash states: " in text
+
+
+def test_list_aligns_names_longer_than_the_old_column():
+    entries = [line for line in campaign("--list").stdout.splitlines() if line.startswith("  ")]
+    assert any(len(line.split()[0]) > 24 for line in entries)
+    doc_columns = {len(line) - len(line[2:].split(None, 1)[1]) for line in entries}
+    assert len(doc_columns) == 1, entries
 
 
 def campaign(*args: str) -> subprocess.CompletedProcess:
