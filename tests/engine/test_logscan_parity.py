@@ -348,3 +348,60 @@ def test_repair_record_uses_only_the_first_trailer_that_covers_the_record(P, tmp
         txn_id=0, payload=fmt.xor_sectors(covered), chunk_index=(later - start) // S)
     _smash(P, start + S)
     assert _repair(P, tmp_path, start + S) is None
+
+
+# ------------------------------------------- finding a log without a superblock
+
+def _first(img, offset: int, tmp_path):
+    from statefsd.logscan import first_record
+    path = tmp_path / "first.img"
+    path.write_bytes(bytes(img))
+    with FileDevice(str(path), read_only=True) as dev:
+        return first_record(dev, offset)
+
+
+def test_the_first_record_of_a_log_is_found_by_its_group_1_and_seq_0(base_images, tmp_path):
+    img = bytearray(base_images["off"])
+    sb = _sb(img)
+    start, _ = sb.active_extent
+    h = _first(img, start, tmp_path)
+    assert h is not None and (h.group, h.seq, h.epoch) == (1, 0, sb.log_epoch)
+    assert _first(img, start + S, tmp_path) is None                 # zeroed or a later group: no log opens there
+
+
+@pytest.mark.parametrize("field", ["group", "seq", "crc", "magic", "parity"])
+def test_a_record_that_cannot_open_a_log_is_not_taken_for_its_first(base_images, tmp_path, field):
+    img = bytearray(base_images["off"])
+    start, _ = _sb(img).active_extent
+    h = fmt.unpack_header(bytes(img[start:start + fmt.HEADER_SIZE]))
+    payload = bytes(img[start + fmt.HEADER_SIZE:start + fmt.HEADER_SIZE + h.payload_len])
+    f = dict(flags=h.flags, epoch=h.epoch, group=h.group, seq=h.seq, mount_gen=h.mount_gen, txn_id=h.txn_id,
+             path_hash=h.path_hash, chunk_index=h.chunk_index, op_index=h.op_index)
+    rtype = h.type
+    if field in ("group", "seq"):
+        f[field] += 1
+    if field == "parity":
+        rtype, payload, f["flags"] = fmt.PARITY, bytes(S), 0
+    raw = bytearray(fmt.pack_record(rtype, payload=payload, **f))
+    if field == "crc":
+        raw[-1] ^= 1
+    if field == "magic":
+        raw[4] ^= 1
+    img[start:start + len(raw)] = raw
+    assert _first(img, start, tmp_path) is None
+
+
+def test_a_header_past_the_device_end_opens_no_log(base_images, tmp_path):
+    img = base_images["off"]
+    assert _first(img, len(img) - fmt.HEADER_SIZE + 1, tmp_path) is None
+    assert _first(img, len(img) - fmt.HEADER_SIZE, tmp_path) is None   # zeros there: read, and refused
+
+
+def test_a_first_record_ending_exactly_at_the_device_end_is_found(base_images, tmp_path):
+    img = bytearray(base_images["off"])
+    h = fmt.unpack_header(bytes(img[_sb(img).active_extent[0]:][:fmt.HEADER_SIZE]))
+    raw = fmt.pack_record(fmt.ABORT, flags=fmt.FLAG_GROUP_END, epoch=h.epoch, group=1, seq=0, mount_gen=1,
+                          txn_id=9)
+    img[len(img) - len(raw):] = raw
+    found = _first(img, len(img) - len(raw), tmp_path)
+    assert found is not None and found.txn_id == 9
