@@ -405,3 +405,14 @@ def test_a_first_record_ending_exactly_at_the_device_end_is_found(base_images, t
     img[len(img) - len(raw):] = raw
     found = _first(img, len(img) - len(raw), tmp_path)
     assert found is not None and found.txn_id == 9
+
+
+def test_looking_for_a_first_record_past_the_end_of_a_strict_device_reads_nothing(base_images):
+    # The simulated device refuses reads past its end (a file reads zeros there).
+    from statefsd.logscan import first_record
+    from statefsd.simdev import SimulatedDevice
+    img = base_images["off"]
+    dev = SimulatedDevice(image=img, record=False)
+    assert first_record(dev, len(img) - fmt.HEADER_SIZE + 1) is None
+    assert first_record(dev, len(img)) is None
+    assert first_record(dev, _sb(img).active_extent[0]) is not None
