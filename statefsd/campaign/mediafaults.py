@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", default="engine", choices=sorted(SYSTEMS),
                    help="system under test: the engine, or a deliberately broken variant")
     p.add_argument("--seed", type=int, default=1, help="first image seed (default 1)")
-    p.add_argument("--images", type=int, default=2,
-                   help="images per scenario and redundancy mode, each from its own seed (default 2: "
+    p.add_argument("--images", type=int, default=3,
+                   help="images per scenario and redundancy mode, each from its own seed (default 3: "
                         "over 50,000 states)")
     p.add_argument("--redundancy", choices=("parity", "off"), action="append",
                    help="only this redundancy mode (repeatable; default both)")
