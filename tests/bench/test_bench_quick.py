@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FIGURES = ["a_single_client", "b_concurrent_clients", "c_100_puts_per_txn", "d_bulk_1mib",
            "e_mount", "f_fsck", "g_compaction", "h_memory"]
 RATIOS = ["single_client_vs_sqlite", "clients16_vs_sqlite", "encrypted_vs_plain_4k", "bulk_encrypted_vs_disk",
-          "mount_1m_vs_1k_after_compaction", "fsck_mb_per_s", "compaction_write_amp", "compaction_p99_vs_idle"]
+          "mount_1m_vs_1k_after_compaction", "fsck_mb_per_s", "compaction_write_amp", "compaction_p99_vs_idle",
+          "redundancy_single_client", "redundancy_bulk"]
 
 
 def _positive(value) -> bool:
@@ -27,8 +28,8 @@ def test_quick_bench_reports_every_figure_and_ratio_with_positive_numbers(tmp_pa
     figures = doc["figures"]
 
     assert sorted(figures) == sorted(FIGURES)
-    for key in ("a_single_client", "c_100_puts_per_txn"):
-        assert set(figures[key]) == {"statefs", "sqlite", "lmdb"}
+    assert set(figures["a_single_client"]) == {"statefs", "statefs_no_redundancy", "sqlite", "lmdb"}
+    assert set(figures["c_100_puts_per_txn"]) == {"statefs", "sqlite", "lmdb"}
     assert set(figures["b_concurrent_clients"]) == {"statefs", "statefs_encrypted", "sqlite", "lmdb"}
     for key in ("a_single_client", "b_concurrent_clients", "c_100_puts_per_txn"):
         for store, by_size in figures[key].items():
@@ -38,7 +39,7 @@ def test_quick_bench_reports_every_figure_and_ratio_with_positive_numbers(tmp_pa
                     assert _positive(r[field]), (key, store, size, field, r[field])
     assert figures["b_concurrent_clients"]["statefs"]["100"]["clients"] == 16
 
-    for store in ("statefs", "statefs_encrypted", "disk_write_fsync"):
+    for store in ("statefs", "statefs_encrypted", "statefs_no_redundancy", "disk_write_fsync"):
         assert _positive(figures["d_bulk_1mib"][store]["mb_per_s"]), store
     mount = figures["e_mount"]["histories"]
     assert len(mount) == 2 and mount[0]["txns"] == 1000 and mount[1]["txns"] > 1000
