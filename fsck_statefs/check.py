@@ -112,6 +112,8 @@ def _inspect_slots(device: BlockDevice) -> list[dict]:
     slots = []
     for name, offset in zip("AB", fmt.SUPERBLOCK_OFFSETS):
         try:
+            if offset + fmt.BLOCK_SIZE > device.size:
+                raise FormatError(f"slot past the end of a {device.size}-byte device (truncated image?)")
             status = fmt.decode_superblock(device.read(offset, fmt.BLOCK_SIZE))
             sb, problem = status.superblock, status.problem
         except FormatError as exc:

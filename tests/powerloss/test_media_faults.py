@@ -28,6 +28,7 @@ def test_the_engine_serves_or_refuses_every_damaged_image_of_a_sample(clean_imag
     rng = random.Random(7)
     for sc in clean_images.values():
         faults = rng.sample(mf.faults_for(sc, rng), 150) + _last_group_faults(sc, mf.FAULTS)
+        faults += [mf.Fault("truncate", size) for size in (512, 4608, 8192)]   # inside the superblocks
         out = mf.run_chunk((sc, faults, "engine", 1))
         assert out.violations == []
         assert out.states > 100
