@@ -345,10 +345,20 @@ def copy_shared_libs(root: Path) -> None:
 
 
 def strip_elves(root: Path) -> None:
-    """Debug info and static symbols: most of libpython's 23 MB and cryptography's 14 MB."""
+    """Debug info and static symbols: most of libpython's 23 MB and cryptography's 14 MB.
+    Wheels repaired by auditwheel (numpy: a ``numpy.libs`` beside ``numpy``) are left
+    alone: strip misaligns the load segments of their patched libraries, and the
+    guest's loader then refuses them ("ELF load command ... not page-aligned")."""
     for elf in elf_files(root):
-        if ".ko" not in elf.name:
+        if ".ko" not in elf.name and not _auditwheel_repaired(elf):
             subprocess.run(["strip", "--strip-unneeded", str(elf)], capture_output=True)
+
+
+def _auditwheel_repaired(path: Path) -> bool:
+    for parent in path.parents:
+        if parent.name and (parent.name.endswith(".libs") or parent.with_name(parent.name + ".libs").is_dir()):
+            return True
+    return False
 
 
 def compile_tree(root: Path, tree: Path) -> None:

@@ -127,7 +127,7 @@ class Guest:
         append = (f"console=ttyS0 panic=-1 quiet statefs.mode={self.mode} "
                   f"statefs.enc={'on' if self.enc else 'off'} {self.append}").strip()
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", str(self.memory_mb), "-smp", "1",
+            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(self.memory_mb), "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", info["vmlinux"], "-initrd", info["initrd"], "-append", append,
             "-serial", f"file:{self.serial_log}",
