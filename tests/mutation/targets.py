@@ -26,6 +26,8 @@ class Target(NamedTuple):
 FORMAT_VALIDATION = frozenset({
     "decode_superblock", "superblock_layout_problem", "header_problem", "record_crc_ok",
     "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint", "has_identity_copy",
+    # the transaction rule decode_prepare applies to the ops it read
+    "transaction_problem", "path_problem", "op_problem",
 })
 
 _BROAD = ("tests/engine/test_engine_durable_floor.py",
@@ -41,7 +43,7 @@ _BROAD = ("tests/engine/test_engine_durable_floor.py",
 
 TARGETS = {
     "format": Target("statefsd/format.py", FORMAT_VALIDATION,
-                     ("tests/format/test_format_validation.py",),
+                     ("tests/format/test_format_validation.py", "tests/format/test_transaction_rule.py"),
                      ("tests/engine/test_replay_rules.py", *_BROAD)),
     "replay": Target("statefsd/replay.py", None,
                      ("tests/engine/test_replay_rules.py", "tests/engine/test_logscan_parity.py"),
