@@ -11,8 +11,8 @@ import time
 from bench.lab import Lab
 from bench.params import Params
 from bench.procs import REPO, child_env, fresh_image
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine, Mutation
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import NoSpace
 
 VALUE_BYTES = 4096

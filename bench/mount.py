@@ -1,5 +1,5 @@
 """Workload (e): mount time against history length, before and after
-compaction, measured in-process with statefsd.engine.Engine.
+compaction, measured in-process with statefsd.storage.engine.Engine.
 
 Every history overwrites the same 1000 keys, so after compaction the live
 state is identical whatever the history length: a mount that then still
@@ -18,8 +18,8 @@ import time
 from bench.lab import Lab
 from bench.params import Params
 from bench.procs import fresh_image
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine, Mutation
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine, Mutation
 
 KEYS = 1000
 VALUE = b"v" * 16

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

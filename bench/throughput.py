@@ -105,7 +105,7 @@ def bulk(lab: Lab, p: Params, progress) -> dict:
 def disk_write_fsync(path: str, count: int, size: int = MIB) -> dict:
     """Raw bandwidth of the disk at the same durability: write ``size``
     bytes into pre-written space, fsync, repeat."""
-    from statefsd.blockdev import create_image
+    from statefsd.storage.blockdev import create_image
 
     create_image(path, count * size)
     block = os.urandom(size)

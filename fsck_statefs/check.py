@@ -10,7 +10,7 @@ format.decode_prepare (op count, key and value sizes, txn bytes) makes replay
 report corruption; so fsck enforces exactly what mount enforces.
 
 Read-only: nothing here writes to the device (the power-loss campaign
-relies on that: statefsd/campaign/fsckhook.py).
+relies on that: statefsd/testing/campaign/fsckhook.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from statefsd import format as fmt
-from statefsd.blockdev import BlockDevice
-from statefsd.crypto import RecordCipher
-from statefsd.engine import KeyProvider, counters_problem, read_superblock_slot
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.crypto import RecordCipher
+from statefsd.storage.engine import KeyProvider, counters_problem, read_superblock_slot
 from statefsd.errors import CorruptImage, FormatError, KeyUnavailable
-from statefsd.logscan import ScanEnd, scan_groups
-from statefsd.replay import Replayer, ReplayResult
+from statefsd.storage.logscan import ScanEnd, scan_groups
+from statefsd.storage.replay import Replayer, ReplayResult
 
 from fsck_statefs.report import ERROR, NOTE, Report
 

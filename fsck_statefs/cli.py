@@ -16,8 +16,8 @@ import os
 import shlex
 import sys
 
-from statefsd.blockdev import FileDevice
-from statefsd.engine import KeyProvider, Signer
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import KeyProvider, Signer
 from statefsd.errors import Busy, DeviceIOError, FsckExit, StateFSError
 
 from fsck_statefs import rebuild
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     key_provider = signer = None
     try:
         if args.keystore_socket:
-            from statefsd.keys import KeystoreSigner, keystore_key_provider
+            from statefsd.keystore import KeystoreSigner, keystore_key_provider
             key_provider = keystore_key_provider(args.keystore_socket)
             signer = KeystoreSigner(args.keystore_socket)
         with _progress_bar(sys.stderr.isatty()) as progress:

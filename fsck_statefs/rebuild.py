@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from statefsd import format as fmt
-from statefsd.blockdev import BlockDevice
-from statefsd.engine import read_identity_copy
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.engine import read_identity_copy
 from statefsd.errors import FormatError
-from statefsd.logscan import ScanEnd, first_record, scan_groups
-from statefsd.replay import replay
+from statefsd.storage.logscan import ScanEnd, first_record, scan_groups
+from statefsd.storage.replay import replay
 
 from fsck_statefs.repair import highest_counters_on_device
 

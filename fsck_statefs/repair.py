@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from statefsd import format as fmt
-from statefsd.blockdev import BlockDevice
-from statefsd.engine import Engine
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.engine import Engine
 
 from fsck_statefs.check import Checked
 

@@ -19,7 +19,7 @@ import threading
 from keystored import entropy, keyfile, policy, wire
 from keystored.audit import AuditLog
 from keystored.service import Keystore, Peer
-from statefsd import unixsock
+from statefsd.shared import unixsock
 from statefsd.errors import (
     Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
 )

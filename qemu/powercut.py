@@ -27,7 +27,7 @@ sealed chunk authenticated) and the engine with keystored's key provider.
 Stage 2, lost write cache: one more boot of a copy of that disk, with QEMU's
 blklogwrites recording every write and flush (qemu/logwrites.py). After the kill, at
 each flush point the writes since the previous flush are the pending set, and the
-simulated device's crash model (statefsd.simdev, via statefsd.campaign.outcomes)
+simulated device's crash model (statefsd.testing.simdev, via statefsd.testing.campaign.outcomes)
 decides what a power cut leaves of them (qemu/powercut_log.py). Each distinct state is
 recovered with the engine and checked; every ACKed txn whose COMMIT was durable at that
 flush must be there. This stage runs with encryption off: its cost is the recovery of
@@ -59,12 +59,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from statefsd.blockdev import FileDevice, create_image  # noqa: E402
-from statefsd.campaign.outcomes import distinct_outcomes  # noqa: E402
-from statefsd.engine import Engine  # noqa: E402
+from statefsd.storage.blockdev import FileDevice, create_image  # noqa: E402
+from statefsd.testing.campaign.outcomes import distinct_outcomes  # noqa: E402
+from statefsd.storage.engine import Engine  # noqa: E402
 from statefsd.errors import StateFSError  # noqa: E402
-from statefsd.keys import keystore_key_provider  # noqa: E402
-from statefsd.simdev import CrashModel, Outcome, SimulatedDevice  # noqa: E402
+from statefsd.keystore import keystore_key_provider  # noqa: E402
+from statefsd.testing.simdev import CrashModel, Outcome, SimulatedDevice  # noqa: E402
 
 from qemu import check_markers, logwrites  # noqa: E402
 from qemu.hostkeys import FILE_NAME, HostKeystore, HostKeystoreError, repo_env  # noqa: E402
@@ -401,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-delay", type=float, default=0.5,
                     help="seconds of random delay, at most (the guest ACKs ~50-100 txns/s)")
     ap.add_argument("--model", default=CrashModel().spec(),
-                    help="crash model (statefsd.simdev CrashModel spec); default: the simulated "
+                    help="crash model (statefsd.testing.simdev CrashModel spec); default: the simulated "
                          "device's default, the most adversarial disk")
     ap.add_argument("--outcomes", type=int, default=24, help="outcomes per flush point (limit)")
     ap.add_argument("--byte-cuts", type=int, default=2, help="extra random mid-sector cuts per point")

@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from statefsd.blockdev import BlockDevice
-from statefsd.engine import Engine, KeyProvider
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.engine import Engine, KeyProvider
 from statefsd.errors import StateFSError
-from statefsd.simdev import encode_ranges
+from statefsd.testing.simdev import encode_ranges
 
 PREFIX = "crash/"
 KEY = re.compile(r"crash/(\d{1,9})/([ab])")

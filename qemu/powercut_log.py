@@ -3,7 +3,7 @@
 The log (qemu/logwrites.py) holds every write and flush the guest issued, in order.
 Crash point k is the moment just before flush k+1 (or the end of the log): the disk
 holds what flush k made durable, and every write since then is still in the volatile
-cache. Those writes are fed to a ``statefsd.simdev.SimulatedDevice`` as unflushed
+cache. Those writes are fed to a ``statefsd.testing.simdev.SimulatedDevice`` as unflushed
 writes, so ``point.outcomes()`` / ``point.device(outcome)`` give exactly the crashed
 states the simulated device would give for the same writes: one crash model for the
 power-loss campaign and for the real guest.
@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from statefsd import format as fmt
-from statefsd.blockdev import SECTOR
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import SECTOR
 from statefsd.errors import CorruptImage
-from statefsd.simdev import CrashModel, CrashPoint, SimulatedDevice
+from statefsd.testing.simdev import CrashModel, CrashPoint, SimulatedDevice
 
 from qemu.logwrites import DISCARD, Log
 

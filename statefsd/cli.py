@@ -139,8 +139,8 @@ def _fail(exc: StateFSError) -> int:
 # ------------------------------------------------------------------- mkfs
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
-    from statefsd.blockdev import FileDevice, create_image, parse_size
-    from statefsd.engine import Engine
+    from statefsd.storage.blockdev import FileDevice, create_image, parse_size
+    from statefsd.storage.engine import Engine
 
     path = args.image
     size = parse_size(args.size) if args.size else None
@@ -167,7 +167,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 def _mkfs_summary(path: str, size: int, sb, encryption: str, redundancy: str) -> str:
     """What a newcomer needs to size an image: how much of it holds data."""
-    from statefsd.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_VALUE_BYTES
+    from statefsd.storage.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_VALUE_BYTES
 
     log = sb.regions[sb.active_region][1] * sb.block_size
     return (f"statefs: formatted {path}: {size} bytes ({_human(size)}), encryption {encryption}, "
@@ -207,8 +207,8 @@ def check_safe_to_format(path: str, *, size: int | None, force: bool) -> bool:
     unless ``force``. An image held by statefsd or fsck-statefs is refused
     even with ``force`` (EBUSY).
     """
-    from statefsd.blockdev import FileDevice
-    from statefsd.format import MIN_IMAGE_BYTES
+    from statefsd.storage.blockdev import FileDevice
+    from statefsd.storage.format import MIN_IMAGE_BYTES
 
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
@@ -259,7 +259,7 @@ def _what_it_holds(path: str, device) -> str:
 
 
 def _holds_statefs(device) -> bool:
-    from statefsd.format import SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSETS
+    from statefsd.storage.format import SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSETS
 
     return any(device.read(offset, len(SUPERBLOCK_MAGIC)) == SUPERBLOCK_MAGIC
                for offset in SUPERBLOCK_OFFSETS if offset < device.size)

@@ -35,7 +35,7 @@ from statefsd import protocol
 from statefsd.errors import (
     ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig, TransactionError,
 )
-from statefsd.format import MAX_VALUE_BYTES
+from statefsd.storage.format import MAX_VALUE_BYTES
 
 
 class Client:

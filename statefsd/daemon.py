@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 
-from statefsd.audit import AuditLog
+from statefsd.shared.audit import AuditLog
 from statefsd.errors import InternalError, StateFSError
 
 log = logging.getLogger("statefsd")
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-only", action="store_true", help="mount read-only; writes are refused")
     parser.add_argument("--keystore-socket", metavar="PATH",
                         help="keystored socket, needed for encrypted images")
-    # ---- HOOK for statefsd/selftest.py (owned by the lead): any of these
+    # ---- HOOK for statefsd/testing/selftest.py (owned by the lead): any of these
     # flags hands the whole argument namespace to selftest.main(args).
-    selftest = parser.add_argument_group("self tests (see statefsd/selftest.py)")
+    selftest = parser.add_argument_group("self tests (see statefsd/testing/selftest.py)")
     selftest.add_argument("--selftest", nargs="?", const=True, default=None, metavar="ARG",
                           help="run the guest self test instead of serving")
     # Internal to the QEMU and power-loss harnesses: not for users, not in --help.
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if any(v is not None for v in (args.selftest, args.selftest_persist, args.crash_writer)):
-        from statefsd import selftest  # HOOK: the lead's module
+        from statefsd.testing import selftest
         return int(selftest.main(args) or 0)
     if args.mkfs or args.encryption:
         parser.error("--mkfs and --encryption go with --selftest; format images with 'statefs mkfs'")
@@ -100,9 +100,9 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     # Stop signals are blocked in every thread and collected by sigwait
     # below: no handler can run at an awkward moment inside a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    from statefsd.blockdev import FileDevice
-    from statefsd.engine import Engine
-    from statefsd.keys import KeystoreSigner, encryption_banner, keystore_key_provider
+    from statefsd.storage.blockdev import FileDevice
+    from statefsd.storage.engine import Engine
+    from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
     from statefsd.server import Server, bind_socket, check_socket_path, encryption_mode
 
     # With a keystore, checkpoints are signed and verified with the device key;

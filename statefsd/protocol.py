@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import msgpack
 
 from statefsd.errors import ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig
-from statefsd.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+from statefsd.storage.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 PROTOCOL_VERSION = 1
 

@@ -18,13 +18,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from statefsd import protocol, unixsock
-from statefsd.engine import Mutation, mutation_op
+from statefsd import protocol
+from statefsd.shared import unixsock
+from statefsd.storage.engine import Mutation, mutation_op
 from statefsd.errors import (
     Code, ConnectionFailed, InternalError,
     InvalidArgument, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
 )
-from statefsd.format import TransactionTally
+from statefsd.storage.format import TransactionTally
 
 log = logging.getLogger("statefsd.server")
 
@@ -249,7 +250,7 @@ def bind_socket(path: str) -> socket.socket:
 
 
 def check_socket_path(path: str, *, remove_stale: bool = False) -> None:
-    """statefsd's --socket: see statefsd.unixsock."""
+    """statefsd's --socket: see statefsd.shared.unixsock."""
     unixsock.check_socket_path(path, owner="statefsd", example="statefs.sock", remove_stale=remove_stale)
 
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine
 from statefsd.errors import Code
-from statefsd.format import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from statefsd.storage.format import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from tests.daemon.harness import REPO, env_with_repo
 
 

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine, Mutation
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import InvalidArgument, NotFound, TooBig
-from statefsd.simdev import SimulatedDevice
+from statefsd.testing.simdev import SimulatedDevice
 from tests.daemon.harness import Daemon, make_image, short_tempdir
 
 SIZE = 32 << 20

@@ -17,9 +17,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from statefsd.blockdev import FileDevice, create_image
+from statefsd.storage.blockdev import FileDevice, create_image
 from statefsd.client import Client
-from statefsd.engine import Engine
+from statefsd.storage.engine import Engine
 from statefsd.protocol import LENGTH, PROTOCOL_VERSION
 
 REPO = Path(__file__).resolve().parents[2]

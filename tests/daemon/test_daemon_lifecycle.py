@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine
 from statefsd.errors import Code, IntegrityError, ReadOnly
 from tests.daemon.harness import REPO, RawConnection, env_with_repo, make_image, wait_for
 from tests.daemon.stream_writer import KEYS, txn_keys, value_for

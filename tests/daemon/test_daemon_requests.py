@@ -11,7 +11,7 @@ from statefsd.client import Client
 from statefsd.errors import (
     Code, ConnectionFailed, InvalidArgument, NotFound, ProtocolError, TooBig,
 )
-from statefsd.format import MAX_KEY_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+from statefsd.storage.format import MAX_KEY_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 from tests.daemon.harness import RawConnection
 
 

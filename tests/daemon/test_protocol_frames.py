@@ -7,7 +7,7 @@ import pytest
 
 from statefsd import protocol
 from statefsd.errors import Code, ConnectionFailed, NotFound, ProtocolError, StateFSError, TooBig
-from statefsd.format import MAX_VALUE_BYTES
+from statefsd.storage.format import MAX_VALUE_BYTES
 
 
 def test_frame_is_big_endian_length_then_msgpack_map():

@@ -2,10 +2,10 @@ import contextlib
 
 import pytest
 
-from statefsd import format as fmt
+from statefsd.storage import format as fmt
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine
 
 
 class Image:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import threading
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
-from statefsd.campaign.session import GateDevice, wait_until
-from statefsd.engine import Engine, Mutation
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice
+from statefsd.testing.campaign.session import GateDevice, wait_until
+from statefsd.storage.engine import Engine, Mutation
 
 from tests.engine.conftest import Image
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine, Mutation, read_superblock
 from statefsd.errors import CorruptImage, IntegrityError
 
 
@@ -193,7 +193,7 @@ def test_write_groups_never_exceed_the_group_cap(image, tmp_path):
             t.join()
     with FileDevice(big.path, read_only=True) as dev:
         sb, _ = read_superblock(dev)
-        from statefsd.logscan import scan_groups
+        from statefsd.storage.logscan import scan_groups
         groups = [g for g in scan_groups(dev, sb) if isinstance(g, list)]
     assert len(groups) >= 2
     for g in groups:

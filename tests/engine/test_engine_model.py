@@ -5,8 +5,8 @@ import tempfile
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine, Mutation
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine, Mutation
 
 keys = st.sampled_from(["a", "b", "dir/c", "dir/d", "ü/é", "k" * 40])
 values = st.one_of(st.binary(max_size=300), st.binary(min_size=65530, max_size=70000))

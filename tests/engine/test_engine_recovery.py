@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.engine import Mutation
+from statefsd.storage import format as fmt
+from statefsd.storage.engine import Mutation
 from statefsd.errors import CorruptImage, FormatError, IntegrityError, NoSpace, NotFound, ReadOnly, TooBig
 
 
@@ -135,8 +135,8 @@ def test_both_superblocks_damaged_is_a_clear_corruption_error(image):
 
 
 def test_an_image_that_is_not_statefs_is_refused(tmp_path):
-    from statefsd.blockdev import FileDevice
-    from statefsd.engine import Engine
+    from statefsd.storage.blockdev import FileDevice
+    from statefsd.storage.engine import Engine
     path = tmp_path / "other.img"
     path.write_bytes(b"\x7fELF" + bytes(2 << 20))
     with pytest.raises(FormatError, match="not a StateFS image"):
@@ -279,8 +279,8 @@ def test_a_mount_never_overwrites_the_only_valid_superblock(image):
 
 
 def test_a_compaction_cut_before_its_switch_leaves_no_records_a_later_compaction_could_adopt():
-    from statefsd.engine import Engine
-    from statefsd.simdev import Outcome, SimulatedDevice
+    from statefsd.storage.engine import Engine
+    from statefsd.testing.simdev import Outcome, SimulatedDevice
     dev = SimulatedDevice(2 << 20)
     Engine.mkfs(dev)
     e = Engine.mount(dev)

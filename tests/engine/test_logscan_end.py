@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine, read_superblock_slot
-from statefsd.replay import replay
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine, read_superblock_slot
+from statefsd.storage.replay import replay
 
 from tests.format import spec_reader as sr
 from tests.format.test_format_crafted_logs import Log, base_images, prepare_payload, put  # noqa: F401
@@ -318,9 +318,9 @@ def test_the_search_finds_a_header_when_a_match_of_the_epoch_starts_one_byte_ear
 
 SEARCH_PROBE = textwrap.dedent("""
     import json, sys, time
-    from statefsd.blockdev import FileDevice
-    from statefsd.engine import read_superblock_slot
-    from statefsd.logscan import scan_groups
+    from statefsd.storage.blockdev import FileDevice
+    from statefsd.storage.engine import read_superblock_slot
+    from statefsd.storage.logscan import scan_groups
 
     class Counting(FileDevice):
         reads = 0
@@ -376,7 +376,7 @@ def roomy(tmp_path_factory) -> tuple[bytes, fmt.Superblock, object]:
 
 def _abort_group(sb, result, sizes: list[int]) -> bytes:
     """One write group of ABORT records (their payloads are not replayed)
-    with the given payload sizes, packed by statefsd.format."""
+    with the given payload sizes, packed by statefsd.storage.format."""
     end = result.end
     out = []
     for i, size in enumerate(sizes):

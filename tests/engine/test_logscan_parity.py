@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine, read_superblock_slot
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine, read_superblock_slot
 from statefsd.errors import CorruptImage
-from statefsd.logscan import apply_patches, repair_record
-from statefsd.replay import Finding, replay
+from statefsd.storage.logscan import apply_patches, repair_record
+from statefsd.storage.replay import Finding, replay
 
 from tests.format import spec_reader as sr
 from tests.format.test_format_crafted_logs import Log, base_images, put  # noqa: F401
@@ -353,7 +353,7 @@ def test_repair_record_uses_only_the_first_trailer_that_covers_the_record(P, tmp
 # ------------------------------------------- finding a log without a superblock
 
 def _first(img, offset: int, tmp_path):
-    from statefsd.logscan import first_record
+    from statefsd.storage.logscan import first_record
     path = tmp_path / "first.img"
     path.write_bytes(bytes(img))
     with FileDevice(str(path), read_only=True) as dev:
@@ -409,8 +409,8 @@ def test_a_first_record_ending_exactly_at_the_device_end_is_found(base_images, t
 
 def test_looking_for_a_first_record_past_the_end_of_a_strict_device_reads_nothing(base_images):
     # The simulated device refuses reads past its end (a file reads zeros there).
-    from statefsd.logscan import first_record
-    from statefsd.simdev import SimulatedDevice
+    from statefsd.storage.logscan import first_record
+    from statefsd.testing.simdev import SimulatedDevice
     img = base_images["off"]
     dev = SimulatedDevice(image=img, record=False)
     assert first_record(dev, len(img) - fmt.HEADER_SIZE + 1) is None

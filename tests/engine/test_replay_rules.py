@@ -3,7 +3,7 @@
 The images are real: a base image written by the engine, then log groups
 crafted after its log end with the same writer the crafted-log tests use
 (docs/statefs.md sections 5-7). Each test replays the image with
-statefsd.replay and checks the findings list whole (offset, kind, reason,
+statefsd.storage.replay and checks the findings list whole (offset, kind, reason,
 txn id), the committed state and the counters, so a rule that is skipped,
 reported twice, or reported as something else fails here.
 """
@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keystored.domain import sign_payload
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.crypto import RecordCipher
-from statefsd.engine import Engine, read_superblock_slot
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.crypto import RecordCipher
+from statefsd.storage.engine import Engine, read_superblock_slot
 from statefsd.errors import CorruptImage
-from statefsd.replay import Finding, replay
+from statefsd.storage.replay import Finding, replay
 
 from tests.format import spec_reader as sr
 from tests.format.test_format_crafted_logs import Log, base_images, delete, prepare_payload, put  # noqa: F401

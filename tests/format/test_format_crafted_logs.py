@@ -12,8 +12,8 @@ import struct
 import pytest
 from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine
 
 from tests.format import spec_reader as sr
 from tests.format.test_format_spec_reader import (

@@ -15,8 +15,8 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine, Mutation
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import CorruptImage, FormatError, KeyUnavailable
 
 from tests.format import spec_reader
@@ -316,9 +316,9 @@ def test_a_damaged_compacted_snapshot_with_nothing_after_it_is_repaired_or_corru
 # --- record types and signed checkpoints ------------------------------------------
 
 def test_spec_reader_decodes_every_record_type_statefsd_defines():
-    """statefsd.format is imported only to list its record types: a type the
+    """statefsd.storage.format is imported only to list its record types: a type the
     writer may put on disk that the spec reader does not decode fails here."""
-    from statefsd import format as fmt
+    from statefsd.storage import format as fmt
     missing = {f"{t:#x} {n}" for t, n in fmt.RECORD_TYPES.items() if spec_reader.RECORD_TYPES.get(t) != n}
     assert not missing, f"record types statefsd defines but the spec reader does not decode: {missing}"
     undecoded = set(spec_reader.RECORD_TYPES) - set(spec_reader.HANDLERS) - spec_reader.WALK_TYPES
@@ -527,7 +527,7 @@ def test_worked_example_of_the_spec_decodes_to_its_stated_result():
 def test_worked_example_of_the_spec_is_byte_for_byte_what_statefsd_writes(tmp_path):
     """Section 13's recipe, run with the example's device_uuid and log_epoch
     (random in a real mkfs), must give exactly the bytes the spec shows."""
-    from statefsd import format as fmt
+    from statefsd.storage import format as fmt
     spec_image = _worked_example_image()
     path = str(tmp_path / "example.img")
     create_image(path, 1 << 20)

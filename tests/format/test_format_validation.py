@@ -1,6 +1,6 @@
 """The format module's checks of bytes read from a device, at their exact edges.
 
-Every value here is built with statefsd.format's own packers (or is a slot
+Every value here is built with statefsd.storage.format's own packers (or is a slot
 the real mkfs wrote) and then bent by one field, so each test pins one
 decision: the last accepted value and the first refused one, and the
 refusal is a clear problem or ValueError naming it, never a struct.error.
@@ -12,9 +12,9 @@ import struct
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine
 from statefsd.errors import FormatError
 
 UUID = bytes(range(16))

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from statefsd import format as fmt
+from statefsd.storage import format as fmt
 from statefsd.errors import Code, InternalError
 
 MiB = 1 << 20

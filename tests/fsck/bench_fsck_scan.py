@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from statefsd.blockdev import FileDevice  # noqa: E402
-from statefsd.engine import Mutation  # noqa: E402
+from statefsd.storage.blockdev import FileDevice  # noqa: E402
+from statefsd.storage.engine import Mutation  # noqa: E402
 from statefsd.errors import NoSpace  # noqa: E402
 
 from fsck_images import fixed_key, make_image, mount  # noqa: E402

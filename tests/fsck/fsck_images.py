@@ -1,6 +1,6 @@
 """Real images for the fsck tests, and the ways they get damaged.
 
-Damage is written with statefsd.format (pack_record, encode_commit, ...), so
+Damage is written with statefsd.storage.format (pack_record, encode_commit, ...), so
 the tests never re-declare the on-disk layout.
 """
 
@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine, Mutation, read_superblock
-from statefsd.logscan import Record, ScanEnd, scan_groups
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine, Mutation, read_superblock
+from statefsd.storage.logscan import Record, ScanEnd, scan_groups
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice
 
 from fsck_images import (
     REPO, append_group, digest, fsck, make_image, mount, patch, put_each, records, repack, state, txn_records,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from statefsd import format as fmt
+from statefsd.storage import format as fmt
 from statefsd.errors import StateFSError
 
 from fsck_images import forge_superblock as _forge_superblock, append_group, digest, make_image, mount, put_each

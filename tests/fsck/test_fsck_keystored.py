@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from statefsd.keys import KeystoreSigner, keystore_key_provider
+from statefsd.keystore import KeystoreSigner, keystore_key_provider
 
 from fsck_images import REPO, fsck, make_image, put_each, records, state, tamper_sealed_txn
 
@@ -80,7 +80,7 @@ def test_signed_checkpoints_are_verified_with_the_device_key(tmp_path, keystore_
 def test_checkpoint_signed_by_another_key_is_corruption(tmp_path, keystore_socket):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from statefsd import format as fmt
+    from statefsd.storage import format as fmt
 
     class Impostor:  # a well-formed signature by a key that is not this device's
         _key = Ed25519PrivateKey.generate()
@@ -104,7 +104,7 @@ def test_checkpoint_signed_by_another_key_is_corruption(tmp_path, keystore_socke
 
 
 def test_a_signed_image_rebuilt_after_losing_both_superblocks_still_verifies_its_checkpoints(tmp_path, keystore_socket):
-    from statefsd import format as fmt
+    from statefsd.storage import format as fmt
     from fsck_images import mount, patch
     signer = KeystoreSigner(keystore_socket)
     path = make_image(tmp_path / "signed.img", 4 << 20)

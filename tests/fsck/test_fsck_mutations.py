@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from statefsd import format as fmt
-from statefsd.engine import Mutation
+from statefsd.storage import format as fmt
+from statefsd.storage.engine import Mutation
 from statefsd.errors import IntegrityError, StateFSError
 
 from fsck_images import fixed_key, make_image, mount, put_each, records

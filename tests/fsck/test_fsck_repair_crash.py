@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 
-from statefsd import format as fmt
-from statefsd.engine import Engine
-from statefsd.simdev import SimulatedDevice
+from statefsd.storage import format as fmt
+from statefsd.storage.engine import Engine
+from statefsd.testing.simdev import SimulatedDevice
 
 from fsck_images import make_image, patch, put_each, records
 from fsck_statefs.check import check

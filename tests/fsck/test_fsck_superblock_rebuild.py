@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine, Mutation, read_superblock
 from statefsd.errors import CorruptImage
 
 from fsck_images import digest, fixed_key, forge_superblock, fsck, make_image, mount, patch, put_each, state
@@ -155,8 +155,8 @@ def test_without_an_identity_copy_an_encrypted_image_is_not_rebuilt(tmp_path):
 
 @pytest.mark.parametrize("later_mount", [False, True], ids=["same-mount", "compacting-mount"])
 def test_a_compaction_cut_before_its_switch_is_not_taken_for_the_active_log(tmp_path, later_mount):
-    from statefsd.engine import Engine
-    from statefsd.simdev import Outcome, SimulatedDevice
+    from statefsd.storage.engine import Engine
+    from statefsd.testing.simdev import Outcome, SimulatedDevice
     dev = SimulatedDevice(4 << 20)
     Engine.mkfs(dev)
     e = Engine.mount(dev)
@@ -207,7 +207,7 @@ def test_the_log_of_an_earlier_file_system_on_the_device_is_not_rebuilt_as_the_a
 
 def test_a_rebuild_cut_by_power_loss_leaves_a_valid_slot_or_lost_slots_that_rebuild_the_same(tmp_path):
     from fsck_statefs import rebuild
-    from statefsd.simdev import SimulatedDevice
+    from statefsd.testing.simdev import SimulatedDevice
     path = make_image(tmp_path / "img", 2 << 20)
     expected = _history(path)
     _destroy_slots(path, "garbage")

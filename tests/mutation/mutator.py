@@ -34,7 +34,7 @@ _REPORT_LISTS = {"findings"}            # <x>.findings.append(...)
 
 @dataclass(frozen=True)
 class Mutant:
-    module: str         # repository-relative path, e.g. statefsd/replay.py
+    module: str         # repository-relative path, e.g. statefsd/storage/replay.py
     index: int          # position in the module's mutant list
     line: int
     col: int

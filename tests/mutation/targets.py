@@ -42,13 +42,13 @@ _BROAD = ("tests/engine/test_engine_durable_floor.py",
           "--deselect", "tests/format/test_format_spec_reader.py::test_any_single_bit_flip_in_the_log_gets_the_same_verdict_from_both")
 
 TARGETS = {
-    "format": Target("statefsd/format.py", FORMAT_VALIDATION,
+    "format": Target("statefsd/storage/format.py", FORMAT_VALIDATION,
                      ("tests/format/test_format_validation.py", "tests/format/test_transaction_rule.py"),
                      ("tests/engine/test_replay_rules.py", *_BROAD)),
-    "replay": Target("statefsd/replay.py", None,
+    "replay": Target("statefsd/storage/replay.py", None,
                      ("tests/engine/test_replay_rules.py", "tests/engine/test_logscan_parity.py"),
                      _BROAD),
-    "logscan": Target("statefsd/logscan.py", None,
+    "logscan": Target("statefsd/storage/logscan.py", None,
                       ("tests/engine/test_logscan_end.py", "tests/engine/test_logscan_parity.py"),
                       ("tests/engine/test_replay_rules.py", *_BROAD)),
 }

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.campaign import mediafaults as mf
-from statefsd.simdev import SimulatedDevice
+from statefsd.storage import format as fmt
+from statefsd.testing.campaign import mediafaults as mf
+from statefsd.testing.simdev import SimulatedDevice
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_faults_damage_exactly_what_they_name():
 
 
 def test_the_command_line_ends_with_the_count_of_states_and_violations():
-    out = subprocess.run([sys.executable, "-m", "statefsd.campaign.mediafaults", "--images", "1",
+    out = subprocess.run([sys.executable, "-m", "statefsd.testing.campaign.mediafaults", "--images", "1",
                           "--scenario", "compacted", "--redundancy", "off", "--workers", "2"],
                          capture_output=True, text=True, timeout=600)
     last = out.stdout.strip().splitlines()[-1]

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.campaign.records import records_in
-from statefsd.campaign.repro import Code
-from statefsd.campaign.runner import Settings, Task, build_run, reproduce, run_task
-from statefsd.campaign.variants import SYSTEMS
-from statefsd.campaign.workloads import WORKLOADS, run_workload
-from statefsd.simdev import CrashModel
+from statefsd.storage import format as fmt
+from statefsd.testing.campaign.records import records_in
+from statefsd.testing.campaign.repro import Code
+from statefsd.testing.campaign.runner import Settings, Task, build_run, reproduce, run_task
+from statefsd.testing.campaign.variants import SYSTEMS
+from statefsd.testing.campaign.workloads import WORKLOADS, run_workload
+from statefsd.testing.simdev import CrashModel
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = Settings(limit=6, extra=1, second_every=12, second_limit=3, second_extra=0, fsck_every=3)

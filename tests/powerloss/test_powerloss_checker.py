@@ -4,8 +4,8 @@ Positions are trace op counts, as in the campaign: a txn acknowledged at
 ``ack`` is required once the cut follows op ``ack`` or later.
 """
 
-from statefsd.campaign.records import History, WriteIndex
-from statefsd.campaign.timeline import DELETED, Timeline, Txn
+from statefsd.testing.campaign.records import History, WriteIndex
+from statefsd.testing.campaign.timeline import DELETED, Timeline, Txn
 
 
 def txn(txn_id, writes, submit, ack):
@@ -56,8 +56,8 @@ def test_deletes_are_part_of_the_prefix_state():
 
 
 def test_a_nonce_written_again_with_other_bytes_after_a_cut_violates_invariant_10():
-    from statefsd import format as fmt
-    from statefsd.simdev import SimulatedDevice
+    from statefsd.storage import format as fmt
+    from statefsd.testing.simdev import SimulatedDevice
 
     def sealed_group(payload: bytes) -> bytes:
         rec = fmt.pack_record(fmt.PAYLOAD, flags=fmt.FLAG_SEALED, epoch=1, group=1, seq=0, mount_gen=1,

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from statefsd.campaign.systems import System, format_image
-from statefsd.campaign.variants import LyingDiskSystem
-from statefsd.engine import Mutation
+from statefsd.testing.campaign.systems import System, format_image
+from statefsd.testing.campaign.variants import LyingDiskSystem
+from statefsd.storage.engine import Mutation
 from statefsd.errors import NoSpace, StateFSError
-from statefsd.simdev import CrashModel
+from statefsd.testing.simdev import CrashModel
 
 KEYS = st.sampled_from(["a", "b", "c", "dir/d", "dir/e"])
 SIZES = st.sampled_from([0, 1, 100, 600, 5000, 70_000])

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from keystored.keyfile import FILE_NAME
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine
-from statefsd.keys import keystore_key_provider
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine
+from statefsd.keystore import keystore_key_provider
 
 from qemu.hostkeys import HostKeystore, HostKeystoreError, read_state_file
 from qemu.powercut import format_disk, recover_on_host

@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from statefsd.blockdev import BlockDevice
-from statefsd.engine import Engine, Mutation
-from statefsd.simdev import CrashModel, SimulatedDevice
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.engine import Engine, Mutation
+from statefsd.testing.simdev import CrashModel, SimulatedDevice
 
 from qemu import logwrites
 from qemu.logwrites import DISCARD, FLUSH

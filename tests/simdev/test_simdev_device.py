@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from statefsd.blockdev import SECTOR
+from statefsd.storage.blockdev import SECTOR
 from statefsd.errors import InvalidArgument
-from statefsd.simdev import DROP, KEEP, CrashModel, Outcome, SimulatedDevice
+from statefsd.testing.simdev import DROP, KEEP, CrashModel, Outcome, SimulatedDevice
 
 KIB = 1024
 

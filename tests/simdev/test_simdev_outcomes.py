@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statefsd.blockdev import SECTOR
+from statefsd.storage.blockdev import SECTOR
 from statefsd.errors import InvalidArgument
-from statefsd.simdev import (DROP, KEEP, CrashModel, Fate, FateKind, Outcome, PendingWrite,
+from statefsd.testing.simdev import (DROP, KEEP, CrashModel, Fate, FateKind, Outcome, PendingWrite,
                              SimulatedDevice, enumerate_outcomes, garbage_bytes)
 
 KIB = 1024

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 
-from statefsd.simdev import CrashModel, SimulatedDevice, enumerate_outcomes
+from statefsd.testing.simdev import CrashModel, SimulatedDevice, enumerate_outcomes
 
 MIB = 1 << 20
 

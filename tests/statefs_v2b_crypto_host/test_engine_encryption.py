@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine, Mutation
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import CorruptImage, IntegrityError, KeyUnavailable
 
 KEY = bytes(range(32))

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from statefsd.blockdev import FileDevice, create_image
-from statefsd.engine import Engine
+from statefsd.storage.blockdev import FileDevice, create_image
+from statefsd.storage.engine import Engine
 from statefsd.errors import Code
 from tests.daemon.harness import REPO, Daemon, env_with_repo, short_tempdir
 

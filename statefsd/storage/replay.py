@@ -28,10 +28,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from statefsd import format as fmt
+from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError
 from keystored.domain import verify_signature
-from statefsd.logscan import Record, ScanEnd, scan_groups
+from statefsd.storage.logscan import Record, ScanEnd, scan_groups
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from statefsd import format as fmt
-from statefsd.simdev import Trace
+from statefsd.storage import format as fmt
+from statefsd.testing.simdev import Trace
 
-from statefsd.campaign.timeline import Violation
+from statefsd.testing.campaign.timeline import Violation
 
 
 def digest(data: bytes) -> bytes:

@@ -34,15 +34,15 @@ import threading
 import time
 from typing import Callable, NamedTuple, Protocol
 
-from statefsd import format as fmt
-from statefsd.blockdev import BlockDevice
-from statefsd.crypto import RecordCipher
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.crypto import RecordCipher
 from statefsd.errors import (
     CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
     NotFound, ReadOnly, StateFSError, TooBig,
 )
-from statefsd.logscan import apply_patches, first_record, repair_record
-from statefsd.replay import Entry, ReplayResult, replay
+from statefsd.storage.logscan import apply_patches, first_record, repair_record
+from statefsd.storage.replay import Entry, ReplayResult, replay
 
 AuditFn = Callable[..., None]
 KeyProvider = Callable[[fmt.Superblock], bytes]

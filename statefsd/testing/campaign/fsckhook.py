@@ -14,10 +14,10 @@ import importlib
 from typing import Callable
 
 from statefsd.errors import StateFSError
-from statefsd.simdev import SimulatedDevice
+from statefsd.testing.simdev import SimulatedDevice
 
-from statefsd.campaign.systems import key_provider
-from statefsd.campaign.timeline import Violation
+from statefsd.testing.campaign.systems import key_provider
+from statefsd.testing.campaign.timeline import Violation
 
 FsckFn = Callable[..., object]
 

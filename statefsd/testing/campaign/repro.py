@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from statefsd.errors import InvalidArgument
-from statefsd.simdev import CrashModel, Outcome
+from statefsd.testing.simdev import CrashModel, Outcome
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import types
 
-from statefsd import format as fmt
-from statefsd import logscan
-from statefsd import replay as replay_mod
-from statefsd.engine import Engine
-from statefsd.replay import Entry, Replayer
+from statefsd.storage import format as fmt
+from statefsd.storage import logscan
+from statefsd.storage import replay as replay_mod
+from statefsd.storage.engine import Engine
+from statefsd.storage.replay import Entry, Replayer
 
-from statefsd.campaign.systems import DeviceProxy, System
+from statefsd.testing.campaign.systems import DeviceProxy, System
 
 
 def rebind(fn: types.FunctionType, **names) -> types.FunctionType:

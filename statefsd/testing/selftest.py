@@ -27,12 +27,12 @@ import os
 import struct
 import sys
 
-from statefsd import format as fmt
-from statefsd.blockdev import FileDevice
-from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import FileDevice
+from statefsd.storage.engine import Engine, Mutation, read_superblock
 from statefsd.errors import FormatError, IntegrityError, StateFSError
-from statefsd.keys import KeystoreSigner, encryption_banner, keystore_key_provider
-from statefsd.simdev import Outcome, SimulatedDevice
+from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
+from statefsd.testing.simdev import Outcome, SimulatedDevice
 
 SCRATCH_BYTES = 2 << 20
 PERSIST_KEY = "selftest/persist-token"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from statefsd import format as fmt
-from statefsd.engine import KeyProvider
+from statefsd.storage import format as fmt
+from statefsd.storage.engine import KeyProvider
 from statefsd.errors import KeyUnavailable
 
 

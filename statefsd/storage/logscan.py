@@ -42,8 +42,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
-from statefsd import format as fmt
-from statefsd.blockdev import BlockDevice
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import BlockDevice
 
 READ_WINDOW = 4 << 20
 

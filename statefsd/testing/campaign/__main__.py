@@ -19,13 +19,13 @@ from collections import Counter
 from dataclasses import replace
 
 from statefsd.errors import StateFSError
-from statefsd.simdev import CrashModel
+from statefsd.testing.simdev import CrashModel
 
-from statefsd.campaign import fsckhook
-from statefsd.campaign.repro import Code
-from statefsd.campaign.runner import Result, Settings, Task, execute, reproduce
-from statefsd.campaign.variants import SYSTEMS
-from statefsd.campaign.workloads import WORKLOADS
+from statefsd.testing.campaign import fsckhook
+from statefsd.testing.campaign.repro import Code
+from statefsd.testing.campaign.runner import Result, Settings, Task, execute, reproduce
+from statefsd.testing.campaign.variants import SYSTEMS
+from statefsd.testing.campaign.workloads import WORKLOADS
 
 DEFAULT_SEEDS = 11              # per workload: about 130,000 crash states, under 5 minutes on 2 idle cores
 LONG_SEEDS = 40

@@ -18,8 +18,8 @@ import hashlib
 import random
 from typing import Iterator
 
-from statefsd.blockdev import SECTOR
-from statefsd.simdev import DROP, KEEP, CrashPoint, Fate, Outcome, SimulatedDevice
+from statefsd.storage.blockdev import SECTOR
+from statefsd.testing.simdev import DROP, KEEP, CrashPoint, Fate, Outcome, SimulatedDevice
 
 
 def byte_cuts(point: CrashPoint, rng: random.Random, count: int) -> Iterator[Outcome]:

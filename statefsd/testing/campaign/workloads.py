@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
-from statefsd.engine import Mutation, read_superblock
-from statefsd.simdev import CrashModel
+from statefsd.storage.engine import Mutation, read_superblock
+from statefsd.testing.simdev import CrashModel
 
-from statefsd.campaign.session import Run, Session
-from statefsd.campaign.systems import DEVICE_BYTES, FixedSigner, System, format_image
+from statefsd.testing.campaign.session import Run, Session
+from statefsd.testing.campaign.systems import DEVICE_BYTES, FixedSigner, System, format_image
 
 if TYPE_CHECKING:
-    from statefsd.campaign.runner import Settings
+    from statefsd.testing.campaign.runner import Settings
 
 KEYS = [f"k/{i}" for i in range(8)]
 

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from statefsd.engine import Engine, Mutation
+from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import NoSpace
-from statefsd.simdev import SimulatedDevice, Trace
+from statefsd.testing.simdev import SimulatedDevice, Trace
 
-from statefsd.campaign.systems import DeviceProxy, FixedSigner, System
-from statefsd.campaign.timeline import DELETED, Timeline, Txn
+from statefsd.testing.campaign.systems import DeviceProxy, FixedSigner, System
+from statefsd.testing.campaign.timeline import DELETED, Timeline, Txn
 
 WAIT_SECONDS = 30.0             # a thread that does not reach the gate by then is a harness bug
 

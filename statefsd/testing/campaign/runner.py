@@ -15,16 +15,16 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field, replace
 
-from statefsd.simdev import CrashModel
+from statefsd.testing.simdev import CrashModel
 
-from statefsd.campaign import fsckhook
-from statefsd.campaign.checker import Checker, Recovered
-from statefsd.campaign.outcomes import distinct_outcomes
-from statefsd.campaign.records import History, WriteIndex
-from statefsd.campaign.repro import Code
-from statefsd.campaign.session import Run
-from statefsd.campaign.variants import SYSTEMS
-from statefsd.campaign.workloads import WORKLOADS, run_workload
+from statefsd.testing.campaign import fsckhook
+from statefsd.testing.campaign.checker import Checker, Recovered
+from statefsd.testing.campaign.outcomes import distinct_outcomes
+from statefsd.testing.campaign.records import History, WriteIndex
+from statefsd.testing.campaign.repro import Code
+from statefsd.testing.campaign.session import Run
+from statefsd.testing.campaign.variants import SYSTEMS
+from statefsd.testing.campaign.workloads import WORKLOADS, run_workload
 
 
 @dataclass(frozen=True)

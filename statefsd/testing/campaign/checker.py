@@ -26,15 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from statefsd import format as fmt
-from statefsd.engine import Engine, Mutation
+from statefsd.storage import format as fmt
+from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import NoSpace, StateFSError
-from statefsd.simdev import SimulatedDevice, Trace
+from statefsd.testing.simdev import SimulatedDevice, Trace
 
-from statefsd.campaign import fsckhook
-from statefsd.campaign.records import History, WriteIndex
-from statefsd.campaign.systems import FixedSigner, System
-from statefsd.campaign.timeline import State, Timeline, Txn, Violation
+from statefsd.testing.campaign import fsckhook
+from statefsd.testing.campaign.records import History, WriteIndex
+from statefsd.testing.campaign.systems import FixedSigner, System
+from statefsd.testing.campaign.timeline import State, Timeline, Txn, Violation
 
 Log = Callable[[str], None]
 BAD_FINDINGS = ("corruption", "integrity")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError
 
-from statefsd import format as fmt
+from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError, KeyUnavailable
 
 sodium.sodium_init()  # picks libsodium's fast implementations (idempotent)

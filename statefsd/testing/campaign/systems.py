@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keystored.domain import sign_payload
-from statefsd import format as fmt
-from statefsd.blockdev import BlockDevice
-from statefsd.engine import Engine, read_superblock
-from statefsd.simdev import CrashModel, Outcome, SimulatedDevice
+from statefsd.storage import format as fmt
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.engine import Engine, read_superblock
+from statefsd.testing.simdev import CrashModel, Outcome, SimulatedDevice
 
 DEVICE_BYTES = 1 << 20          # the smallest image: every mount reads the whole log region
 FIXED_KEY = hashlib.sha256(b"statefs.campaign.payload-key").digest()

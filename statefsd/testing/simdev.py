@@ -42,7 +42,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from statefsd.blockdev import SECTOR, BlockDevice
+from statefsd.storage.blockdev import SECTOR, BlockDevice
 from statefsd.errors import InvalidArgument
 
 CHUNK_SIZE = 64 * 1024          # copy-on-write unit: small enough to copy, big enough to read across

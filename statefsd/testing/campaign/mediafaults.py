@@ -20,7 +20,7 @@ With redundancy ``parity`` a fault confined to one sector must be repaired: a
 refusal is a violation. Never an older state, never wrong data, never another
 exception (a traceback).
 
-    python -m statefsd.campaign.mediafaults [--workers N] [--system NAME] [--sample N]
+    python -m statefsd.testing.campaign.mediafaults [--workers N] [--system NAME] [--sample N]
 
 The last line is ``media-fault states: N, violations: V``; exit 1 when V > 0.
 """
@@ -35,15 +35,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from statefsd import format as fmt
-from statefsd.engine import Engine, Mutation, read_superblock
+from statefsd.storage import format as fmt
+from statefsd.storage.engine import Engine, Mutation, read_superblock
 from statefsd.errors import CorruptImage, StateFSError
-from statefsd.replay import replay
-from statefsd.simdev import SimulatedDevice
+from statefsd.storage.replay import replay
+from statefsd.testing.simdev import SimulatedDevice
 
-from statefsd.campaign import variants
-from statefsd.campaign.runner import mix
-from statefsd.campaign.systems import key_provider
+from statefsd.testing.campaign import variants
+from statefsd.testing.campaign.runner import mix
+from statefsd.testing.campaign.systems import key_provider
 
 FAULTS = ("bitflip", "zero", "garbage", "rollback", "swap")
 SINGLE_SECTOR = {"bitflip", "zero", "garbage", "rollback"}
@@ -280,13 +280,13 @@ SYSTEMS = {"engine": Engine}
 
 
 def _floor_ignored() -> type[Engine]:
-    from statefsd import logscan, replay as replay_mod
+    from statefsd.storage import logscan, replay as replay_mod
     scan = variants.rebind(logscan.scan_groups, decide_stop=logscan._look_for_durable_records_beyond)
     return variants._engine_with_replay("FloorIgnoredEngine", variants.rebind(replay_mod.replay, scan_groups=scan))
 
 
 def _redundancy_ignored() -> type[Engine]:
-    from statefsd import logscan, replay as replay_mod
+    from statefsd.storage import logscan, replay as replay_mod
     scan = variants.rebind(logscan.scan_groups, _repair_group=lambda *args: None)
     return variants._engine_with_replay("ParityIgnoredEngine", variants.rebind(replay_mod.replay, scan_groups=scan))
 

@@ -1,0 +1,1 @@
+"""Plumbing both daemons share: Unix-socket RPC, the audit log, signing."""
