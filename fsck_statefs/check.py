@@ -23,7 +23,7 @@ from typing import Callable
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import BlockDevice
 from statefsd.storage.crypto import RecordCipher
-from statefsd.storage.engine import KeyProvider, counters_problem, read_superblock_slot
+from statefsd.storage.image import KeyProvider, counters_problem, open_cipher, read_superblock_slot
 from statefsd.errors import CorruptImage, FormatError, KeyUnavailable
 from statefsd.storage.logscan import ScanEnd, scan_groups
 from statefsd.storage.replay import Replayer, ReplayResult
@@ -82,7 +82,7 @@ def check(device: BlockDevice, *, key_provider: KeyProvider | None = None,
     report.superblock = _describe(sb)
 
     if sb.encryption != fmt.ENCRYPTION_OFF and key_provider is not None:
-        checked.cipher = RecordCipher(_matching_key(key_provider, sb, device.path), sb)
+        checked.cipher = open_cipher(device, sb, key_provider)
         report.authentication = "verified"
     elif sb.encryption != fmt.ENCRYPTION_OFF:
         report.authentication = "skipped"
@@ -94,16 +94,6 @@ def check(device: BlockDevice, *, key_provider: KeyProvider | None = None,
     _counter_limits(sb, checked)
     report.space = _space(sb, checked.result, device)
     return checked
-
-
-def _matching_key(key_provider: KeyProvider, sb: fmt.Superblock, path: str) -> bytes:
-    # A wrong key would make every sealed txn "fail authentication", and a
-    # repair would then drop them all: refuse it as the engine's mount does.
-    key = key_provider(sb)
-    if sb.key_check != bytes(16) and fmt.key_check(key, sb.device_uuid, sb.salt) != sb.key_check:
-        raise KeyUnavailable(f"{path}: the key from keystored does not match this image "
-                             f"(another device identity?)")
-    return key
 
 
 # ----------------------------------------------------------- superblocks

@@ -17,7 +17,7 @@ import shlex
 import sys
 
 from statefsd.storage.blockdev import FileDevice
-from statefsd.storage.engine import KeyProvider, Signer
+from statefsd.storage.image import KeyProvider, Signer
 from statefsd.errors import Busy, DeviceIOError, FsckExit, StateFSError
 
 from fsck_statefs import rebuild

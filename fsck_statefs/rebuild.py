@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import BlockDevice
-from statefsd.storage.engine import read_identity_copy
+from statefsd.storage.image import read_identity_copy
 from statefsd.errors import FormatError
 from statefsd.storage.logscan import ScanEnd, first_record, scan_groups
 from statefsd.storage.replay import replay

@@ -82,8 +82,8 @@ def repair(device: BlockDevice, checked: Checked, audit=None, signer=None) -> di
     # record on the device carries, trusted or not.
     highest = max(checked.max_txn_seen, result.max_txn_id, highest_txn_id_on_device(device, checked.sb))
     result = dataclasses.replace(result, max_txn_id=highest)
-    engine = Engine(device, checked.sb, result, read_only=False, audit=audit or _no_audit,
-                    cipher=checked.cipher, sb_slot=checked.sb_slot, signer=signer)
+    engine = Engine.from_replay(device, checked.sb, checked.sb_slot, result, cipher=checked.cipher,
+                                read_only=False, audit=audit, signer=signer)
     stats = engine.compact()
     # The engine is not closed: closing would close the device and drop the
     # flock before fsck re-checks its own result.
@@ -117,7 +117,3 @@ def highest_counters_on_device(device: BlockDevice, regions) -> tuple[int, int]:
                 hit = chunk.find(fmt.RECORD_MAGIC, hit + 1)
             pos += SWEEP_WINDOW
     return txn, mount_gen
-
-
-def _no_audit(event: str, **fields) -> None:
-    pass

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from statefsd.storage.blockdev import BlockDevice
-from statefsd.storage.engine import Engine, KeyProvider
+from statefsd.storage.engine import Engine
+from statefsd.storage.image import KeyProvider
 from statefsd.errors import StateFSError
 from statefsd.testing.simdev import encode_ranges
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from statefsd.storage import format as fmt
-from statefsd.storage.engine import KeyProvider
+from statefsd.storage.image import KeyProvider
 from statefsd.errors import KeyUnavailable
 
 

@@ -1,4 +1,4 @@
-"""The StateFS engine: mount, replay, index, transactions, group commit.
+"""The StateFS engine: a mounted image's index, reads and commits.
 
 Invariants the engine keeps (numbered as in docs/DESIGN.md):
 
@@ -7,55 +7,82 @@ Invariants the engine keeps (numbered as in docs/DESIGN.md):
 (2) A transaction is all or nothing: its records are written as one block
     of PREPARE, PAYLOAD/DELETE records and COMMIT, and replay applies it only
     when the COMMIT and everything it vouches for is intact.
-(7) Write groups: the records of one or more transactions are written with
-    one device write and made durable with one flush. Group g+1 is never
-    written before group g's flush has returned, so at most one group is ever
-    volatile, and every group starts on a fresh GROUP_ALIGN boundary: a torn
-    write can never damage bytes of an earlier, acknowledged group.
-(8) Txn ids are reserved in the superblock (txn_reserved) before use; a mount
-    continues above the reservation, so an id is never used twice even when
-    the record that used it was lost.
+(7) Write groups (logwriter.py): one device write and one flush per group;
+    group g+1 is never written before group g's flush has returned.
+(8) Txn ids are reserved in the superblock (txn_reserved) before use.
 (9) A mount that finds corruption followed by durable records refuses to
     mount read-write; read-only mounts serve the consistent prefix.
 
-Concurrency: any number of threads may call commit(); the first becomes the
-leader, takes every queued transaction, writes them as one group and flushes
-once (group commit); followers wait for their result.
+Where the work lives: image.py opens an image (superblock, key, counters),
+replay.py rebuilds the index, logwriter.py writes, groupcommit.py holds the
+writer role and the commit queue, compaction.py rewrites the log.
+
+Concurrency. Any number of threads may call get/list/stat/commit at once.
+
+    field                         written by                          under
+    ----------------------------  ----------------------------------  ------------------
+    log.position                  commit leader, checkpoint,          writer role
+                                  compaction (claim, switch)
+    log.sb, log region            txn-id reservation, compaction      writer role
+    log.unsigned_commits          commit leader, checkpoint           writer role
+    index (entries, in place)     commit leader, after the flush      writer role
+    index (replaced whole)        compaction, at its switch           writer role
+    live_bytes                    commit leader, compaction           writer role
+    read_only, failure            whoever meets a device error        writer role
+    values (repaired sectors)     reads, write-back, compaction       the reader's lock
+    role queue, holder, closing   groupcommit.WriterRole              the role's condition
+    compactor thread              compaction.Compactor                its thread lock
+
+Rules (tests cite them by number):
+C1  One writer: only the thread holding the writer role writes to the
+    device or changes a field marked "writer role" above.
+C2  Durable before visible: a group's index entries and the new log
+    position are published only after its flush returned (invariant 1).
+C3  Readers take no lock: index.get and list(index) are single dict
+    operations (atomic under the GIL); log.position is one immutable value,
+    read once. An entry read before a compaction keeps pointing at intact
+    bytes until the compaction after it; a reader that outlives both gets
+    an integrity error (headers bind txn id, key and chunk), never another value.
+C4  Fairness: compaction and checkpoints wait for the role ahead of new
+    commit leaders, so a stream of commits cannot starve them.
+C5  Lock order: compaction lock, then writer role, then the role's
+    condition; the value reader's lock is a leaf. Nobody waits for the role while
+    holding it: a read that repairs a sector inside compaction keeps the
+    repair in memory instead of writing it back.
+C6  Checkpoints: whether one is due is decided while holding the role, so
+    CHECKPOINT_EVERY commits get one checkpoint, not one per thread; a
+    checkpoint that fails never turns a durable commit into an error (it
+    is audited, and retried CHECKPOINT_EVERY commits later).
+C7  Close refuses new commits first, then waits for a running compaction
+    (none can start after), then for the commits queued before it, and
+    only then writes the final checkpoint and the clean-unmount superblock.
+C8  After a device error the engine is read-only for good: nobody knows
+    what the page cache kept, so it stops writing rather than guess.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import shlex
 import sys
-import threading
-import time
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple
 
-from statefsd.storage import format as fmt
-from statefsd.storage.blockdev import BlockDevice
-from statefsd.storage.crypto import RecordCipher
 from statefsd.errors import (
-    CorruptImage, DeviceIOError, FormatError, IntegrityError, InvalidArgument, KeyUnavailable, NoSpace,
-    NotFound, ReadOnly, StateFSError, TooBig,
+    CorruptImage, DeviceIOError, InvalidArgument, NoSpace, NotFound, ReadOnly,
+    StateFSError, TooBig,
 )
-from statefsd.storage.logscan import apply_patches, first_record, repair_record
+from statefsd.storage import format as fmt
+from statefsd.storage import image
+from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.compaction import Compactor
+from statefsd.storage.crypto import RecordCipher
+from statefsd.storage.groupcommit import Request, WriterRole
+from statefsd.storage.image import KeyProvider, Signer
+from statefsd.storage.logwriter import LogPosition, LogWriter
 from statefsd.storage.replay import Entry, ReplayResult, replay
+from statefsd.storage.values import ValueReader
 
 AuditFn = Callable[..., None]
-KeyProvider = Callable[[fmt.Superblock], bytes]
 CHECKPOINT_EVERY = 1024   # commits between signed checkpoints (also at unmount and compaction)
-DEFAULT_REDUNDANCY = "parity"   # measured cost on commit rate: see docs/DESIGN.md
-
-
-class Signer(Protocol):
-    """The device's signing key, as keystored exposes it."""
-
-    public_key: bytes
-
-    def sign(self, label: str, message: bytes) -> bytes: ...
 
 
 class Mutation(NamedTuple):
@@ -92,200 +119,27 @@ def mutation_op(m: Mutation) -> tuple[fmt.Op, bytes]:
     raise InvalidArgument(f"unknown operation {m.kind!r}; use 'put' or 'delete'")
 
 
+def validate_mutations(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
+    ops = [mutation_op(m) for m in mutations]
+    problem = fmt.transaction_problem([op for op, _ in ops])
+    if problem:
+        raise (TooBig if ops else InvalidArgument)(problem)
+    return ops
+
+
 def _no_audit(event: str, **fields) -> None:
     pass
-
-
-def read_superblock(device: BlockDevice) -> tuple[fmt.Superblock, list[str]]:
-    """The newest valid superblock, and what was wrong with the slots."""
-    sb, _slot, problems = read_superblock_slot(device)
-    return sb, problems
-
-
-def read_superblock_slot(device: BlockDevice) -> tuple[fmt.Superblock, int, list[str]]:
-    """The newest valid superblock, the slot it came from, and what was
-    wrong with the slots."""
-    found: list[tuple[fmt.Superblock, int]] = []
-    problems: list[str] = []
-    if device.size < len(fmt.SUPERBLOCK_OFFSETS) * fmt.BLOCK_SIZE:
-        if device.read(0, min(device.size, 8)) == fmt.SUPERBLOCK_MAGIC:
-            raise CorruptImage(f"{device.path}: only {device.size} bytes, too short for both superblock "
-                               f"slots (truncated image?)")
-        raise FormatError(f"{device.path} is not a StateFS image (only {device.size} bytes)")
-    magic_seen = False
-    for index, (name, offset) in enumerate(zip("AB", fmt.SUPERBLOCK_OFFSETS)):
-        slot = device.read(offset, fmt.BLOCK_SIZE)
-        magic_seen |= slot[:8] == fmt.SUPERBLOCK_MAGIC
-        status = fmt.decode_superblock(slot)
-        if status.superblock is None:
-            problems.append(f"slot {name}: {status.problem}")
-        else:
-            found.append((status.superblock, index))
-    if not found:
-        if (not magic_seen and read_identity_copy(device) is None
-                and first_record(device, fmt.LOG_START_BLOCK * fmt.BLOCK_SIZE) is None):
-            raise FormatError(f"{device.path} is not a StateFS image (no superblock magic)")
-        raise CorruptImage(f"{device.path}: both superblock slots are damaged ({'; '.join(problems)}); "
-                           f"to rebuild the superblock from the identity copy and the log, run: "
-                           f"fsck-statefs --repair {shlex.quote(device.path)}",
-                           hint="without a superblock not even a read-only mount is possible")
-    sb, slot = max(found, key=lambda pair: pair[0].generation)
-    if sb.total_blocks * fmt.BLOCK_SIZE > device.size:
-        raise CorruptImage(f"{device.path}: superblock describes {sb.total_blocks} blocks but the "
-                           f"device has only {device.size // fmt.BLOCK_SIZE} (truncated image?)")
-    return sb, slot, problems
-
-
-def read_identity_copy(device: BlockDevice) -> fmt.Superblock | None:
-    """The mkfs superblock kept in the device's last block (format 2.1), or
-    None when that block holds no valid copy (a 2.0 image keeps log data
-    there, which never passes the magic, CRC and layout checks)."""
-    total_blocks = device.size // fmt.BLOCK_SIZE
-    if total_blocks <= fmt.LOG_START_BLOCK:
-        return None
-    try:
-        sb = fmt.decode_superblock(device.read(fmt.identity_copy_offset(total_blocks), fmt.BLOCK_SIZE)).superblock
-    except FormatError:
-        return None
-    if sb is None or sb.total_blocks != total_blocks or not fmt.has_identity_copy(sb):
-        return None
-    return sb
-
-
-COUNTER_HEADROOM = 1 << 32   # far more ids and generations than any device will use
-
-
-def counters_problem(sb: fmt.Superblock, result: ReplayResult) -> str:
-    """A read-write mount must be able to count on: txn ids, generations and
-    groups near the end of their range can only be forged or damaged."""
-    u64 = (1 << 64) - 1
-    if max(sb.txn_reserved, result.max_txn_id) > u64 - COUNTER_HEADROOM:
-        return "txn id counter is at the end of its range (forged or damaged)"
-    if max(sb.generation, result.end.mount_gen) > u64 - COUNTER_HEADROOM:
-        return "generation counter is at the end of its range (forged or damaged)"
-    if result.end.next_group > 0xFFFFFFFF - (1 << 20):
-        return "group counter is at the end of its range"
-    return ""
-
-
-class _Request:
-    __slots__ = ("ops", "done", "txn_id", "error")
-
-    def __init__(self, ops: list[tuple[fmt.Op, bytes]]) -> None:
-        self.ops = ops
-        self.done = False
-        self.txn_id = 0
-        self.error: StateFSError | None = None
 
 
 class Engine:
     # Where compaction draws its fresh log epochs; a test rig that must
     # reproduce a run byte for byte pins it per mount.
     entropy = staticmethod(os.urandom)
-
-    def __init__(self, device: BlockDevice, sb: fmt.Superblock, result: ReplayResult, *,
-                 read_only: bool, audit: AuditFn, cipher: RecordCipher | None = None,
-                 sb_slot: int, signer: "Signer | None" = None) -> None:
-        self.device = device
-        self._sb_slot = sb_slot
-        self._parity = sb.redundancy == fmt.REDUNDANCY_PARITY
-        self.signer = signer
-        self._unsigned_commits = 0
-        self.cipher = cipher
-        self.sb = sb
-        self.read_only = read_only
-        self.audit = audit
-        self.index: dict[bytes, Entry] = result.index
-        self._live_bytes = sum(e.size for e in self.index.values())  # kept up to date by the writer
-        self.replay_summary = result.summary()
-        self._chain = result.chain_hash
-        self._pos = result.end.offset
-        self._seq = result.end.next_seq
-        self._group = result.end.next_group
-        self._next_txn = max(sb.txn_reserved, result.max_txn_id) + 1
-        region_start, region_len = sb.active_extent
-        self._region_start = region_start
-        self._region_end = region_start + region_len
-        # Deletes may use the last stretch of the log so that a full device can still shrink.
-        self._delete_reserve = min(256 << 10, region_len // 8)
-        self._cv = threading.Condition()
-        self._queue: list[_Request] = []
-        self._writing = False
-        self._exclusive_waiters = 0
-        self._compact_lock = threading.Lock()
-        self._compactor: threading.Thread | None = None
-        self._closed = False
-        self._mount_gen = sb.generation
-        self._patches = dict(result.end.repaired)   # sectors rebuilt from parity, served from memory
-        if not read_only:
-            self._write_back_repairs()
-            # What replay read may still sit in a volatile cache (a process
-            # crash loses nothing from it, a power cut could): flush it, so
-            # the durable floor written below tells the truth.
-            self.device.flush()
-            # This mount's generation is above every mount_gen in the log, even
-            # if the newest superblock slot was damaged and an older one chosen.
-            self.sb = sb.evolve(generation=max(sb.generation, result.end.mount_gen))
-            if cipher is not None and sb.key_check == bytes(16):
-                # Formatted without a keystore at hand: remember this key from now on.
-                self.sb = self.sb.evolve(key_check=cipher.key_check())
-                if fmt.has_identity_copy(self.sb):
-                    self.device.write(self.sb.identity_copy_offset,
-                                      fmt.encode_superblock(self.sb.evolve(generation=1, txn_reserved=0,
-                                                                           durable_end=0)))
-            self._reserve_txn_ids(self._next_txn)
-            self._mount_gen = self.sb.generation
-
-    def _write_back_repairs(self) -> None:
-        """Sectors replay rebuilt from parity go back in place. A torn write
-        of one of them leaves it exactly as repairable as before."""
-        if not self._patches:
-            return
-        for offset, sector in sorted(self._patches.items()):
-            self.device.write(offset, sector)
-            self.audit("sector_repaired", offset=offset, source="parity")
-        self.device.flush()
-        self._patches = {}
-
-    # ------------------------------------------------------------ lifecycle
+    mkfs = staticmethod(image.mkfs)
 
     @classmethod
-    def mkfs(cls, device: BlockDevice, *, encryption: str = "off", salt: bytes | None = None,
-             key_provider: KeyProvider | None = None, redundancy: str = DEFAULT_REDUNDANCY) -> fmt.Superblock:
-        """Format ``device``. With encryption on and a key provider, the
-        superblock records a key check so a wrong key is refused at mount.
-        With redundancy "parity" every write group carries a parity trailer
-        that repairs any one damaged sector of it."""
-        if encryption not in ("off", "on"):
-            raise InvalidArgument(f"encryption must be 'on' or 'off', not {encryption!r}")
-        modes = {name: mode for mode, name in fmt.REDUNDANCY_NAMES.items()}
-        if redundancy not in modes:
-            raise InvalidArgument(f"redundancy must be one of {', '.join(modes)}, not {redundancy!r}")
-        if encryption == "on":
-            sb = fmt.new_superblock(device.size, encryption=fmt.ENCRYPTION_XCHACHA20POLY1305,
-                                    key_descriptor=fmt.KEY_DESCRIPTOR_V1, salt=salt or os.urandom(32),
-                                    redundancy=modes[redundancy])
-        else:
-            sb = fmt.new_superblock(device.size, redundancy=modes[redundancy])
-        # A random first epoch makes records left by an earlier file system on
-        # the same device stale by rule 2 of the log reader.
-        sb = sb.evolve(log_epoch=int.from_bytes(os.urandom(4), "little") or 1)
-        if encryption == "on" and key_provider is not None:
-            sb = sb.evolve(key_check=fmt.key_check(key_provider(sb), sb.device_uuid, sb.salt))
-        block = fmt.encode_superblock(sb)
-        for offset in (*fmt.SUPERBLOCK_OFFSETS, sb.identity_copy_offset):
-            device.write(offset, block)
-        # No log of an earlier file system may open a region: rebuilding a
-        # lost superblock takes a region's first record for the start of a log.
-        for start, _blocks in sb.regions:
-            device.write(start * fmt.BLOCK_SIZE, bytes(fmt.BLOCK_SIZE))
-        device.flush()
-        return sb
-
-    @classmethod
-    def mount(cls, device: BlockDevice, *, read_only: bool = False,
-              audit: AuditFn | None = None, key_provider: KeyProvider | None = None,
-              signer: "Signer | None" = None) -> "Engine":
+    def mount(cls, device: BlockDevice, *, read_only: bool = False, audit: AuditFn | None = None,
+              key_provider: KeyProvider | None = None, signer: Signer | None = None) -> "Engine":
         """Mount ``device`` (the engine owns it from now on, and closes it
         on failure too). An encrypted image needs ``key_provider``, which
         returns the payload key for a superblock (from keystored); there is
@@ -305,19 +159,9 @@ class Engine:
 
     @classmethod
     def _mount(cls, device: BlockDevice, read_only: bool, audit: AuditFn,
-               key_provider: KeyProvider | None, signer: "Signer | None") -> "Engine":
-        sb, slot, slot_problems = read_superblock_slot(device)
-        cipher = None
-        if sb.encryption != fmt.ENCRYPTION_OFF:
-            if key_provider is None:
-                raise KeyUnavailable(f"{device.path} is encrypted ({sb.key_descriptor}) and no keystored "
-                                     f"was given", hint="start keystored and pass --keystore-socket")
-            key = key_provider(sb)
-            if sb.key_check != bytes(16) and fmt.key_check(key, sb.device_uuid, sb.salt) != sb.key_check:
-                raise KeyUnavailable(f"{device.path}: the key from keystored does not match this image; "
-                                     f"refusing to mount",
-                                     hint="use the keystored (state dir) of the device that formatted it")
-            cipher = RecordCipher(key, sb)
+               key_provider: KeyProvider | None, signer: Signer | None) -> "Engine":
+        sb, slot, slot_problems = image.read_superblock_slot(device)
+        cipher = image.open_cipher(device, sb, key_provider)
         result = replay(device, sb, cipher, signer.public_key if signer else None)
         audit("replay", image=device.path, generation=sb.generation, slot_problems=slot_problems,
               **result.summary())
@@ -331,11 +175,11 @@ class Engine:
                                hint=f"run fsck-statefs {device.path}; statefsd --read-only serves the "
                                     f"{result.committed} committed transactions before it")
         if not read_only:
-            problem = counters_problem(sb, result)
+            problem = image.counters_problem(sb, result)
             if problem:
                 raise CorruptImage(f"{device.path}: {problem}; refusing to mount read-write")
-        engine = cls(device, sb, result, read_only=read_only, audit=audit, cipher=cipher, sb_slot=slot,
-                     signer=signer)
+        engine = cls.from_replay(device, sb, slot, result, cipher=cipher, read_only=read_only, audit=audit,
+                                 signer=signer)
         if bad:
             audit("mount_read_only_prefix", image=device.path, committed=result.committed,
                   offset=bad[0].offset, reason=bad[0].reason)
@@ -346,26 +190,70 @@ class Engine:
               keys=len(engine.index), encryption=fmt.ENCRYPTION_NAMES[sb.encryption])
         return engine
 
+    @classmethod
+    def from_replay(cls, device: BlockDevice, sb: fmt.Superblock, sb_slot: int, result: ReplayResult, *,
+                    cipher: RecordCipher | None, read_only: bool, audit: AuditFn | None = None,
+                    signer: Signer | None = None) -> "Engine":
+        """An engine serving what ``result`` replayed from ``device``, as
+        found, without the mount's refusals: fsck's repair hands it the
+        state it trusts and lets compaction rewrite it."""
+        return cls(device, sb, sb_slot, result, cipher=cipher, read_only=read_only,
+                   audit=audit or _no_audit, signer=signer)
+
+    def __init__(self, device: BlockDevice, sb: fmt.Superblock, sb_slot: int, result: ReplayResult, *,
+                 cipher: RecordCipher | None, read_only: bool, audit: AuditFn, signer: Signer | None) -> None:
+        self.device, self.cipher, self.signer, self.audit = device, cipher, signer, audit
+        self.read_only = read_only
+        self.failure: StateFSError | None = None
+        self.index: dict[bytes, Entry] = result.index
+        self.live_bytes = sum(e.size for e in self.index.values())
+        self.replay_summary = result.summary()
+        self.role = WriterRole(device.path)
+        self.compactor = Compactor(self)
+        self._checkpoint_due = CHECKPOINT_EVERY
+        end = result.end
+        position = LogPosition(end.offset, end.next_seq, end.next_group, result.chain_hash,
+                               max(sb.txn_reserved, result.max_txn_id) + 1)
+        self.log = LogWriter(device, sb, sb_slot, position, cipher=cipher, signer=signer, audit=audit)
+        self.values = ValueReader(self.log, self.role, result.end.repaired, cipher=cipher, audit=audit,
+                                  writable=lambda: not self.read_only)
+        if not read_only:
+            self._take_over(sb, result)
+
+    def _take_over(self, sb: fmt.Superblock, result: ReplayResult) -> None:
+        """What a read-write mount writes before serving."""
+        log = self.log
+        self.values.write_back_repairs()
+        # What replay read may still sit in a volatile cache (a process crash
+        # loses nothing from it, a power cut could): flush it, so the durable
+        # floor written below tells the truth.
+        self.device.flush()
+        # This mount's generation is above every mount_gen in the log, even
+        # if the newest superblock slot was damaged and an older one chosen.
+        log.sb = sb.evolve(generation=max(sb.generation, result.end.mount_gen))
+        if self.cipher is not None and sb.key_check == bytes(16):
+            # Formatted without a keystore at hand: remember this key from now on.
+            log.sb = log.sb.evolve(key_check=self.cipher.key_check())
+            log.write_identity_copy()
+        log.reserve_txn_ids(log.position.next_txn)
+        log.mount_gen = log.sb.generation
+
     def close(self) -> None:
-        if self._compactor is not None:
-            self._compactor.join()
-        if not self.read_only and self.signer is not None and self._unsigned_commits:
-            try:
-                self.checkpoint()
-            except StateFSError as exc:
-                self.audit("checkpoint_failed", reason=str(exc))
-        with self._cv:
-            while self._writing:
-                self._cv.wait()
-            if self._closed:
-                return
-            self._closed = True
+        if not self.role.begin_close():
+            return
+        self.compactor.stop()
         try:
-            if not self.read_only:
-                self.device.flush()
-                # A clean unmount records the whole log as durable (the floor).
-                self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1,
-                                                      durable_end=self._pos))
+            with self.role.last_hold():
+                if not self.read_only and self.signer is not None and self.log.unsigned_commits:
+                    try:
+                        self.log.append_checkpoint()
+                    except StateFSError as exc:
+                        self.audit("checkpoint_failed", reason=str(exc))
+                if not self.read_only:
+                    self.device.flush()
+                    # A clean unmount records the whole log as durable (the floor).
+                    self.log.write_superblock(self.sb.evolve(generation=self.sb.generation + 1,
+                                                             durable_end=self.log.position.offset))
         finally:
             self.device.close()
             self.audit("unmount", image=self.device.path)
@@ -377,9 +265,13 @@ class Engine:
         self.close()
 
     @property
+    def sb(self) -> fmt.Superblock:
+        return self.log.sb
+
+    @property
     def log_end(self) -> int:
         """Byte offset where the next write group will start."""
-        return self._pos
+        return self.log.position.offset
 
     # ---------------------------------------------------------------- reads
 
@@ -391,78 +283,7 @@ class Engine:
         return raw, entry
 
     def get(self, path: str) -> bytes:
-        raw, entry = self._entry(path)
-        return self._read(raw, entry)
-
-    def _read(self, raw: bytes, entry: Entry) -> bytes:
-        """The value an index entry points at, checked (CRC, header, AEAD)."""
-        path = raw.decode("utf-8", "replace")
-        if not entry.chunks:
-            return b""
-        first = entry.chunks[0][0]
-        last_off, last_len = entry.chunks[-1]
-        span = self._read_span(first, last_off + fmt.HEADER_SIZE + last_len - first)
-        want_hash = fmt.path_hash(raw)
-        parts = []
-        for index, (offset, plen) in enumerate(entry.chunks):
-            rel = offset - first
-
-            def intact() -> bool:
-                h = fmt.unpack_header(span, rel)
-                return (h.type == fmt.PAYLOAD and h.txn_id == entry.txn_id and h.chunk_index == index
-                        and h.path_hash == want_hash and h.payload_len == plen
-                        and fmt.record_crc_ok(span, rel, h))
-
-            if not intact() and self._repair_sector(offset):
-                span = self._read_span(first, len(span))
-            h = fmt.unpack_header(span, rel)
-            if not intact():
-                self.audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id)
-                raise IntegrityError(f"value of {path!r} failed its checksum at byte offset {offset}",
-                                     offset=offset)
-            piece = span[rel + fmt.HEADER_SIZE:rel + fmt.HEADER_SIZE + plen]
-            if entry.sealed:
-                try:
-                    piece = self.cipher.open(piece, h)
-                except IntegrityError:
-                    self.audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id,
-                               reason="authentication failed")
-                    raise IntegrityError(f"value of {path!r} failed authentication at byte offset "
-                                         f"{offset}", offset=offset) from None
-            parts.append(piece)
-        return b"".join(parts)
-
-    def _read_span(self, offset: int, length: int) -> bytes:
-        return apply_patches(self._patches, offset, self.device.read(offset, length))
-
-    def _repair_sector(self, record_offset: int) -> bool:
-        """Rebuild a sector under a damaged record from its group's parity;
-        written back in place on a read-write mount, kept in memory otherwise."""
-        if not self._parity:
-            return False
-        fix = repair_record(self.device, self.sb, record_offset, self._patches)
-        if fix is None:
-            return False
-        offset, sector = fix
-        self.audit("sector_repaired", offset=offset, source="parity", during="read")
-        self._patches[offset] = sector
-        if not self.read_only:
-            # Written back only when the writer role is free at once: a read
-            # inside compaction's catch-up (which holds it) must not wait on
-            # itself. Otherwise the next mount writes it back.
-            with self._cv:
-                if self._writing or self._closed:
-                    return True
-                self._writing = True
-            try:
-                self.device.write(offset, sector)
-                self.device.flush()
-                del self._patches[offset]
-            finally:
-                with self._cv:
-                    self._writing = False
-                    self._cv.notify_all()
-        return True
+        return self.values.read(*self._entry(path))
 
     def stat(self, path: str) -> dict:
         _, entry = self._entry(path)
@@ -473,17 +294,16 @@ class Engine:
         return sorted(p.decode("utf-8") for p in list(self.index) if p.startswith(raw))
 
     def info(self) -> dict:
-        entries = list(self.index.values())
+        log, position = self.log, self.log.position
         return {
             "image": self.device.path, "device_bytes": self.device.size,
             "device_uuid": self.sb.device_uuid.hex(), "read_only": self.read_only,
             "encryption": fmt.ENCRYPTION_NAMES[self.sb.encryption],
             "format": f"{self.sb.version_major}.{self.sb.version_minor}",
             "generation": self.sb.generation, "log_epoch": self.sb.log_epoch,
-            "keys": len(entries), "live_bytes": self._live_bytes,
-            "log_used": self._pos - self._region_start,
-            "log_size": self._region_end - self._region_start,
-            "next_txn_id": self._next_txn, "chain_head": self._chain.hex(),
+            "keys": len(self.index), "live_bytes": self.live_bytes,
+            "log_used": position.offset - log.region_start, "log_size": log.size,
+            "next_txn_id": position.next_txn, "chain_head": position.chain.hex(),
             "replay": self.replay_summary,
         }
 
@@ -499,412 +319,120 @@ class Engine:
     def commit(self, mutations: list[Mutation]) -> int:
         """Apply all mutations atomically; returns the txn id once durable.
         A full log is compacted once before ENOSPC is returned; the log is
-        also compacted after a commit when compaction_due()."""
-        if self.read_only:
-            raise ReadOnly(f"{self.device.path} is mounted read-only")
-        ops = self._validate(mutations)
+        also compacted after a commit when compaction is due."""
+        self._check_writable()
+        ops = validate_mutations(mutations)
         try:
             txn_id = self._commit_ops(ops)
         except NoSpace:
-            needed = self._txn_bytes(ops)
-            with self._compact_lock:  # waits for a compaction already running
-                if self._region_end - self._pos < needed + self._delete_reserve:
-                    if not self._compaction_would_free(needed):
-                        raise
-                    self._compact()
+            if not self.compactor.make_room(self.log.txn_bytes(ops)):
+                raise
             txn_id = self._commit_ops(ops)
-        if self.compaction_due():
-            self._compact_in_background()
-        elif self.signer is not None and self._unsigned_commits >= CHECKPOINT_EVERY:
-            self.checkpoint()
+        if self.compactor.due():
+            self.compactor.start_in_background()
+        elif self.signer is not None and self.log.unsigned_commits >= self._checkpoint_due:
+            self._checkpoint_if_due()
         return txn_id
 
-    def _compact_in_background(self) -> None:
-        if self._compactor is not None and self._compactor.is_alive():
-            return
+    def compact(self) -> dict:
+        """Rewrite the live state into the other log region (compaction.py)."""
+        return self.compactor.run()
 
-        def run() -> None:
+    def checkpoint(self) -> None:
+        """Append a CHECKPOINT signed by the device key over the chain head."""
+        self._check_writable()
+        with self.role.exclusive():
+            self._check_writable()
+            self._checkpoint()
+
+    def _checkpoint_if_due(self) -> None:
+        with self.role.exclusive():   # C6: decided while holding the role
+            if self.read_only or self.role.closing or self.log.unsigned_commits < self._checkpoint_due:
+                return
             try:
-                self.compact()
-            except StateFSError as exc:  # ENOSPC: live data too large; commits will say so
-                self.audit("compaction_failed", reason=str(exc))
+                self._checkpoint()
+                self._checkpoint_due = CHECKPOINT_EVERY
+            except StateFSError as exc:
+                self._checkpoint_due = self.log.unsigned_commits + CHECKPOINT_EVERY
+                self.audit("checkpoint_failed", reason=str(exc), retry_after_commits=CHECKPOINT_EVERY)
 
-        self._compactor = threading.Thread(target=run, name="statefs-compactor", daemon=True)
-        self._compactor.start()
+    def _checkpoint(self) -> None:
+        try:
+            self.log.append_checkpoint()
+        except DeviceIOError as exc:
+            self.fail([], exc)
+            raise
 
-    def _compaction_would_free(self, needed: int) -> bool:
-        # live bytes plus a generous per-key allowance for headers and paths
-        live = self._live_bytes + len(self.index) * (fmt.HEADER_SIZE * 2 + fmt.MAX_KEY_BYTES // 4)
-        size = self._region_end - self._region_start - self._delete_reserve
-        return live * 5 // 4 + needed < size and self._pos - self._region_start > live * 5 // 4
+    def _check_writable(self) -> None:
+        if self.failure is not None:
+            raise ReadOnly(f"{self.device.path} is read-only after a write failure: {self.failure.message}",
+                           hint="nothing more is written; check the device, then restart statefsd")
+        if self.read_only:
+            raise ReadOnly(f"{self.device.path} is mounted read-only")
 
     def _commit_ops(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
-        req = _Request(ops)
-        with self._cv:
-            if self._closed:
-                raise ReadOnly(f"{self.device.path} is unmounted")
-            self._queue.append(req)
-            while not req.done:
-                if self._writing or self._exclusive_waiters:
-                    self._cv.wait()
-                    continue
-                batch, self._queue = self._queue, []
-                self._writing = True
-                self._cv.release()
-                deferred: list[_Request] = []
-                try:
-                    deferred = self._write_group(batch)
-                finally:
-                    self._cv.acquire()
-                    self._queue[:0] = deferred
-                    self._writing = False
-                    self._cv.notify_all()
+        req = Request(ops)
+        self.role.commit(req, self._write_group)
         if req.error is not None:
             raise req.error
         return req.txn_id
 
-    @staticmethod
-    def _validate(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
-        ops = [mutation_op(m) for m in mutations]
-        problem = fmt.transaction_problem([op for op, _ in ops])
-        if problem:
-            raise (TooBig if ops else InvalidArgument)(problem)
-        return ops
-
-    def _txn_bytes(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
-        per_chunk = fmt.HEADER_SIZE + (fmt.SEAL_OVERHEAD if self.cipher else 0)
-        size = 2 * fmt.HEADER_SIZE + fmt.prepare_size([op for op, _ in ops]) + fmt.COMMIT_PAYLOAD_SIZE
-        for op, _ in ops:
-            if op.kind == fmt.OP_PUT:
-                size += op.chunk_count * per_chunk + op.value_len
-            else:
-                size += fmt.HEADER_SIZE + len(op.path)
-        return size
-
-    def _write_group(self, batch: list[_Request]) -> list[_Request]:
-        """Leader only: write every request that fits as one group, one
+    def _write_group(self, batch: list[Request]) -> list[Request]:
+        """Leader only (C1): write every request that fits as one group, one
         flush. Returns the requests left for the next group (a group holds
         at most MAX_GROUP_BYTES)."""
-        accepted: list[_Request] = []
-        pos = self._pos
-        trailer = fmt.PARITY_TRAILER_SIZE if self._parity else 0
+        log = self.log
+        if self.failure is not None:
+            self.fail(batch, self.failure)
+            return []
+        accepted: list[Request] = []
+        start = pos = log.position.offset
+        deferred: list[Request] = []
         for n, req in enumerate(batch):
-            size = self._txn_bytes(req.ops)
-            if accepted and pos + size - self._pos > fmt.MAX_GROUP_BYTES:
+            size = log.txn_bytes(req.ops)
+            if accepted and pos + size - start > fmt.MAX_GROUP_BYTES:
                 deferred = batch[n:]
                 break
-            only_deletes = all(op.kind == fmt.OP_DELETE for op, _ in req.ops)
-            limit = self._region_end - (0 if only_deletes else self._delete_reserve)
-            if fmt.align_up(pos + size) + trailer > limit:
-                req.error = NoSpace(f"{self.device.path}: log full ({self._region_end - self._pos} bytes "
-                                    f"left, transaction needs {size})")
-                self.audit("enospc", needed=size, left=self._region_end - self._pos)
+            if not log.group_fits(pos + size, all(op.kind == fmt.OP_DELETE for op, _ in req.ops)):
+                left = log.region_end - start
+                req.error = NoSpace(f"{self.device.path}: log full ({left} bytes left, transaction needs {size})")
+                self.audit("enospc", needed=size, left=left)
                 req.done = True
                 continue
             accepted.append(req)
             pos += size
-        else:
-            deferred = []
         if not accepted:
             return deferred
         try:
-            if self._next_txn + len(accepted) - 1 > self.sb.txn_reserved:
-                self._reserve_txn_ids(self._next_txn + len(accepted))
-            blob, applied = self._encode_group(accepted)
-            self.device.write(self._pos, blob)
-            self.device.flush()
+            txn_ids, applied = log.append([req.ops for req in accepted])
         except StateFSError as exc:
-            self._fail(accepted + deferred, exc)
+            self.fail(accepted + deferred, exc)
             return []
-        except OSError as exc:
-            self._fail(accepted + deferred, DeviceIOError(f"{self.device.path}: {exc}"))
-            return []
-        # Durable: now (and only now) make the transactions visible.
-        self._pos += len(blob)
-        self._seq, self._group, self._chain, self._next_txn = applied["state"]
-        for req, entries in zip(accepted, applied["entries"]):
+        # Durable: now (and only now) make the transactions visible (C2).
+        for req, txn_id, entries in zip(accepted, txn_ids, applied):
             for path, entry in entries:
                 old = self.index.pop(path, None) if entry is None else self.index.get(path)
                 if entry is not None:
                     self.index[path] = entry
-                    self._live_bytes += entry.size
+                    self.live_bytes += entry.size
                 if old is not None:
-                    self._live_bytes -= old.size
+                    self.live_bytes -= old.size
+            req.txn_id = txn_id
             req.done = True
-        self._unsigned_commits += len(accepted)
         return deferred
 
-    def _fail(self, accepted: list[_Request], exc: StateFSError) -> None:
-        # After a failed write or flush nobody knows what is durable (the
-        # page cache may have dropped it): stop writing rather than guess.
-        self.read_only = True
-        self._failure = exc
-        self.audit("write_failure", reason=str(exc), action="now read-only")
-        for req in accepted:
+    def fail(self, requests: list[Request], exc: StateFSError) -> None:
+        """A write or flush failed (C8): fail ``requests`` and write no more."""
+        if self.failure is None:
+            self.failure = exc
+            self.read_only = True
+            self.audit("write_failure", reason=str(exc), action="now read-only")
+        for req in requests:
             req.error = exc
             req.done = True
 
-    def _cursor(self) -> "_LogCursor":
-        return _LogCursor(epoch=self.sb.log_epoch, group=self._group, seq=self._seq, offset=self._pos,
-                          chain=self._chain, txn_id=self._next_txn, mount_gen=self._mount_gen,
-                          parity=self._parity)
-
-    def _encode_group(self, accepted: list[_Request]):
-        cur = self._cursor()
-        blob, all_entries = cur.encode_group([req.ops for req in accepted], self.cipher)
-        for req, txn_id in zip(accepted, cur.txn_ids):
-            req.txn_id = txn_id
-        return blob, {"state": (cur.seq, cur.group, cur.chain, cur.txn_id), "entries": all_entries}
-
-    # ----------------------------------------------------------- compaction
-
-    def compaction_due(self) -> bool:
-        """Policy (docs/DESIGN.md): the log is over 75% full and holds more
-        than twice the live bytes."""
-        used = self._pos - self._region_start
-        size = self._region_end - self._region_start
-        return used > size * 3 // 4 and used > 2 * self._live_bytes
-
-    def compact(self) -> dict:
-        """Write the live state into the other region and switch to it with
-        one superblock write, online: commits and reads go on while the
-        snapshot is written; commits pause only while the transactions they
-        made meanwhile are copied over and the superblock is switched."""
-        if self.read_only:
-            raise ReadOnly(f"{self.device.path} is mounted read-only")
-        with self._compact_lock:
-            return self._compact()
-
-    @contextlib.contextmanager
-    def _writer(self):
-        """Hold the log's single writer role (the group-commit leader's).
-        Waiting here keeps new commit leaders out, so a stream of commits
-        cannot starve compaction or a checkpoint."""
-        with self._cv:
-            self._exclusive_waiters += 1
-            while self._writing:
-                self._cv.wait()
-            self._exclusive_waiters -= 1
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._writing = False
-                self._cv.notify_all()
-
-    def _compact(self) -> dict:
-        region = 1 - self.sb.active_region
-        start_block, blocks = self.sb.regions[region]
-        start, end = start_block * fmt.BLOCK_SIZE, (start_block + blocks) * fmt.BLOCK_SIZE
-        limit = end - self._delete_reserve
-        # A fresh random epoch per attempt: the records of an earlier attempt
-        # that never got its superblock switch stay stale by the epoch rule.
-        epoch = self.sb.log_epoch
-        while epoch in (0, self.sb.log_epoch):
-            epoch = int.from_bytes(self.entropy(4), "little")
-        began = time.monotonic()
-        with self._writer():  # phase 0: a consistent snapshot, and txn ids for it
-            snapshot = dict(self.index)
-            batches = _compaction_batches(sorted(snapshot.items()),
-                                          lambda item: fmt.Op(fmt.OP_PUT, item[0], item[1].size))
-            cur = _LogCursor(epoch=epoch, group=1, seq=0, offset=start, chain=self._chain,
-                             txn_id=self._next_txn, mount_gen=self._mount_gen, parity=self._parity)
-            self._next_txn += len(batches)
-            if self._next_txn - 1 > self.sb.txn_reserved:
-                self._reserve_txn_ids(self._next_txn)
-            used_before = self._pos - self._region_start
-        index: dict[bytes, Entry] = {}
-        pause = 0.0
-        try:
-            for batch in batches:  # phase 1: commits go on in the old region
-                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), self._read(path, entry)) for path, entry in batch]
-                self._append_snapshot_txn(cur, ops, index, limit)
-            with self._writer():  # phase 2: what changed meanwhile, then the switch
-                paused = time.monotonic()
-                delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), self._read(path, entry))
-                         for path, entry in self.index.items() if snapshot.get(path) is not entry]
-                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in self.index]
-                for ops in _compaction_batches(delta, lambda pair: pair[0]):
-                    cur.txn_id = self._next_txn
-                    if cur.txn_id > self.sb.txn_reserved:
-                        self._reserve_txn_ids(cur.txn_id)
-                    self._append_snapshot_txn(cur, ops, index, limit)
-                    self._next_txn = cur.txn_id
-                if self.signer is not None:
-                    blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
-                    self.device.write(cur.offset - len(blob), blob)
-                self.device.flush()
-                # The commit point of compaction: one superblock write, then flush.
-                self._write_superblock(self.sb.evolve(
-                    generation=self.sb.generation + 1, active_region=region, log_epoch=epoch,
-                    chain_base=cur.chain_base, durable_end=cur.offset))
-                # The same superblock into the other slot too: should the switch
-                # slot rot later, the surviving one must not name the old region.
-                self._write_superblock(self.sb.evolve(generation=self.sb.generation + 1))
-                self._region_start, self._region_end = start, end
-                self._pos, self._seq, self._group, self._chain = cur.offset, cur.seq, cur.group, cur.chain
-                self.index = index
-                self._patches = {}   # they lay over the old region
-                self._live_bytes = sum(e.size for e in index.values())
-                self._unsigned_commits = 0 if self.signer else self._unsigned_commits
-                pause = time.monotonic() - paused
-        except (OSError, DeviceIOError) as exc:
-            err = exc if isinstance(exc, DeviceIOError) else DeviceIOError(f"{self.device.path}: compaction: {exc}")
-            self._fail([], err)
-            raise err from None
-        stats = {"live_keys": len(index), "live_bytes": self._live_bytes,
-                 "log_before": used_before, "log_after": cur.offset - start, "epoch": epoch,
-                 "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3),
-                 "duration_ms": round((time.monotonic() - began) * 1000, 3)}
-        self.audit("compaction", **stats)
-        return stats
-
-    def _append_snapshot_txn(self, cur: "_LogCursor", ops, index: dict, limit: int) -> None:
-        if cur.offset + fmt.align_up(self._txn_bytes(ops)) + cur.trailer_bytes() > limit:
-            raise NoSpace(f"{self.device.path}: live data does not fit in a log region",
-                          hint="delete keys (compaction cannot help); committed data is intact")
-        at = cur.offset
-        blob, entries = cur.encode_group([ops], self.cipher)
-        self.device.write(at, blob)
-        for path, entry in entries[0]:
-            if entry is None:
-                index.pop(path, None)
-            else:
-                index[path] = entry
-
-    def checkpoint(self) -> None:
-        """Append a CHECKPOINT signed by the device key over the chain head,
-        as a group of its own (one write, one flush)."""
-        if self.signer is None:
-            raise KeyUnavailable("checkpoints need the device key",
-                                 hint="start statefsd with --keystore-socket")
-        if self.read_only:
-            raise ReadOnly(f"{self.device.path} is mounted read-only")
-        with self._writer():
-            cur = self._cursor()
-            start = cur.offset
-            blob = cur.encode_checkpoint(self.signer, self.sb.device_uuid)
-            if start + len(blob) > self._region_end:
-                raise NoSpace(f"{self.device.path}: no room for a checkpoint")
-            try:
-                self.device.write(start, blob)
-                self.device.flush()
-            except DeviceIOError as exc:
-                self._fail([], exc)
-                raise
-            self._pos, self._seq, self._group = cur.offset, cur.seq, cur.group
-            self._unsigned_commits = 0
-            self.audit("checkpoint", chain_head=cur.chain.hex(), seq=cur.seq - 1)
-
-    def _reserve_txn_ids(self, upto: int) -> None:
-        """Durably reserve txn ids through at least ``upto`` (invariant 8)."""
-        new = self.sb.evolve(generation=self.sb.generation + 1,
-                             txn_reserved=upto + fmt.TXN_RESERVE_BATCH - 1, durable_end=self._pos)
-        self._write_superblock(new)
-
-    def _write_superblock(self, sb: fmt.Superblock) -> None:
-        """Write ``sb`` into the slot *not* holding the current superblock
-        (slot = generation % 2, so the generation may skip one): a torn
-        write can then only damage the older copy."""
-        if sb.generation % 2 == self._sb_slot:
-            sb = sb.evolve(generation=sb.generation + 1)
-        self.device.write(fmt.SUPERBLOCK_OFFSETS[sb.generation % 2], fmt.encode_superblock(sb))
-        self.device.flush()
-        self.sb = sb
-        self._sb_slot = sb.generation % 2
-
-
-def _compaction_batches(items: list, op_of: Callable) -> list[list]:
-    """Cut compaction's snapshot or catch-up ops into transactions by the
-    transaction rule, with at most MAX_TXN_BYTES / 4 of values per batch (a
-    larger single value forms its own) so that each group stays modest."""
-    return fmt.split_into_transactions(items, op_of, value_budget=fmt.MAX_TXN_BYTES // 4)
-
-
-class _LogCursor:
-    """Where the next record goes, and the chain and txn id it continues.
-    encode_group() turns transactions into one write group (invariant 7)."""
-
-    def __init__(self, *, epoch: int, group: int, seq: int, offset: int, chain: bytes, txn_id: int,
-                 mount_gen: int, parity: bool) -> None:
-        self.epoch, self.group, self.seq, self.offset = epoch, group, seq, offset
-        self.chain, self.txn_id, self.mount_gen = chain, txn_id, mount_gen
-        self.parity = parity      # every group gets a parity trailer (redundancy on)
-        self.chain_base = chain   # the prev_hash of the first COMMIT this cursor writes
-        self.txn_ids: list[int] = []
-
-    def encode_checkpoint(self, signer: "Signer", device_uuid: bytes) -> bytes:
-        """A group holding one CHECKPOINT over the current chain head."""
-        message = fmt.checkpoint_message(device_uuid, self.epoch, self.seq, self.chain)
-        body = fmt.CheckpointBody(self.chain, signer.public_key,
-                                  signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message))
-        rec = fmt.pack_record(fmt.CHECKPOINT, flags=fmt.FLAG_GROUP_END, epoch=self.epoch, group=self.group,
-                              seq=self.seq, mount_gen=self.mount_gen, txn_id=0,
-                              payload=fmt.encode_checkpoint(body))
-        return self._close_group([rec], self.seq + 1)
-
-    def trailer_bytes(self) -> int:
-        return fmt.PARITY_TRAILER_SIZE if self.parity else 0
-
-    def _close_group(self, parts: list[bytes], next_seq: int) -> bytes:
-        """The group's bytes: records, padding, and the parity trailer."""
-        # One copy of the group for records and padding, one more only for the
-        # trailer: groups reach 32 MiB and this runs on every commit.
-        size = sum(map(len, parts))
-        blob = b"".join([*parts, bytes(fmt.align_up(size) - size)])
-        if self.parity:
-            blob = b"".join((blob, fmt.pack_parity_trailer(blob, epoch=self.epoch, group=self.group,
-                                                           seq=self.seq, mount_gen=self.mount_gen)))
-        self.seq = next_seq
-        self.group += 1
-        self.offset += len(blob)
-        return blob
-
-    def encode_group(self, txns: list[list[tuple[fmt.Op, bytes]]], cipher: RecordCipher | None):
-        parts: list[bytes] = []
-        all_entries = []
-        txn_id = self.txn_id
-        seq, offset = self.seq, self.offset
-
-        def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
-            nonlocal seq, offset
-            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=seq,
-                                  mount_gen=self.mount_gen, txn_id=txn_id, payload=payload, **kw)
-            parts.append(rec)
-            seq += 1
-            offset += len(rec)
-            return rec
-
-        for n, ops in enumerate(txns):
-            self.txn_ids.append(txn_id)
-            digest = hashlib.sha256(emit(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops])))
-            count = 1
-            entries = []
-            for op_index, (op, value) in enumerate(ops):
-                phash = fmt.path_hash(op.path)
-                if op.kind == fmt.OP_DELETE:
-                    digest.update(emit(fmt.DELETE, op.path, path_hash=phash, op_index=op_index))
-                    count += 1
-                    entries.append((op.path, None))
-                    continue
-                chunks = []
-                for chunk_index in range(op.chunk_count):
-                    piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
-                    flags = 0
-                    if cipher:
-                        piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
-                                            chunk_index=chunk_index, phash=phash)
-                        flags = fmt.FLAG_SEALED
-                    chunks.append((offset, len(piece)))
-                    digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
-                                       op_index=op_index, chunk_index=chunk_index))
-                    count += 1
-                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher))))
-            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest.digest(), count))
-            last = n == len(txns) - 1
-            self.chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
-            all_entries.append(entries)
-            txn_id += 1
-        self.txn_id = txn_id
-        return self._close_group(parts, seq), all_entries
+    def adopt_compacted(self, index: dict[bytes, Entry]) -> None:
+        """Compaction's switch (writer role held): serve the new region."""
+        self.values.forget_repairs()
+        self.index = index
+        self.live_bytes = sum(e.size for e in index.values())

@@ -263,13 +263,18 @@ class SlotStatus(NamedTuple):
     problem: str  # "" when valid
 
 
+def has_superblock_magic(block: bytes) -> bool:
+    """Whether ``block`` starts as a superblock does (its CRC aside)."""
+    return block[:len(SUPERBLOCK_MAGIC)] == SUPERBLOCK_MAGIC
+
+
 def decode_superblock(slot: bytes) -> SlotStatus:
     """Decode one slot. Returns the problem as text instead of raising, so
     mount can weigh both slots; raises FormatError only for a *valid* slot of
     a version this code must refuse."""
     if len(slot) < SUPERBLOCK_STRUCT_SIZE:
         return SlotStatus(None, "slot truncated")
-    if slot[:8] != SUPERBLOCK_MAGIC:
+    if not has_superblock_magic(slot):
         return SlotStatus(None, "no StateFS magic")
     body = slot[:SUPERBLOCK_CRC_OFFSET]
     (stored,) = struct.unpack_from("<I", slot, SUPERBLOCK_CRC_OFFSET)

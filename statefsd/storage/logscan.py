@@ -1,7 +1,7 @@
 """Reading the log: find every complete write group and tell a torn tail
 from corruption.
 
-The reader is separate from the writer (engine.py). It walks the active
+The reader is separate from the writer (logwriter.py). It walks the active
 region from its start and accepts a record only if *all* hold:
 
 1. magic, type, flags and length are valid and the CRC32C matches;

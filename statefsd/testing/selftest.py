@@ -29,7 +29,8 @@ import sys
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
-from statefsd.storage.engine import Engine, Mutation, read_superblock
+from statefsd.storage.engine import Engine, Mutation
+from statefsd.storage.image import read_superblock
 from statefsd.errors import FormatError, IntegrityError, StateFSError
 from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
 from statefsd.testing.simdev import Outcome, SimulatedDevice

@@ -11,7 +11,8 @@ import pytest
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
-from statefsd.storage.engine import Engine, Mutation, read_superblock
+from statefsd.storage.engine import Engine, Mutation
+from statefsd.storage.image import read_superblock
 from statefsd.errors import CorruptImage, IntegrityError
 
 

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from statefsd.storage import format as fmt
-from statefsd.storage.engine import Mutation
+from statefsd.storage.engine import Mutation, validate_mutations
 from statefsd.errors import CorruptImage, FormatError, IntegrityError, NoSpace, NotFound, ReadOnly, TooBig
 
 
@@ -263,7 +263,7 @@ def test_the_space_a_transaction_needs_is_computed_exactly(image):
             start = e.log_end
             e.commit(muts)
             trailer = fmt.PARITY_TRAILER_SIZE if e.sb.redundancy else 0
-            assert e.log_end - start == fmt.align_up(e._txn_bytes(e._validate(muts))) + trailer
+            assert e.log_end - start == fmt.align_up(e.log.txn_bytes(validate_mutations(muts))) + trailer
 
 
 def test_a_mount_never_overwrites_the_only_valid_superblock(image):

@@ -19,7 +19,8 @@ import pytest
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice, create_image
-from statefsd.storage.engine import Engine, read_superblock_slot
+from statefsd.storage.engine import Engine
+from statefsd.storage.image import read_superblock_slot
 from statefsd.storage.replay import replay
 
 from tests.format import spec_reader as sr
@@ -319,7 +320,7 @@ def test_the_search_finds_a_header_when_a_match_of_the_epoch_starts_one_byte_ear
 SEARCH_PROBE = textwrap.dedent("""
     import json, sys, time
     from statefsd.storage.blockdev import FileDevice
-    from statefsd.storage.engine import read_superblock_slot
+    from statefsd.storage.image import read_superblock_slot
     from statefsd.storage.logscan import scan_groups
 
     class Counting(FileDevice):

@@ -13,7 +13,8 @@ import pytest
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
-from statefsd.storage.engine import Engine, read_superblock_slot
+from statefsd.storage.engine import Engine
+from statefsd.storage.image import read_superblock_slot
 from statefsd.errors import CorruptImage
 from statefsd.storage.logscan import apply_patches, repair_record
 from statefsd.storage.replay import Finding, replay

@@ -21,7 +21,8 @@ from keystored.domain import sign_payload
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice, create_image
 from statefsd.storage.crypto import RecordCipher
-from statefsd.storage.engine import Engine, read_superblock_slot
+from statefsd.storage.engine import Engine
+from statefsd.storage.image import read_superblock_slot
 from statefsd.errors import CorruptImage
 from statefsd.storage.replay import Finding, replay
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice, create_image
-from statefsd.storage.engine import Engine, Mutation, read_superblock
+from statefsd.storage.engine import Engine, Mutation
+from statefsd.storage.image import read_superblock
 from statefsd.storage.logscan import Record, ScanEnd, scan_groups
 
 REPO = Path(__file__).resolve().parents[2]

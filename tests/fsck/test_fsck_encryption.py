@@ -11,7 +11,7 @@ import pytest
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
-from statefsd.storage.engine import read_superblock
+from statefsd.storage.image import read_superblock
 
 from fsck_images import forge_superblock as _forge_superblock, fixed_key, fsck, make_image, patch, put_each, records, state, tamper_sealed_txn
 from fsck_statefs.cli import run

@@ -10,7 +10,8 @@ import pytest
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
-from statefsd.storage.engine import Engine, Mutation, read_superblock
+from statefsd.storage.engine import Engine, Mutation
+from statefsd.storage.image import read_superblock
 from statefsd.errors import CorruptImage
 
 from fsck_images import digest, fixed_key, forge_superblock, fsck, make_image, mount, patch, put_each, state

@@ -10,7 +10,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from keystored.domain import sign_payload
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice, create_image
-from statefsd.storage.engine import Engine, read_superblock
+from statefsd.storage.engine import Engine
+from statefsd.storage.image import read_superblock
 from statefsd.errors import CorruptImage
 
 

@@ -36,7 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from statefsd.storage import format as fmt
-from statefsd.storage.engine import Engine, Mutation, read_superblock
+from statefsd.storage.engine import Engine, Mutation
+from statefsd.storage.image import read_superblock
 from statefsd.errors import CorruptImage, StateFSError
 from statefsd.storage.replay import replay
 from statefsd.testing.simdev import SimulatedDevice

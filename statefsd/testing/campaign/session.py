@@ -173,7 +173,7 @@ class Session:
                 t.start()
                 # The engine's queue is private; reading its length is the one way to know a
                 # follower is waiting (and in which order) without racing it.
-                wait_until(lambda i=i: len(self.engine._queue) == i, f"follower {i} to queue")
+                wait_until(lambda i=i: self.engine.role.queued == i, f"follower {i} to queue")
             # The leader records its ack before the next group is admitted.
             self._drain(threads[:1], only=threads[0].ident)
             self._drain(threads[1:])

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from keystored.domain import sign_payload
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import BlockDevice
-from statefsd.storage.engine import Engine, read_superblock
+from statefsd.storage.engine import Engine
+from statefsd.storage.image import read_superblock
 from statefsd.testing.simdev import CrashModel, Outcome, SimulatedDevice
 
 DEVICE_BYTES = 1 << 20          # the smallest image: every mount reads the whole log region

@@ -1,6 +1,6 @@
 """Deliberately broken variants of the engine: proof that the campaign can fail.
 
-Each variant changes one thing, in campaign code only (engine.py is not
+Each variant changes one thing, in campaign code only (the storage core is not
 touched, and nothing is monkeypatched: the real engine keeps running
 unchanged in the same process):
 
@@ -143,9 +143,10 @@ class VisibleBeforeCommitSystem(System):
 
 
 class _ReusingEngine(Engine):
-    def __init__(self, device, sb, result, **kwargs) -> None:
-        super().__init__(device, sb, result, **kwargs)
-        self._next_txn = result.max_txn_id + 1   # ignores sb.txn_reserved (invariant 8)
+    def __init__(self, device, sb, sb_slot, result, **kwargs) -> None:
+        super().__init__(device, sb, sb_slot, result, **kwargs)
+        # ignores sb.txn_reserved (invariant 8)
+        self.log.position = self.log.position._replace(next_txn=result.max_txn_id + 1)
 
 
 class TxnIdReuseSystem(System):

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
-from statefsd.storage.engine import Mutation, read_superblock
+from statefsd.storage.engine import Mutation
+from statefsd.storage.image import read_superblock
 from statefsd.testing.simdev import CrashModel
 
 from statefsd.testing.campaign.session import Run, Session

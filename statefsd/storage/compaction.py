@@ -1,0 +1,147 @@
+"""Online compaction: the live state written into the other log region,
+then one superblock write to switch to it (docs/DESIGN.md, "Space, ENOSPC
+and compaction").
+
+Commits and reads go on while the snapshot is written; commits pause only
+while the transactions they made meanwhile are copied over and the
+superblock is switched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from statefsd.errors import DeviceIOError, ReadOnly, StateFSError
+from statefsd.storage import format as fmt
+from statefsd.storage.logwriter import LogPosition, Ops
+from statefsd.storage.replay import Entry
+
+if TYPE_CHECKING:
+    from statefsd.storage.engine import Engine
+
+
+class Compactor:
+    """One compaction at a time per engine, in the foreground (ENOSPC,
+    `statefs compact`, fsck's repair) or on a background thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._running = threading.Lock()    # one compaction at a time
+        self._thread_lock = threading.Lock()  # guards _thread and _stopped
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def due(self) -> bool:
+        """Policy (docs/DESIGN.md): the log is over 75% full and holds more
+        than twice the live bytes."""
+        log = self._engine.log
+        return log.used > log.size * 3 // 4 and log.used > 2 * self._engine.live_bytes
+
+    def run(self) -> dict:
+        if self._engine.read_only:
+            raise ReadOnly(f"{self._engine.device.path} is mounted read-only")
+        with self._running:
+            return self._compact()
+
+    def make_room(self, needed: int) -> bool:
+        """Compact (once, waiting for one already running) when that frees
+        room for a transaction of ``needed`` bytes; False when it cannot."""
+        log = self._engine.log
+        with self._running:
+            if log.region_end - log.position.offset >= needed + log.delete_reserve:
+                return True   # a compaction that just finished made room
+            if not self._would_free(needed):
+                return False
+            self._compact()
+            return True
+
+    def start_in_background(self) -> None:
+        with self._thread_lock:
+            if self._stopped or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._thread = threading.Thread(target=self._background, name="statefs-compactor", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """No background compaction starts from now on; one running ends first."""
+        with self._thread_lock:
+            self._stopped = True
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _background(self) -> None:
+        try:
+            self.run()
+        except StateFSError as exc:  # ENOSPC: live data too large; commits will say so
+            self._engine.audit("compaction_failed", reason=str(exc))
+
+    def _would_free(self, needed: int) -> bool:
+        # live bytes plus a generous per-key allowance for headers and paths
+        engine, log = self._engine, self._engine.log
+        live = engine.live_bytes + len(engine.index) * (fmt.HEADER_SIZE * 2 + fmt.MAX_KEY_BYTES // 4)
+        return live * 5 // 4 + needed < log.size - log.delete_reserve and log.used > live * 5 // 4
+
+    def _compact(self) -> dict:
+        engine, log = self._engine, self._engine.log
+        region = 1 - log.sb.active_region
+        start_block, blocks = log.sb.regions[region]
+        start, end = start_block * fmt.BLOCK_SIZE, (start_block + blocks) * fmt.BLOCK_SIZE
+        limit = end - log.delete_reserve
+        # A fresh random epoch per attempt: the records of an earlier attempt
+        # that never got its superblock switch stay stale by the epoch rule.
+        epoch = log.sb.log_epoch
+        while epoch in (0, log.sb.log_epoch):
+            epoch = int.from_bytes(engine.entropy(4), "little")
+        began = time.monotonic()
+        with engine.role.exclusive():  # phase 0: a consistent snapshot, and txn ids for it
+            snapshot = dict(engine.index)
+            batches = _batches(sorted(snapshot.items()), lambda item: fmt.Op(fmt.OP_PUT, item[0], item[1].size))
+            first_id = log.claim_txn_ids(len(batches))
+            cur = log.cursor(LogPosition(start, 0, 1, log.position.chain, first_id), epoch=epoch)
+            used_before = log.used
+        index: dict[bytes, Entry] = {}
+        pause = 0.0
+        try:
+            for batch in batches:  # phase 1: commits go on in the old region
+                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
+                       for path, entry in batch]
+                self._copy(cur, ops, index, limit)
+            with engine.role.exclusive():  # phase 2: what changed meanwhile, then the switch
+                paused = time.monotonic()
+                delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
+                         for path, entry in engine.index.items() if snapshot.get(path) is not entry]
+                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in engine.index]
+                for ops in _batches(delta, lambda pair: pair[0]):
+                    cur.txn_id = log.claim_txn_ids(1)
+                    self._copy(cur, ops, index, limit)
+                log.switch_region(cur, region)
+                engine.adopt_compacted(index)
+                pause = time.monotonic() - paused
+        except (OSError, DeviceIOError) as exc:
+            err = exc if isinstance(exc, DeviceIOError) else DeviceIOError(f"{engine.device.path}: compaction: {exc}")
+            engine.fail([], err)
+            raise err from None
+        stats = {"live_keys": len(index), "live_bytes": engine.live_bytes,
+                 "log_before": used_before, "log_after": cur.offset - start, "epoch": epoch,
+                 "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3),
+                 "duration_ms": round((time.monotonic() - began) * 1000, 3)}
+        engine.audit("compaction", **stats)
+        return stats
+
+    def _copy(self, cur, ops: Ops, index: dict[bytes, Entry], limit: int) -> None:
+        for path, entry in self._engine.log.write_copy(cur, ops, limit):
+            if entry is None:
+                index.pop(path, None)
+            else:
+                index[path] = entry
+
+
+def _batches(items: list, op_of: Callable) -> list[list]:
+    """Cut compaction's snapshot or catch-up ops into transactions by the
+    transaction rule, with at most MAX_TXN_BYTES / 4 of values per batch (a
+    larger single value forms its own) so that each group stays modest."""
+    return fmt.split_into_transactions(items, op_of, value_budget=fmt.MAX_TXN_BYTES // 4)
+

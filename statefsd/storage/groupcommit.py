@@ -1,0 +1,119 @@
+"""The log's single writer role and the group-commit queue.
+
+Any number of threads commit at once: the first to find the role free
+becomes the leader, takes every queued transaction, writes them as one
+group with one flush, and wakes the followers with their results. Work that
+needs the log to itself (compaction's snapshot and switch, a checkpoint)
+takes the role exclusively; while it waits, no new leader starts, so a
+stream of commits cannot starve it. The rules are numbered in engine.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+from statefsd.errors import ReadOnly, StateFSError
+from statefsd.storage import format as fmt
+
+
+class Request:
+    """One transaction waiting for a group."""
+
+    __slots__ = ("ops", "done", "txn_id", "error")
+
+    def __init__(self, ops: list[tuple[fmt.Op, bytes]]) -> None:
+        self.ops = ops
+        self.done = False
+        self.txn_id = 0
+        self.error: StateFSError | None = None
+
+
+WriteGroup = Callable[[list[Request]], list[Request]]
+
+
+class WriterRole:
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cv = threading.Condition()
+        self._queue: list[Request] = []
+        self._held = False
+        self._exclusive_waiters = 0
+        self.closing = False   # no new commits; set once, by close
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def commit(self, req: Request, write_group: WriteGroup) -> None:
+        """Queue ``req`` and return when a leader (perhaps this thread) has
+        written it or failed it. ``write_group`` runs with the role held
+        and returns the requests it left for the next group."""
+        with self._cv:
+            if self.closing:
+                raise ReadOnly(f"{self._name} is unmounted")
+            self._queue.append(req)
+            while not req.done:
+                if self._held or self._exclusive_waiters:
+                    self._cv.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                self._held = True
+                self._cv.release()
+                deferred: list[Request] = []
+                try:
+                    deferred = write_group(batch)
+                finally:
+                    self._cv.acquire()
+                    self._queue[:0] = deferred
+                    self._held = False
+                    self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the role, ahead of any commit leader that has not started."""
+        with self._cv:
+            self._exclusive_waiters += 1
+            while self._held:
+                self._cv.wait()
+            self._exclusive_waiters -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            self.release()
+
+    def try_hold(self) -> bool:
+        """Take the role only if it is free now (never waits: a read inside
+        compaction's catch-up must not wait on itself)."""
+        with self._cv:
+            if self._held or self.closing:
+                return False
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            self._held = False
+            self._cv.notify_all()
+
+    def begin_close(self) -> bool:
+        """Refuse new commits from now on; False if already closing."""
+        with self._cv:
+            if self.closing:
+                return False
+            self.closing = True
+            return True
+
+    @contextlib.contextmanager
+    def last_hold(self):
+        """Hold the role once every commit queued before close is written."""
+        with self._cv:
+            while self._held or self._queue or self._exclusive_waiters:
+                self._cv.wait()
+            self._held = True
+        try:
+            yield
+        finally:
+            self.release()
