@@ -103,14 +103,15 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     from statefsd.storage.blockdev import FileDevice
     from statefsd.storage.engine import Engine
     from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
-    from statefsd.server import Server, bind_socket, check_socket_path, encryption_mode
+    from statefsd.protocol import ENDPOINT
+    from statefsd.server import Server, encryption_mode
 
     # With a keystore, checkpoints are signed and verified with the device key;
     # an unreachable keystore that was asked for is an error, not a downgrade.
     signer = KeystoreSigner(args.keystore_socket) if args.keystore_socket else None
     # A socket that cannot be ours fails the start before the image is
     # locked and replayed, naming the socket (not the image) as the problem.
-    check_socket_path(args.socket)
+    ENDPOINT.check_socket_path(args.socket)
     device = FileDevice(args.image, read_only=args.read_only)
     # The provider asks keystored only if the image turns out to be encrypted.
     engine = Engine.mount(device, read_only=args.read_only, audit=audit,
@@ -118,8 +119,8 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     try:
         mode = encryption_mode(engine.info())
         print(encryption_banner(engine.sb), flush=True)
-        listener = bind_socket(args.socket)
-        server = Server(engine, listener, args.socket, audit=audit, version=server_version())
+        listener = ENDPOINT.listen(args.socket)
+        server = Server(engine, listener, audit=audit, version=server_version())
         server.start()
         audit("daemon_start", pid=os.getpid(), image=args.image, socket=args.socket,
               read_only=bool(engine.read_only), encryption=mode, version=server.version)
