@@ -18,7 +18,7 @@ import threading
 from keystored import entropy, keyfile, policy, protocol
 from keystored.service import Keystore
 from statefsd.shared import unixrpc
-from keystored.audit import AuditLog
+from statefsd.shared.audit import AuditLog
 from statefsd.shared.unixrpc import Peer
 from statefsd.errors import (
     Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
@@ -225,9 +225,9 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    audit = AuditLog.open(None)
+    audit = AuditLog(None, component="keystored", stream=sys.stderr)
     try:
-        audit = AuditLog.open(args.log)
+        audit = AuditLog(args.log, component="keystored", option="--log", stream=sys.stderr)
         return _run(args, audit)
     except StateFSError as exc:
         print(f"keystored: error: {exc}", file=sys.stderr)
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if audit.is_file:
             audit.event("fatal", code="EIO", message=str(exc))
         return int(DeviceIOError.code)
+    finally:
+        audit.close()
 
 
 if __name__ == "__main__":

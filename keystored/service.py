@@ -14,7 +14,7 @@ from keystored import domain, entropy, keyfile, protocol
 from keystored.identity import Identity
 from keystored.policy import AccessList
 from statefsd.errors import AccessDenied, EntropyNotReady, InvalidArgument, ProtocolError
-from keystored.audit import AuditLog
+from statefsd.shared.audit import AuditLog
 from statefsd.shared.unixrpc import Peer
 
 ENTROPY_POLL_SECONDS = 1.0

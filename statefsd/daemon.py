@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                      + (" (or set STATEFS_SOCKET)" if "--socket" in missing else ""))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="statefsd: %(levelname)s %(name)s: %(message)s")
-    audit = AuditLog(None)
+    audit = AuditLog(None, component="statefsd")
     try:
-        audit = AuditLog(args.audit)
+        audit = AuditLog(args.audit, component="statefsd")
         return serve(args, audit)
     except StateFSError as exc:
         return _startup_failed(exc, audit, args.image)

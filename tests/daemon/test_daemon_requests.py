@@ -255,7 +255,9 @@ def test_refused_requests_are_audited(shared_daemon):
     raw.send({"v": 1, "id": 77, "op": "no_such_op"})
     raw.receive()
     raw.close()
-    refusals = [e for e in shared_daemon.audit_events() if e["event"] == "refused"]
+    events = shared_daemon.audit_events()
+    assert all(e["component"] == "statefsd" for e in events)
+    refusals = [e for e in events if e["event"] == "refused"]
     assert any(e["fields"].get("request") == 77 and e["fields"]["code"] == "EPROTO" for e in refusals)
 
 
