@@ -19,6 +19,7 @@ from keystored import entropy, keyfile, policy, protocol
 from keystored.service import Keystore
 from statefsd.shared import unixrpc
 from statefsd.shared.audit import AuditLog
+from statefsd.shared.sdnotify import sd_notify
 from statefsd.shared.unixrpc import Peer
 from statefsd.errors import (
     Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
@@ -173,20 +174,6 @@ def _send(sock: socket.socket, reply: dict) -> bool:
         return False
 
 
-def sd_notify(state: str, audit: AuditLog) -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(state.encode())
-    except OSError as exc:
-        audit.event("warning", message=f"sd_notify to {address!r} failed: {exc}")
-
-
 def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     if len(os.fsencode(args.socket)) > _MAX_SUN_PATH:
         raise UsageError(f"--socket path is longer than {_MAX_SUN_PATH} bytes: {args.socket}")
@@ -208,13 +195,14 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     listener = Listener(args.socket, keystore, audit)
+    warn = lambda message: audit.event("warning", message=message)  # noqa: E731
     try:
         listener.bind()
         audit.event("listening", socket=args.socket, pid=os.getpid(), allow=access.describe())
-        sd_notify("READY=1", audit)
+        sd_notify("READY=1", warn)
         print("keystored: ready", file=sys.stderr, flush=True)
         listener.serve(wake_r, stop)
-        sd_notify("STOPPING=1", audit)
+        sd_notify("STOPPING=1", warn)
     finally:
         listener.close()
         keystore.close()

@@ -17,10 +17,10 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 
 from statefsd.shared.audit import AuditLog
+from statefsd.shared.sdnotify import sd_notify
 from statefsd.errors import InternalError, StateFSError
 
 log = logging.getLogger("statefsd")
@@ -125,9 +125,9 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
         audit("daemon_start", pid=os.getpid(), image=args.image, socket=args.socket,
               read_only=bool(engine.read_only), encryption=mode, version=server.version)
         print(f"statefsd: ready on {args.socket}", flush=True)
-        sd_notify(f"READY=1\nSTATUS=serving {args.image} on {args.socket}\nMAINPID={os.getpid()}")
+        sd_notify(f"READY=1\nSTATUS=serving {args.image} on {args.socket}\nMAINPID={os.getpid()}", log.warning)
         signum = signal.sigwait(_STOP_SIGNALS)
-        sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1", log.warning)
         log.info("received %s: finishing requests in flight", signal.Signals(signum).name)
         server.shutdown()
     finally:
@@ -136,23 +136,6 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     audit("shutdown", signal=signal.Signals(signum).name)
     print("statefsd: stopped", flush=True)
     return 0
-
-
-def sd_notify(state: str) -> bool:
-    """Send a systemd notification if $NOTIFY_SOCKET is set ('@' = abstract)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc)
-        return False
-    return True
 
 
 if __name__ == "__main__":
