@@ -195,7 +195,10 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     listener = Listener(args.socket, keystore, audit)
-    warn = lambda message: audit.event("warning", message=message)  # noqa: E731
+
+    def warn(message: str) -> None:
+        audit.event("warning", message=message)
+
     try:
         listener.bind()
         audit.event("listening", socket=args.socket, pid=os.getpid(), allow=access.describe())
