@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 
-from keystored import wire
+from keystored import protocol
+from statefsd.shared import unixrpc
 from keystored.domain import PUBLIC_KEY_LEN, SIGNATURE_LEN, verify_signature
 from statefsd.errors import KeyUnavailable, ProtocolError, StateFSError
 
@@ -26,6 +27,7 @@ class KeystoreClient:
         self.socket_path = socket_path
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._reader: unixrpc.FrameReader | None = None
         self._lock = threading.Lock()
 
     # --- ops ----------------------------------------------------------------
@@ -46,7 +48,7 @@ class KeystoreClient:
 
     def hello(self) -> dict:
         with self._lock:
-            return self._request({"v": wire.PROTOCOL_VERSION, "op": "hello"})
+            return self._request({"v": protocol.PROTOCOL_VERSION, "op": "hello"})
 
     # --- plumbing -----------------------------------------------------------
 
@@ -62,20 +64,21 @@ class KeystoreClient:
 
     def _call(self, op: str, field: str, **args: object) -> object:
         with self._lock:
-            reply = self._request({"v": wire.PROTOCOL_VERSION, "op": op, **args})
+            reply = self._request({"v": protocol.PROTOCOL_VERSION, "op": op, **args})
         if field not in reply:
             raise ProtocolError(f"keystored reply to {op!r} lacks {field!r}")
         return reply[field]
 
     def _request(self, request: dict) -> dict:
-        frame = wire.pack(request)
+        frame = protocol.ENDPOINT.pack(request)
         for attempt in (1, 2):
             reused = self._sock is not None
-            sock = self._sock or self._connect()
-            self._sock = sock
+            if not reused:
+                self._sock = self._connect()
+                self._reader = unixrpc.FrameReader(self._sock, protocol.ENDPOINT)
             try:
-                sock.sendall(frame)
-                body = wire.read_frame(sock)
+                self._sock.sendall(frame)
+                body = self._reader.read()
                 if body is None:
                     raise ConnectionResetError("keystored closed the connection")
             except TimeoutError:
@@ -94,9 +97,9 @@ class KeystoreClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _parse(self, body: bytes) -> dict:
-        reply = wire.decode(body)
+        reply = protocol.ENDPOINT.decode(body)
         ok = reply.get("ok")
-        if reply.get("v") != wire.PROTOCOL_VERSION or type(ok) is not bool:
+        if reply.get("v") != protocol.PROTOCOL_VERSION or type(ok) is not bool:
             raise ProtocolError(f"keystored at {self.socket_path} sent a reply that is not protocol v1")
         if not ok:
             error = reply.get("error")
@@ -127,9 +130,11 @@ class KeystoreClient:
                 raise KeyUnavailable(f"cannot reach keystored at {self.socket_path}: {reason}") from None
 
     def _drop(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         if self._sock is not None:
             self._sock.close()
-            self._sock = None
+        self._sock = self._reader = None
 
     @staticmethod
     def _check_bytes(value: object, length: int, what: str) -> bytes:

@@ -12,14 +12,15 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import threading
 
-from keystored import entropy, keyfile, policy, wire
-from keystored.audit import AuditLog
-from keystored.service import Keystore, Peer
-from statefsd.shared import unixsock
+from keystored import entropy, keyfile, policy, protocol
+from keystored.service import Keystore
+from statefsd.shared import unixrpc
+from statefsd.shared.audit import AuditLog
+from statefsd.shared.sdnotify import sd_notify
+from statefsd.shared.unixrpc import Peer
 from statefsd.errors import (
     Busy, DeviceIOError, InternalError, InvalidArgument, ProtocolError, StateFSError, UsageError, WrongPassphrase,
 )
@@ -28,7 +29,6 @@ DEFAULT_PASSPHRASE_ENV = "STATEFS_KEY_PASSPHRASE"
 LOCK_NAME = "keystored.lock"
 MAX_CLIENTS = 256          # concurrent connections; more get EBUSY and are closed
 BODY_TIMEOUT = 10.0        # seconds a peer may take to finish a frame it started
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_SUN_PATH = 107
 
 
@@ -77,15 +77,6 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
-def _check_socket_path(path: str, *, remove_stale: bool = False) -> None:
-    unixsock.check_socket_path(path, owner="keystored", example="keystored.sock", remove_stale=remove_stale)
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return Peer(pid=pid, uid=uid, gid=gid)
-
-
 class Listener:
     """The listening socket and one thread per connection, capped at MAX_CLIENTS."""
 
@@ -94,25 +85,16 @@ class Listener:
         self.keystore = keystore
         self.audit = audit
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        self._sock: socket.socket | None = None
-        self._inode = -1
+        self._bound: unixrpc.BoundSocket | None = None
 
     def bind(self) -> None:
-        _check_socket_path(self.path, remove_stale=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock = sock
-        sock.bind(self.path)
-        # Access control is SO_PEERCRED + the allow list, so any uid may connect
-        # (public_key is for everyone; others get a clear EACCES, not ECONNREFUSED).
-        os.chmod(self.path, 0o666)
-        self._inode = os.stat(self.path).st_ino
-        sock.listen(512)
-        sock.setblocking(False)
+        self._bound = protocol.ENDPOINT.listen(self.path)
+        self._bound.sock.setblocking(False)
 
     def serve(self, wakeup_fd: int, stop: threading.Event) -> None:
         """Accept until ``stop`` is set; signals wake us through ``wakeup_fd`` (no polling)."""
         with selectors.DefaultSelector() as selector:
-            selector.register(self._sock, selectors.EVENT_READ)
+            selector.register(self._bound.sock, selectors.EVENT_READ)
             selector.register(wakeup_fd, selectors.EVENT_READ)
             while not stop.is_set():
                 for key, _ in selector.select():
@@ -123,12 +105,12 @@ class Listener:
 
     def _accept(self) -> None:
         try:
-            conn, _ = self._sock.accept()
+            conn, _ = self._bound.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         conn.setblocking(True)
         if not self._slots.acquire(blocking=False):
-            _send(conn, wire.error_reply(Busy(f"keystored is serving {MAX_CLIENTS} clients already")))
+            _send(conn, protocol.error_reply(Busy(f"keystored is serving {MAX_CLIENTS} clients already")))
             conn.close()
             return
         try:
@@ -140,33 +122,37 @@ class Listener:
     def _serve_connection(self, conn: socket.socket) -> None:
         try:
             with conn:
-                self._converse(conn, peer_credentials(conn))
+                reader = unixrpc.FrameReader(conn, protocol.ENDPOINT, body_timeout=BODY_TIMEOUT)
+                try:
+                    self._converse(conn, reader, unixrpc.peer_credentials(conn))
+                finally:
+                    reader.close()
         except Exception as exc:  # a bug must cost one connection, not the daemon
             self.audit.event("internal_error", error=repr(exc))
         finally:
             self._slots.release()
 
-    def _converse(self, conn: socket.socket, peer: Peer) -> None:
+    def _converse(self, conn: socket.socket, reader: unixrpc.FrameReader, peer: Peer) -> None:
         while True:
             try:
-                body = wire.read_frame(conn, body_timeout=BODY_TIMEOUT)
+                body = reader.read()
             except ProtocolError as exc:  # stream out of sync: answer, then hang up
                 self._report(peer, exc)
-                _send(conn, wire.error_reply(exc))
+                _send(conn, protocol.error_reply(exc))
                 return
             except OSError:
                 return
             if body is None:
                 return
             try:
-                reply = self.keystore.handle(wire.decode(body), peer)
+                reply = self.keystore.handle(protocol.ENDPOINT.decode(body), peer)
             except StateFSError as exc:
                 if isinstance(exc, (InvalidArgument, ProtocolError)):
                     self._report(peer, exc)  # refusals are logged where they are decided
-                reply = wire.error_reply(exc)
+                reply = protocol.error_reply(exc)
             except Exception as exc:  # a bug must cost one request, not the connection
                 self.audit.event("internal_error", error=repr(exc), pid=peer.pid, uid=peer.uid)
-                reply = wire.error_reply(InternalError("internal error in keystored; see its log"))
+                reply = protocol.error_reply(InternalError("internal error in keystored; see its log"))
             if not _send(conn, reply):
                 return
 
@@ -176,36 +162,16 @@ class Listener:
 
     def close(self) -> None:
         """Stop listening and remove the socket, unless someone else has replaced it."""
-        if self._sock is None:
-            return
-        self._sock.close()
-        try:
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self._bound is not None:
+            self._bound.close()
 
 
 def _send(sock: socket.socket, reply: dict) -> bool:
     try:
-        sock.sendall(wire.pack(reply))
+        sock.sendall(protocol.ENDPOINT.pack(reply))
         return True
     except OSError:
         return False
-
-
-def sd_notify(state: str, audit: AuditLog) -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(state.encode())
-    except OSError as exc:
-        audit.event("warning", message=f"sd_notify to {address!r} failed: {exc}")
 
 
 def _run(args: argparse.Namespace, audit: AuditLog) -> int:
@@ -215,7 +181,7 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     passphrase = read_passphrase(args.passphrase_env)
     # Everything that can refuse the socket is checked before a key is
     # created: a start that fails must not leave a new identity behind.
-    _check_socket_path(args.socket)
+    protocol.ENDPOINT.check_socket_path(args.socket)
     lock_fd = lock_state_dir(args.state_dir)
     keystore = Keystore(os.path.join(args.state_dir, keyfile.FILE_NAME), passphrase, access, audit)
     if not keystore.open():
@@ -229,13 +195,17 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     listener = Listener(args.socket, keystore, audit)
+
+    def warn(message: str) -> None:
+        audit.event("warning", message=message)
+
     try:
         listener.bind()
         audit.event("listening", socket=args.socket, pid=os.getpid(), allow=access.describe())
-        sd_notify("READY=1", audit)
+        sd_notify("READY=1", warn)
         print("keystored: ready", file=sys.stderr, flush=True)
         listener.serve(wake_r, stop)
-        sd_notify("STOPPING=1", audit)
+        sd_notify("STOPPING=1", warn)
     finally:
         listener.close()
         keystore.close()
@@ -246,9 +216,9 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    audit = AuditLog.open(None)
+    audit = AuditLog(None, component="keystored", stream=sys.stderr)
     try:
-        audit = AuditLog.open(args.log)
+        audit = AuditLog(args.log, component="keystored", option="--log", stream=sys.stderr)
         return _run(args, audit)
     except StateFSError as exc:
         print(f"keystored: error: {exc}", file=sys.stderr)
@@ -263,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if audit.is_file:
             audit.event("fatal", code="EIO", message=str(exc))
         return int(DeviceIOError.code)
+    finally:
+        audit.close()
 
 
 if __name__ == "__main__":

@@ -9,24 +9,15 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass
 
-from keystored import domain, entropy, keyfile, wire
-from keystored.audit import AuditLog
+from keystored import domain, entropy, keyfile, protocol
 from keystored.identity import Identity
 from keystored.policy import AccessList
 from statefsd.errors import AccessDenied, EntropyNotReady, InvalidArgument, ProtocolError
+from statefsd.shared.audit import AuditLog
+from statefsd.shared.unixrpc import Peer
 
 ENTROPY_POLL_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Credentials from SO_PEERCRED: set by the kernel, not claimed by the client."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 def _fields(request: dict, required: dict[str, type], optional: dict[str, tuple[type, object]]) -> dict:
@@ -125,8 +116,8 @@ class Keystore:
 
     def handle(self, request: dict, peer: Peer) -> dict:
         version = request.get("v")
-        if type(version) is not int or version != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"unsupported protocol version {version!r}; keystored speaks v{wire.PROTOCOL_VERSION}")
+        if type(version) is not int or version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(f"unsupported protocol version {version!r}; keystored speaks v{protocol.PROTOCOL_VERSION}")
         op = request.get("op")
         handler = self._OPS.get(op) if isinstance(op, str) else None
         if handler is None:
@@ -135,28 +126,28 @@ class Keystore:
 
     def _hello(self, request: dict, peer: Peer) -> dict:
         _fields(request, {}, {})
-        return wire.ok_reply(protocol=wire.PROTOCOL_VERSION, server="keystored", uid=peer.uid,
+        return protocol.ok_reply(protocol=protocol.PROTOCOL_VERSION, server="keystored", uid=peer.uid,
                              identity_ready=self._identity is not None)
 
     def _ping(self, request: dict, peer: Peer) -> dict:
         _fields(request, {}, {})
-        return wire.ok_reply(protocol=wire.PROTOCOL_VERSION)
+        return protocol.ok_reply(protocol=protocol.PROTOCOL_VERSION)
 
     def _public_key(self, request: dict, peer: Peer) -> dict:
         _fields(request, {}, {})
-        return wire.ok_reply(public_key=self._require_identity().public_key)
+        return protocol.ok_reply(public_key=self._require_identity().public_key)
 
     def _derive(self, request: dict, peer: Peer) -> dict:
         args = _fields(request, {"label": str}, {"context": (bytes, b""), "length": (int, 32)})
         domain.derive_info(args["label"], args["context"], args["length"])  # validate before access check
         self._authorize("derive", args["label"], peer)
-        return wire.ok_reply(key=self._require_identity().derive(args["label"], args["context"], args["length"]))
+        return protocol.ok_reply(key=self._require_identity().derive(args["label"], args["context"], args["length"]))
 
     def _sign(self, request: dict, peer: Peer) -> dict:
         args = _fields(request, {"label": str, "message": bytes}, {})
         domain.check_label(args["label"])
         self._authorize("sign", args["label"], peer)
-        return wire.ok_reply(signature=self._require_identity().sign(args["label"], args["message"]))
+        return protocol.ok_reply(signature=self._require_identity().sign(args["label"], args["message"]))
 
     def _authorize(self, op: str, label: str, peer: Peer) -> None:
         if self._access.allows(peer.uid, label):

@@ -35,6 +35,7 @@ from statefsd import protocol
 from statefsd.errors import (
     ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig, TransactionError,
 )
+from statefsd.shared import unixrpc
 from statefsd.storage.format import MAX_VALUE_BYTES
 
 
@@ -65,7 +66,7 @@ class Client:
             except OSError as exc:
                 sock.close()
                 raise _connect_error(self.socket_path, exc) from None
-            self._sock, self._reader = sock, sock.makefile("rb", buffering=1 << 16)
+            self._sock, self._reader = sock, unixrpc.FrameReader(sock, protocol.ENDPOINT)
             try:
                 hello = self._roundtrip("hello", {})
             except BaseException:
@@ -100,11 +101,11 @@ class Client:
 
     def _roundtrip(self, op: str, args: dict) -> dict:
         request_id = next(self._ids)
-        frame = protocol.encode_frame(protocol.make_request(request_id, op, **args))
+        frame = protocol.ENDPOINT.pack(protocol.make_request(request_id, op, **args))
         try:
             self._sock.sendall(frame)
-            body = protocol.read_frame(self._reader)
-        except (OSError, ConnectionFailed) as exc:
+            body = self._reader.read()
+        except OSError as exc:
             self.close()
             raise ConnectionFailed(f"lost the connection to statefsd at {self.socket_path} "
                                    f"during {op}: {exc}") from None
@@ -114,7 +115,7 @@ class Client:
         if body is None:
             self.close()
             raise ConnectionFailed(f"statefsd at {self.socket_path} closed the connection during {op}")
-        return protocol.check_response(protocol.decode_body(body), request_id)
+        return protocol.check_response(protocol.ENDPOINT.decode(body), request_id)
 
     # -------------------------------------------------------- operations
 

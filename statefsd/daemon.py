@@ -17,10 +17,10 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 
 from statefsd.shared.audit import AuditLog
+from statefsd.shared.sdnotify import sd_notify
 from statefsd.errors import InternalError, StateFSError
 
 log = logging.getLogger("statefsd")
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                      + (" (or set STATEFS_SOCKET)" if "--socket" in missing else ""))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="statefsd: %(levelname)s %(name)s: %(message)s")
-    audit = AuditLog(None)
+    audit = AuditLog(None, component="statefsd")
     try:
-        audit = AuditLog(args.audit)
+        audit = AuditLog(args.audit, component="statefsd")
         return serve(args, audit)
     except StateFSError as exc:
         return _startup_failed(exc, audit, args.image)
@@ -103,14 +103,15 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     from statefsd.storage.blockdev import FileDevice
     from statefsd.storage.engine import Engine
     from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
-    from statefsd.server import Server, bind_socket, check_socket_path, encryption_mode
+    from statefsd.protocol import ENDPOINT
+    from statefsd.server import Server, encryption_mode
 
     # With a keystore, checkpoints are signed and verified with the device key;
     # an unreachable keystore that was asked for is an error, not a downgrade.
     signer = KeystoreSigner(args.keystore_socket) if args.keystore_socket else None
     # A socket that cannot be ours fails the start before the image is
     # locked and replayed, naming the socket (not the image) as the problem.
-    check_socket_path(args.socket)
+    ENDPOINT.check_socket_path(args.socket)
     device = FileDevice(args.image, read_only=args.read_only)
     # The provider asks keystored only if the image turns out to be encrypted.
     engine = Engine.mount(device, read_only=args.read_only, audit=audit,
@@ -118,15 +119,15 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     try:
         mode = encryption_mode(engine.info())
         print(encryption_banner(engine.sb), flush=True)
-        listener = bind_socket(args.socket)
-        server = Server(engine, listener, args.socket, audit=audit, version=server_version())
+        listener = ENDPOINT.listen(args.socket)
+        server = Server(engine, listener, audit=audit, version=server_version())
         server.start()
         audit("daemon_start", pid=os.getpid(), image=args.image, socket=args.socket,
               read_only=bool(engine.read_only), encryption=mode, version=server.version)
         print(f"statefsd: ready on {args.socket}", flush=True)
-        sd_notify(f"READY=1\nSTATUS=serving {args.image} on {args.socket}\nMAINPID={os.getpid()}")
+        sd_notify(f"READY=1\nSTATUS=serving {args.image} on {args.socket}\nMAINPID={os.getpid()}", log.warning)
         signum = signal.sigwait(_STOP_SIGNALS)
-        sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1", log.warning)
         log.info("received %s: finishing requests in flight", signal.Signals(signum).name)
         server.shutdown()
     finally:
@@ -135,23 +136,6 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     audit("shutdown", signal=signal.Signals(signum).name)
     print("statefsd: stopped", flush=True)
     return 0
-
-
-def sd_notify(state: str) -> bool:
-    """Send a systemd notification if $NOTIFY_SOCKET is set ('@' = abstract)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc)
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -1,33 +1,37 @@
 """The statefsd wire protocol, version 1 (specified in docs/protocol.md).
 
-A connection is a Unix stream socket carrying frames in both directions::
-
-    frame = u32 big-endian body length || body
-    body  = one msgpack map (values are msgpack bin, text is msgpack str)
-
+Frames (a u32 big-endian length, then one msgpack map) are moved by
+statefsd.shared.unixrpc; values are msgpack bin, text is msgpack str.
 Requests carry ``v`` (protocol version), ``id`` (echoed in the response) and
-``op``; responses carry ``id`` and ``ok``. Everything here is pure: framing,
-encoding and request validation. Sockets and the engine live in server.py
-and client.py, which both use these helpers so the two ends cannot drift.
+``op``; responses carry ``id`` and ``ok``. Everything here is pure: the
+endpoint's limits, request validation and response shapes. Sockets and the
+engine live in server.py and client.py, which both use these helpers so the
+two ends cannot drift.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
-import msgpack
-
-from statefsd.errors import ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig
+from statefsd.errors import ProtocolError, StateFSError
+from statefsd.shared import unixrpc
 from statefsd.storage.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 PROTOCOL_VERSION = 1
 
-LENGTH = struct.Struct(">I")
 # One value plus generous room for the map around it; a bigger length prefix
 # is refused before a single body byte is read or allocated.
 MAX_FRAME = MAX_VALUE_BYTES + (64 << 10)
+
+# Access to the store is access to the socket file (mode 0660). Text that is
+# not UTF-8 survives decoding so that key validation can name it (EINVAL)
+# instead of losing the frame.
+ENDPOINT = unixrpc.Endpoint(
+    owner="statefsd", example="statefs.sock", max_frame=MAX_FRAME, socket_mode=0o660, backlog=128,
+    text_errors="surrogateescape",
+    too_big_hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys",
+    text_hint="keys are UTF-8 text; rename or recode the key")
 
 # list answers at most this many keys (and about this many key bytes) per
 # frame; the client pages with "after" so any number of keys fits the cap.
@@ -73,59 +77,6 @@ class Request:
     args: dict[str, Any]
 
 
-# ------------------------------------------------------------------ framing
-
-def encode_frame(message: dict) -> bytes:
-    """Length prefix plus msgpack body, ready for one sendall()."""
-    try:
-        body = msgpack.packb(message, use_bin_type=True)
-    except UnicodeEncodeError as exc:  # e.g. a key taken from undecodable argv bytes
-        shown = exc.object[:80].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise InvalidArgument(f"text '{shown}' is not valid UTF-8",
-                              hint="keys are UTF-8 text; rename or recode the key") from None
-    if len(body) > MAX_FRAME:
-        # The peer would refuse it unread; the usual cause is one huge value.
-        raise TooBig(f"request of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame cap",
-                     hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys")
-    return LENGTH.pack(len(body)) + body
-
-
-def read_frame(stream: BinaryIO) -> bytes | None:
-    """Read one frame body from a buffered stream.
-
-    Returns None on a clean end of stream (before a length prefix). Raises
-    ProtocolError for an oversize length prefix (nothing more is read: the
-    caller must close the connection) and ConnectionFailed for a stream cut
-    mid-frame.
-    """
-    head = stream.read(LENGTH.size)
-    if not head:
-        return None
-    if len(head) < LENGTH.size:
-        raise ConnectionFailed("connection closed inside a frame length prefix")
-    (length,) = LENGTH.unpack(head)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame length {length} exceeds the {MAX_FRAME}-byte cap",
-                            fatal=True)
-    body = stream.read(length)
-    if len(body) < length:
-        raise ConnectionFailed(f"connection closed after {len(body)} of {length} frame bytes")
-    return body
-
-
-def decode_body(body: bytes) -> dict:
-    """msgpack body -> map. Invalid UTF-8 in a str survives as surrogates so
-    that key validation can name it (EINVAL) instead of losing the frame."""
-    try:
-        message = msgpack.unpackb(body, raw=False, unicode_errors="surrogateescape",
-                                  strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises many types for garbage: all mean EPROTO
-        raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})") from None
-    if not isinstance(message, dict):
-        raise ProtocolError(f"frame body must be a msgpack map, got {type(message).__name__}")
-    return message
-
-
 # --------------------------------------------------------------- requests
 
 def make_request(request_id: int, op: str, **args: Any) -> dict:
@@ -161,7 +112,7 @@ def parse_request(message: dict) -> Request:
         raise ProtocolError("request 'op' must be a string")
     fields = OPS.get(op)
     if fields is None:
-        raise ProtocolError(f"unknown op {printable(op)!r}")
+        raise ProtocolError(f"unknown op {unixrpc.printable(op)!r}")
     args = {}
     for name, kind, required in fields:
         if name not in message:
@@ -210,17 +161,7 @@ def ok_response(request_id: int | None, **fields: Any) -> dict:
 
 
 def error_response(request_id: int | None, error: StateFSError) -> dict:
-    wire = error.to_wire()
-    wire["message"] = printable(wire["message"])
-    if "hint" in wire:
-        wire["hint"] = printable(wire["hint"])
-    return {"id": request_id, "ok": False, "error": wire}
-
-
-def printable(text: str) -> str:
-    """Text safe to send as msgpack str: lone surrogates from undecodable
-    input become visible escapes instead of breaking the encoder."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return unixrpc.error_reply(error, id=request_id)
 
 
 def check_response(message: dict, expected_id: int) -> dict:

@@ -11,26 +11,20 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import os
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable
 
 from statefsd import protocol
-from statefsd.shared import unixsock
+from statefsd.shared import unixrpc
 from statefsd.storage.engine import Mutation, mutation_op
 from statefsd.errors import (
-    Code, ConnectionFailed, InternalError,
-    InvalidArgument, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
+    Code, InternalError, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
 )
 from statefsd.storage.format import TransactionTally
 
 log = logging.getLogger("statefsd.server")
-
-SOCKET_MODE = 0o660
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # Errors a client causes all the time; everything else is worth an audit line
 # (the engine adds its own lines for integrity failures and a full log).
@@ -75,7 +69,7 @@ class Session:
     # ------------------------------------------------------------ loop
 
     def run(self) -> None:
-        reader = self.conn.makefile("rb", buffering=1 << 16)
+        reader = unixrpc.FrameReader(self.conn, protocol.ENDPOINT)
         try:
             while self._serve_one(reader):
                 pass
@@ -87,21 +81,21 @@ class Session:
             reader.close()
             self.conn.close()
 
-    def _serve_one(self, reader) -> bool:
+    def _serve_one(self, reader: unixrpc.FrameReader) -> bool:
         """Serve one frame; False when the connection is done."""
         try:
-            body = protocol.read_frame(reader)
+            body = reader.read()
         except ProtocolError as exc:  # oversize length prefix: framing is lost
             self._audit("refused", code=exc.code.name, message=exc.message)
             self._send(protocol.error_response(None, exc))
             return False
-        except (ConnectionFailed, OSError):
+        except OSError:  # cut inside a frame
             return False
         if body is None:
             return False
         request_id = None
         try:
-            message = protocol.decode_body(body)
+            message = protocol.ENDPOINT.decode(body)
             request_id = protocol.request_id_of(message)
             request = protocol.parse_request(message)
             response = protocol.ok_response(request.id, **self.dispatch(request))
@@ -117,10 +111,10 @@ class Session:
 
     def _send(self, response: dict) -> bool:
         try:
-            frame = protocol.encode_frame(response)
+            frame = protocol.ENDPOINT.pack(response)
         except Exception:
             log.exception("cannot encode response on connection %d", self.number)
-            frame = protocol.encode_frame(protocol.error_response(
+            frame = protocol.ENDPOINT.pack(protocol.error_response(
                 response.get("id"), InternalError("response could not be encoded")))
         try:
             self.conn.sendall(frame)
@@ -223,52 +217,21 @@ class Session:
 
 
 def _peer_credentials(conn: socket.socket) -> dict:
+    """The audit fields naming who is connected (empty if the kernel will not say)."""
     try:
-        pid, uid, gid = _PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        return {"pid": pid, "uid": uid}
+        peer = unixrpc.peer_credentials(conn)
     except OSError:
         return {}
-
-
-def bind_socket(path: str) -> socket.socket:
-    """Listen on ``path`` with mode 0660, replacing only a stale socket file."""
-    check_socket_path(path, remove_stale=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~SOCKET_MODE)  # no window with a looser mode
-    try:
-        sock.bind(path)
-        os.chmod(path, SOCKET_MODE)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise InvalidArgument(f"cannot listen on {path}: {exc.strerror or exc}",
-                              hint="check the directory's permissions, or choose another --socket") from None
-    finally:
-        os.umask(old_umask)
-    return sock
-
-
-def check_socket_path(path: str, *, remove_stale: bool = False) -> None:
-    """statefsd's --socket: see statefsd.shared.unixsock."""
-    unixsock.check_socket_path(path, owner="statefsd", example="statefs.sock", remove_stale=remove_stale)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    return {"pid": peer.pid, "uid": peer.uid}
 
 
 class Server:
     """Accepts connections on a bound socket and serves each on a thread."""
 
-    def __init__(self, engine, listener: socket.socket, socket_path: str, *,
+    def __init__(self, engine, listener: unixrpc.BoundSocket, *,
                  audit: Callable[..., None], version: str) -> None:
         self.engine = engine
         self.listener = listener
-        self.socket_path = socket_path
         self.audit = audit
         self.version = version
         self.stopping = False
@@ -282,7 +245,7 @@ class Server:
     def _accept_loop(self) -> None:
         for number in itertools.count(1):
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = self.listener.sock.accept()
             except OSError:
                 if self.stopping:
                     return
@@ -316,13 +279,8 @@ class Server:
         with self._lock:
             self.stopping = True
             sessions = dict(self._sessions)
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.listener.close()
         self._accept_thread.join(2.0)
-        _unlink(self.socket_path)
         for conn in sessions.values():
             _shutdown(conn, socket.SHUT_RD)
         deadline = time.monotonic() + grace

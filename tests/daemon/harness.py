@@ -20,7 +20,8 @@ import pytest
 from statefsd.storage.blockdev import FileDevice, create_image
 from statefsd.client import Client
 from statefsd.storage.engine import Engine
-from statefsd.protocol import LENGTH, PROTOCOL_VERSION
+from statefsd.protocol import PROTOCOL_VERSION
+from statefsd.shared.unixrpc import LENGTH
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0

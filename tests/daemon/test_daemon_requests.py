@@ -11,6 +11,7 @@ from statefsd.client import Client
 from statefsd.errors import (
     Code, ConnectionFailed, InvalidArgument, NotFound, ProtocolError, TooBig,
 )
+from statefsd.shared import unixrpc
 from statefsd.storage.format import MAX_KEY_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 from tests.daemon.harness import RawConnection
 
@@ -195,7 +196,7 @@ def test_unreachable_daemon_is_econn_naming_the_socket(tmp_path):
 
 def test_oversize_length_prefix_is_eproto_then_closed_and_daemon_serves_others(shared_daemon):
     raw = RawConnection(shared_daemon.socket)
-    raw.send_bytes(protocol.LENGTH.pack(0xFFFFFFFF))
+    raw.send_bytes(unixrpc.LENGTH.pack(0xFFFFFFFF))
     response = raw.receive()
     assert_error(response, Code.EPROTO)
     assert response["id"] is None
@@ -254,7 +255,9 @@ def test_refused_requests_are_audited(shared_daemon):
     raw.send({"v": 1, "id": 77, "op": "no_such_op"})
     raw.receive()
     raw.close()
-    refusals = [e for e in shared_daemon.audit_events() if e["event"] == "refused"]
+    events = shared_daemon.audit_events()
+    assert all(e["component"] == "statefsd" for e in events)
+    refusals = [e for e in events if e["event"] == "refused"]
     assert any(e["fields"].get("request") == 77 and e["fields"]["code"] == "EPROTO" for e in refusals)
 
 

@@ -1,63 +1,54 @@
-"""The pure framing and request-validation layer (statefsd/protocol.py)."""
+"""The statefsd protocol's pure parts (statefsd/protocol.py): its frames'
+bytes, its caps, request validation. The framing itself is tested in
+tests/shared/test_unixrpc.py."""
 
-import io
+import socket
 
 import msgpack
 import pytest
 
 from statefsd import protocol
-from statefsd.errors import Code, ConnectionFailed, NotFound, ProtocolError, StateFSError, TooBig
+from statefsd.errors import Code, NotFound, ProtocolError, StateFSError, TooBig
+from statefsd.shared import unixrpc
 from statefsd.storage.format import MAX_VALUE_BYTES
 
 
 def test_frame_is_big_endian_length_then_msgpack_map():
-    frame = protocol.encode_frame(protocol.make_request(7, "get", key="a"))
+    frame = protocol.ENDPOINT.pack(protocol.make_request(7, "get", key="a"))
     assert frame == bytes.fromhex("00000015") + bytes.fromhex(
         "84a17601a26964" "07a26f70a3676574a36b6579a161")
-    assert protocol.decode_body(protocol.read_frame(io.BytesIO(frame))) == {
-        "v": 1, "id": 7, "op": "get", "key": "a"}
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(frame)
+        body = unixrpc.FrameReader(ours, protocol.ENDPOINT).read()
+    assert protocol.ENDPOINT.decode(body) == {"v": 1, "id": 7, "op": "get", "key": "a"}
 
 
 def test_values_travel_as_msgpack_bin():
-    frame = protocol.encode_frame(protocol.make_request(1, "put", key="k", value=b"\x00\xff"))
+    frame = protocol.ENDPOINT.pack(protocol.make_request(1, "put", key="k", value=b"\x00\xff"))
     assert b"\xc4\x02\x00\xff" in frame  # bin8, length 2
 
 
-def test_oversize_length_prefix_is_refused_before_reading_the_body():
-    stream = io.BytesIO(protocol.LENGTH.pack(protocol.MAX_FRAME + 1) + b"x" * 100)
-    with pytest.raises(ProtocolError) as err:
-        protocol.read_frame(stream)
-    assert err.value.details.get("fatal") is True
-    assert stream.tell() == 4  # not one body byte consumed
+def test_the_frame_cap_is_one_full_value_plus_room_for_its_map():
+    assert protocol.ENDPOINT.max_frame == protocol.MAX_FRAME == protocol.CAPS["max_frame"]
+    assert protocol.MAX_FRAME == MAX_VALUE_BYTES + 64 * 1024
 
 
-def test_frame_of_exactly_the_cap_is_read():
-    body = b"\x00" * protocol.MAX_FRAME
-    assert protocol.read_frame(io.BytesIO(protocol.LENGTH.pack(len(body)) + body)) == body
-
-
-def test_stream_cut_inside_a_frame_is_a_connection_failure():
-    with pytest.raises(ConnectionFailed):
-        protocol.read_frame(io.BytesIO(b"\x00\x00"))
-    with pytest.raises(ConnectionFailed):
-        protocol.read_frame(io.BytesIO(b"\x00\x00\x00\x10abc"))
-    assert protocol.read_frame(io.BytesIO(b"")) is None
-
-
-def test_encoding_a_frame_over_the_cap_raises_toobig():
-    with pytest.raises(TooBig):
-        protocol.encode_frame(protocol.make_request(1, "put", key="k", value=bytes(protocol.MAX_FRAME)))
+def test_encoding_a_frame_over_the_cap_raises_toobig_naming_the_value_limit():
+    with pytest.raises(TooBig) as err:
+        protocol.ENDPOINT.pack(protocol.make_request(1, "put", key="k", value=bytes(protocol.MAX_FRAME)))
+    assert f"values are limited to {MAX_VALUE_BYTES} bytes" in err.value.hint
 
 
 def test_a_full_size_value_fits_in_one_frame():
-    frame = protocol.encode_frame(protocol.make_request(1, "put", key="k" * 512, value=bytes(MAX_VALUE_BYTES)))
+    frame = protocol.ENDPOINT.pack(protocol.make_request(1, "put", key="k" * 512, value=bytes(MAX_VALUE_BYTES)))
     assert len(frame) <= protocol.MAX_FRAME + 4
 
 
 @pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\x01", b"\xa3ab", b"\x81\x01\x02", b"garbage!"])
 def test_garbage_and_non_map_bodies_are_eproto(body):
     with pytest.raises(ProtocolError):
-        protocol.parse_request(protocol.decode_body(body))
+        protocol.parse_request(protocol.ENDPOINT.decode(body))
 
 
 @pytest.mark.parametrize("message, fragment", [
@@ -85,10 +76,10 @@ def test_malformed_requests_name_the_problem(message, fragment):
 
 def test_invalid_utf8_in_a_key_survives_decoding_for_key_validation():
     body = msgpack.packb({"v": 1, "id": 3, "op": "get", "key": "KEY"}).replace(b"KEY", b"\xff\xfe\xfd")
-    request = protocol.parse_request(protocol.decode_body(body))
+    request = protocol.parse_request(protocol.ENDPOINT.decode(body))
     assert request.args["key"] == "\udcff\udcfe\udcfd"
     with pytest.raises(StateFSError) as err:
-        protocol.encode_frame({"key": request.args["key"]})
+        protocol.ENDPOINT.pack({"key": request.args["key"]})
     assert err.value.code == Code.EINVAL
 
 
@@ -107,7 +98,7 @@ def test_error_response_carries_stable_code_and_printable_message():
     response = protocol.error_response(4, NotFound("no such key: \udcff"))
     assert response == {"id": 4, "ok": False, "error": {
         "code": 11, "name": "ENOTFOUND", "message": "no such key: \\udcff"}}
-    protocol.encode_frame(response)  # must not raise
+    protocol.ENDPOINT.pack(response)  # must not raise
 
 
 def test_client_side_check_raises_the_matching_error_class():

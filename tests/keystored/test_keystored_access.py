@@ -41,7 +41,8 @@ def test_label_outside_the_allow_list_is_refused_and_logged(launcher, tmp_path):
             ks.sign("secret.other", b"m")
         assert len(ks.derive("statefs.anything")) == 32  # the connection still works
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    denied = [e for e in events if e["event"] == "access_denied"]
+    assert all(e["component"] == "keystored" for e in events)
+    denied = [e["fields"] for e in events if e["event"] == "access_denied"]
     assert [(e["op"], e["label"], e["uid"]) for e in denied] == [("derive", "secret.other", 0),
                                                                  ("sign", "secret.other", 0)]
     assert all(e["pid"] > 0 for e in denied)
@@ -52,7 +53,7 @@ def test_other_uid_is_refused_derive_and_sign_but_may_read_the_public_key(keysto
     result = helpers.run_as_uid(NOBODY, lambda: _try_ops(keystored.socket, ["statefs.data"]))
     assert result == {"public_key": "ok", "derive statefs.data": "EACCES", "sign statefs.data": "EACCES"}
     denied = keystored.wait_log_events("access_denied", 2)
-    assert {(e["op"], e["uid"], e["gid"]) for e in denied} == {("derive", NOBODY, NOBODY), ("sign", NOBODY, NOBODY)}
+    assert {(e["fields"]["op"], e["fields"]["uid"], e["fields"]["gid"]) for e in denied} == {("derive", NOBODY, NOBODY), ("sign", NOBODY, NOBODY)}
 
 
 @needs_root

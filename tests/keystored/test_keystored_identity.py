@@ -31,7 +31,7 @@ def test_first_start_creates_a_0600_key_file_in_a_0700_state_dir(keystored):
     created = keystored.log_events("identity_created")
     assert len(created) == 1
     with keystored.client() as ks:
-        assert created[0]["public_key"] == ks.public_key().hex()
+        assert created[0]["fields"]["public_key"] == ks.public_key().hex()
 
 
 def test_creating_an_unsealed_key_file_says_so_on_stderr(keystored):
@@ -127,7 +127,7 @@ def test_passphrase_sealed_key_file_round_trips(launcher):
     assert first.stop() == 0
 
     second = launcher.start(env=PASS)
-    assert second.log_events("identity_loaded")[0]["sealed"] is True
+    assert second.log_events("identity_loaded")[0]["fields"]["sealed"] is True
     with second.client() as ks:
         assert (ks.public_key(), ks.derive("statefs.data")) == (public, key)
 
@@ -242,7 +242,7 @@ def test_identity_is_created_as_soon_as_entropy_arrives(launcher, tmp_path):
             ks.derive("statefs.data")
         not_ready.unlink()  # the kernel pool is seeded now
         (created,) = daemon.wait_log_events("identity_created", 1)
-        assert ks.public_key().hex() == created["public_key"]
+        assert ks.public_key().hex() == created["fields"]["public_key"]
         assert len(ks.derive("statefs.data")) == 32
     assert stat.S_IMODE(os.stat(daemon.key_path).st_mode) == 0o600
 

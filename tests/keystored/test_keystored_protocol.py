@@ -98,7 +98,9 @@ def test_bad_requests_get_clear_errors(shared_keystored, helpers, fields, name, 
 def test_bad_requests_are_logged_with_the_peer(keystored, helpers):
     helpers.exchange(keystored.socket, helpers.request(v=9, op="ping"))
     (event,) = keystored.wait_log_events("bad_request", 1)
-    assert event["code"] == "EPROTO" and event["uid"] == os.getuid() and event["pid"] > 0
+    assert event["component"] == "keystored"
+    fields = event["fields"]
+    assert fields["code"] == "EPROTO" and fields["uid"] == os.getuid() and fields["pid"] > 0
 
 
 def test_half_sent_frame_does_not_block_other_clients(shared_keystored):
@@ -261,6 +263,13 @@ def test_connections_over_the_limit_get_ebusy_and_others_keep_working(keystored,
 
 def test_socket_in_a_missing_directory_is_einval_before_any_key_is_created(launcher, tmp_path):
     refused = launcher.fail(socket_path=os.path.join(launcher.sock_dir, "nodir", "k.sock"))
+    assert refused.proc.returncode == Code.EINVAL
+    assert "nodir does not exist" in refused.stderr and "mkdir -p" in refused.stderr
+    assert not launcher.state_dir.joinpath("identity.key").exists()
+
+
+def test_log_file_in_a_missing_directory_is_einval_before_any_key_is_created(launcher, tmp_path):
+    refused = launcher.fail("--log", str(tmp_path / "nodir" / "keystored.log"))
     assert refused.proc.returncode == Code.EINVAL
     assert "nodir does not exist" in refused.stderr and "mkdir -p" in refused.stderr
     assert not launcher.state_dir.joinpath("identity.key").exists()
