@@ -16,6 +16,7 @@ from keystored.audit import AuditLog
 from keystored.identity import Identity
 from keystored.policy import AccessList
 from statefsd.errors import AccessDenied, EntropyNotReady, InvalidArgument, ProtocolError
+from statefsd.shared import signing
 
 ENTROPY_POLL_SECONDS = 1.0
 
@@ -154,7 +155,7 @@ class Keystore:
 
     def _sign(self, request: dict, peer: Peer) -> dict:
         args = _fields(request, {"label": str, "message": bytes}, {})
-        domain.check_label(args["label"])
+        signing.check_label(args["label"])
         self._authorize("sign", args["label"], peer)
         return wire.ok_reply(signature=self._require_identity().sign(args["label"], args["message"]))
 
