@@ -61,9 +61,9 @@ class Allowance:
 
 EXCEPTIONS = (
     Allowance("statefsd.daemon", "main", "statefsd.testing.selftest",
-               "statefsd --selftest runs the guest self-test from the installed daemon; the import "
-               "sits inside main(), taken only when a --selftest flag is given, so serving never "
-               "loads the test rig"),
+              "statefsd --selftest runs the guest self-test from the installed daemon; the import "
+              "sits inside main(), taken only when a --selftest flag is given, so serving never "
+              "loads the test rig"),
 )
 
 
