@@ -1,4 +1,4 @@
-"""StateFS benchmark harness (issue 8).
+"""StateFS benchmark harness.
 
 Runs StateFS (a real statefsd process, through statefsd.client), SQLite
 (WAL, synchronous=FULL) and LMDB (sync=True, metasync=True) side by side in

@@ -73,7 +73,8 @@ def slots_lost(device: BlockDevice) -> bool:
 def looks_like_statefs(device: BlockDevice) -> bool:
     """Lost slots on something that was a StateFS image: a slot kept the
     magic, the identity copy is there, or the log's first record is."""
-    if any(device.read(offset, 8) == fmt.SUPERBLOCK_MAGIC for offset in fmt.SUPERBLOCK_OFFSETS):
+    if any(fmt.has_superblock_magic(device.read(offset, fmt.SUPERBLOCK_MAGIC_END))
+           for offset in fmt.SUPERBLOCK_OFFSETS):
         return True
     if read_identity_copy(device) is not None:
         return True

@@ -106,9 +106,9 @@ def highest_counters_on_device(device: BlockDevice, regions) -> tuple[int, int]:
         while pos < end:
             length = min(SWEEP_WINDOW + fmt.HEADER_SIZE + fmt.MAX_PAYLOAD + fmt.SEAL_OVERHEAD, end - pos)
             chunk = device.read(pos, length)
-            hit = chunk.find(fmt.RECORD_MAGIC, 4)
-            while hit != -1 and hit - 4 < SWEEP_WINDOW:
-                at = hit - 4
+            hit = chunk.find(fmt.RECORD_MAGIC, fmt.RECORD_MAGIC_OFFSET)
+            while hit != -1 and hit - fmt.RECORD_MAGIC_OFFSET < SWEEP_WINDOW:
+                at = hit - fmt.RECORD_MAGIC_OFFSET
                 if at + fmt.HEADER_SIZE <= len(chunk):
                     h = fmt.unpack_header(chunk, at)
                     if ((h.txn_id > txn or h.mount_gen > mount_gen) and not fmt.header_problem(h)

@@ -16,8 +16,8 @@ import time
 
 from keystored import protocol
 from statefsd.shared import unixrpc
-from keystored.domain import PUBLIC_KEY_LEN, SIGNATURE_LEN, verify_signature
 from statefsd.errors import KeyUnavailable, ProtocolError, StateFSError
+from statefsd.shared.signing import PUBLIC_KEY_LEN, SIGNATURE_LEN, verify_signature
 
 __all__ = ["KeystoreClient", "verify_signature"]
 

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keystored import domain, entropy
+from statefsd.shared import signing
 
 ROOT_SECRET_LEN = 32
 SIGNING_SEED_LEN = 32
@@ -48,4 +49,4 @@ class Identity:
         return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(self._root)
 
     def sign(self, label: str, message: bytes) -> bytes:
-        return self._signer.sign(domain.sign_payload(label, message))
+        return self._signer.sign(signing.sign_payload(label, message))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import pwd
 
-from keystored import domain
 from statefsd.errors import InvalidArgument
+from statefsd.shared import signing
 
 DEFAULT_PATTERN = "statefs.*"
 
@@ -20,7 +20,7 @@ def _check_pattern(pattern: str) -> str:
         return pattern
     stem = pattern[:-1] if pattern.endswith("*") else pattern
     try:
-        domain.check_label(stem)
+        signing.check_label(stem)
     except InvalidArgument as exc:
         raise ValueError(f"bad label pattern {pattern!r}: {exc.message}") from None
     return pattern

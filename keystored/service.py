@@ -14,6 +14,7 @@ from keystored import domain, entropy, keyfile, protocol
 from keystored.identity import Identity
 from keystored.policy import AccessList
 from statefsd.errors import AccessDenied, EntropyNotReady, InvalidArgument, ProtocolError
+from statefsd.shared import signing
 from statefsd.shared.audit import AuditLog
 from statefsd.shared.unixrpc import Peer
 
@@ -145,7 +146,7 @@ class Keystore:
 
     def _sign(self, request: dict, peer: Peer) -> dict:
         args = _fields(request, {"label": str, "message": bytes}, {})
-        domain.check_label(args["label"])
+        signing.check_label(args["label"])
         self._authorize("sign", args["label"], peer)
         return protocol.ok_reply(signature=self._require_identity().sign(args["label"], args["message"]))
 

@@ -1,4 +1,4 @@
-"""Real power cuts on a real guest (issue 7): the guest's crash writer, cut and recovered.
+"""Real power cuts on a real guest: the guest's crash writer, cut and recovered.
 
   .venv/bin/python qemu/powercut.py [--seed S] [--cycles 3] [--model SPEC] [--keep]
   .venv/bin/python qemu/powercut.py --check-log DIR [--point K] [--outcome CODE]

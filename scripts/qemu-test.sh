@@ -150,7 +150,7 @@ for enc in off on; do
     fi
 done
 
-# Power cuts (issue 7): its last line is "guest crash states: N, violations: V".
+# Power cuts on the real guest (qemu/powercut.py): its last line is "guest crash states: N, violations: V".
 powercut() {
     local out=$WORK/powercut.out start rc last
     start=$(now)

@@ -259,9 +259,9 @@ def _what_it_holds(path: str, device) -> str:
 
 
 def _holds_statefs(device) -> bool:
-    from statefsd.storage.format import SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSETS
+    from statefsd.storage.format import SUPERBLOCK_MAGIC_END, SUPERBLOCK_OFFSETS, has_superblock_magic
 
-    return any(device.read(offset, len(SUPERBLOCK_MAGIC)) == SUPERBLOCK_MAGIC
+    return any(has_superblock_magic(device.read(offset, SUPERBLOCK_MAGIC_END))
                for offset in SUPERBLOCK_OFFSETS if offset < device.size)
 
 

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-only", action="store_true", help="mount read-only; writes are refused")
     parser.add_argument("--keystore-socket", metavar="PATH",
                         help="keystored socket, needed for encrypted images")
-    # ---- HOOK for statefsd/testing/selftest.py (owned by the lead): any of these
-    # flags hands the whole argument namespace to selftest.main(args).
+    # Any of these flags hands the whole argument namespace to
+    # statefsd/testing/selftest.py's main(args), imported only then (docs/DESIGN.md, "Layers").
     selftest = parser.add_argument_group("self tests (see statefsd/testing/selftest.py)")
     selftest.add_argument("--selftest", nargs="?", const=True, default=None, metavar="ARG",
                           help="run the guest self test instead of serving")

@@ -13,19 +13,20 @@ Device layout (block size 4096)::
 Superblock slot (4096 bytes; the first 256 are the structure below, the rest
 zero)::
 
-    0   8  magic "STATEFS\\0"        88  8  txn_reserved
-    8   2  version_major (2)          96 32  key_descriptor (UTF-8, NUL padded)
-    10  2  version_minor (0)         128 32  salt
-    12  4  block_size (4096)         160 32  chain_base
-    16  8  generation                24 16  device_uuid               192 16  key_check
-                                     208  8  durable_end (2.1)
-                                     216  1  redundancy (2.1)
-                                     217 35  reserved (zero)
-                                     252  4  crc32c of bytes 0..251
-    40  8  total_blocks
-    48  8  region0_start   56 8 region0_blocks
-    64  8  region1_start   72 8 region1_blocks
-    80  1  active_region   81 1 encryption   82 2 flags   84 4 log_epoch
+    0   8  magic "STATEFS\\0"          84  4  log_epoch
+    8   2  version_major (2)           88  8  txn_reserved
+    10  2  version_minor (1)           96 32  key_descriptor (UTF-8, NUL padded)
+    12  4  block_size (4096)          128 32  salt
+    16  8  generation                 160 32  chain_base
+    24 16  device_uuid                192 16  key_check
+    40  8  total_blocks               208  8  durable_end (2.1)
+    48  8  region0_start              216  1  redundancy (2.1)
+    56  8  region0_blocks             217 35  reserved (zero)
+    64  8  region1_start              252  4  crc32c of bytes 0..251
+    72  8  region1_blocks
+    80  1  active_region
+    81  1  encryption
+    82  2  flags
 
 Record = 64-byte header + payload::
 
@@ -66,6 +67,8 @@ MIN_IMAGE_BYTES = 1 << 20
 SUPERBLOCK_MAGIC = b"STATEFS\x00"
 RECORD_MAGIC = b"R2"
 HEADER_SIZE = 64
+
+_U32 = struct.Struct("<I")        # every stored CRC, and a record's epoch
 
 # Caps (documented in docs/statefs.md, section "Limits"); transaction_problem
 # below is the one rule that applies them.
@@ -159,10 +162,18 @@ _SUPERBLOCK_BODY = cs.Struct(
     "redundancy" / cs.Int8ul,
     "reserved" / cs.Bytes(35),
 )
+SUPERBLOCK_MAGIC_OFFSET = 0
+SUPERBLOCK_MAGIC_END = SUPERBLOCK_MAGIC_OFFSET + len(SUPERBLOCK_MAGIC)
 SUPERBLOCK_CRC_OFFSET = 252
 SUPERBLOCK_STRUCT_SIZE = 256
 if _SUPERBLOCK_BODY.sizeof() != SUPERBLOCK_CRC_OFFSET:
     raise ImportError("superblock layout drifted from docs/statefs.md")
+
+
+def has_superblock_magic(slot) -> bool:
+    """Whether ``slot`` (at least its first SUPERBLOCK_MAGIC_END bytes) starts
+    like a StateFS superblock; says nothing about its checksum."""
+    return bytes(slot[SUPERBLOCK_MAGIC_OFFSET:SUPERBLOCK_MAGIC_END]) == SUPERBLOCK_MAGIC
 
 
 @dataclass(frozen=True)
@@ -254,7 +265,7 @@ def encode_superblock(sb: Superblock) -> bytes:
         key_descriptor=desc.ljust(32, b"\x00"), salt=sb.salt, chain_base=sb.chain_base,
         key_check=sb.key_check, durable_end=sb.durable_end, redundancy=sb.redundancy, reserved=bytes(35),
     ))
-    slot = body + struct.pack("<I", crc32c(body))
+    slot = body + _U32.pack(crc32c(body))
     return slot.ljust(BLOCK_SIZE, b"\x00")
 
 
@@ -277,7 +288,7 @@ def decode_superblock(slot: bytes) -> SlotStatus:
     if not has_superblock_magic(slot):
         return SlotStatus(None, "no StateFS magic")
     body = slot[:SUPERBLOCK_CRC_OFFSET]
-    (stored,) = struct.unpack_from("<I", slot, SUPERBLOCK_CRC_OFFSET)
+    (stored,) = _U32.unpack_from(slot, SUPERBLOCK_CRC_OFFSET)
     if crc32c(body) != stored:
         return SlotStatus(None, "superblock checksum mismatch")
     f = _SUPERBLOCK_BODY.parse(body)
@@ -326,7 +337,14 @@ def superblock_layout_problem(sb: Superblock) -> str:
 # ------------------------------------------------------------------ records
 
 _HEADER = struct.Struct("<I2sBBIIQQQ8sIIH6x")
-if _HEADER.size != HEADER_SIZE:
+# Offsets of the header fields that code outside this module finds in raw
+# bytes: the CRC (restamped), the magic and the epoch (searched for).
+RECORD_CRC_OFFSET = 0
+RECORD_CRC_COVER = 4              # the CRC covers header bytes 4..63, then the payload
+RECORD_MAGIC_OFFSET = 4
+RECORD_EPOCH_OFFSET = 8
+if (_HEADER.size != HEADER_SIZE or struct.calcsize("<I") != RECORD_MAGIC_OFFSET == RECORD_CRC_COVER
+        or struct.calcsize("<I2sBB") != RECORD_EPOCH_OFFSET):
     raise ImportError("record header layout drifted from docs/statefs.md")
 
 
@@ -351,8 +369,36 @@ def pack_record(rtype: int, *, flags: int, epoch: int, group: int, seq: int, mou
                 chunk_index: int = 0, op_index: int = 0) -> bytes:
     header = bytearray(_HEADER.pack(0, RECORD_MAGIC, rtype, flags, epoch, group, seq, mount_gen,
                                      txn_id, path_hash, len(payload), chunk_index, op_index))
-    struct.pack_into("<I", header, 0, crc32c(payload, crc32c(memoryview(header)[4:])))
+    _U32.pack_into(header, RECORD_CRC_OFFSET, record_crc(header, payload))
     return bytes(header) + payload
+
+
+def record_crc(header, payload) -> int:
+    """The CRC a record stores: crc32c of ``header`` (its HEADER_SIZE bytes)
+    from RECORD_CRC_COVER on, continued over ``payload``."""
+    return crc32c(payload, crc32c(memoryview(header)[RECORD_CRC_COVER:HEADER_SIZE]))
+
+
+def restamp_record_crc(buf: bytearray, offset: int = 0) -> None:
+    """Store in the record at ``offset`` of ``buf`` the CRC of the bytes it
+    holds now (header, and as much payload as its payload_len says): for
+    self-tests and tests that alter a record on purpose and must get it past
+    the checksum, to reach the check behind it."""
+    h = unpack_header(buf, offset)
+    start = offset + HEADER_SIZE
+    crc = record_crc(bytes(buf[offset:start]), bytes(buf[start:start + h.payload_len]))
+    _U32.pack_into(buf, offset + RECORD_CRC_OFFSET, crc)
+
+
+def record_magic_at(buf, offset: int) -> bool:
+    """Whether a record header starting at ``offset`` of ``buf`` would hold the record magic."""
+    at = offset + RECORD_MAGIC_OFFSET
+    return buf[at:at + len(RECORD_MAGIC)] == RECORD_MAGIC
+
+
+def epoch_field(epoch: int) -> bytes:
+    """The bytes a record header of log epoch ``epoch`` holds at RECORD_EPOCH_OFFSET."""
+    return _U32.pack(epoch)
 
 
 def unpack_header(buf, offset: int = 0) -> RecordHeader:
@@ -379,7 +425,7 @@ def record_crc_ok(buf, offset: int, h: RecordHeader) -> bool:
     end = offset + HEADER_SIZE + h.payload_len
     if end > len(buf):
         return False
-    return crc32c(mv[offset + HEADER_SIZE:end], crc32c(mv[offset + 4:offset + HEADER_SIZE])) == h.crc
+    return record_crc(mv[offset:offset + HEADER_SIZE], mv[offset + HEADER_SIZE:end]) == h.crc
 
 
 # ------------------------------------------------------------ group parity

@@ -38,7 +38,6 @@ Where the walk stops, the reader decides between a torn tail and corruption:
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -164,7 +163,7 @@ def _check(window: _Window, offset: int, sb: fmt.Superblock,
     payload = window.get(offset + fmt.HEADER_SIZE, h.payload_len)
     if payload is None:
         return None, "record runs past the end of the region"
-    if fmt.crc32c(payload, fmt.crc32c(raw[4:])) != h.crc:
+    if fmt.record_crc(raw, payload) != h.crc:
         return None, "checksum mismatch"
     if h.epoch != sb.log_epoch:
         return None, f"record of epoch {h.epoch}, not {sb.log_epoch} (stale)"
@@ -374,12 +373,12 @@ def _headers_of_epoch(window: _Window, sb: fmt.Superblock, start: int,
     """Every offset in [start, end) where a header of this epoch with the
     record magic could start, with the header parsed (not yet checked).
 
-    Candidates are found by searching for this epoch's four bytes (at header
-    offset 8), not the record magic: a region is full of stale records of
-    older epochs, and the epoch is random, so this keeps the search at
-    memory speed instead of parsing every stale header."""
-    epoch_at = 8
-    needle = struct.pack("<I", sb.log_epoch)
+    Candidates are found by searching for this epoch's four bytes (at
+    RECORD_EPOCH_OFFSET), not the record magic: a region is full of stale
+    records of older epochs, and the epoch is random, so this keeps the
+    search at memory speed instead of parsing every stale header."""
+    epoch_at = fmt.RECORD_EPOCH_OFFSET
+    needle = fmt.epoch_field(sb.log_epoch)
     pos = start
     step = READ_WINDOW
     while pos < end:
@@ -387,7 +386,7 @@ def _headers_of_epoch(window: _Window, sb: fmt.Superblock, start: int,
         hit = chunk.find(needle, epoch_at)
         while hit != -1 and hit - epoch_at < step:
             at = hit - epoch_at
-            if at + fmt.HEADER_SIZE <= len(chunk) and chunk[at + 4:at + 6] == fmt.RECORD_MAGIC:
+            if at + fmt.HEADER_SIZE <= len(chunk) and fmt.record_magic_at(chunk, at):
                 yield pos + at, fmt.unpack_header(chunk, at)
             hit = chunk.find(needle, hit + 1)
         pos += step

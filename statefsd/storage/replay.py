@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError
-from keystored.domain import verify_signature
+from statefsd.shared.signing import verify_signature
 from statefsd.storage.logscan import Record, ScanEnd, scan_groups
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import sys
 
 from statefsd.storage import format as fmt
@@ -125,7 +124,7 @@ def tamper_round_trip(provider) -> None:
     raw = bytearray(dev.read(offset, fmt.HEADER_SIZE + plen))
     check(b"secret value" not in raw, "plaintext visible in a sealed record")
     raw[fmt.HEADER_SIZE + 3] ^= 0x01
-    struct.pack_into("<I", raw, 0, fmt.crc32c(bytes(raw[fmt.HEADER_SIZE:]), fmt.crc32c(bytes(raw[4:64]))))
+    fmt.restamp_record_crc(raw)
     start = offset // 512 * 512
     stop = fmt.align_up(offset + len(raw))
     block = bytearray(dev.read(start, stop - start))

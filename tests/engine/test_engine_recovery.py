@@ -4,7 +4,6 @@ Damage is applied to real image files between mounts, the way a power cut or
 a bad disk leaves them; numbers in names refer to docs/DESIGN.md invariants.
 """
 
-import struct
 
 import pytest
 
@@ -102,7 +101,7 @@ def test_altered_value_with_recomputed_checksum_breaks_the_transaction_digest(im
         e.put("b", b"after")
     raw = bytearray(image.read(offset, fmt.HEADER_SIZE + plen))
     raw[fmt.HEADER_SIZE] ^= 1
-    struct.pack_into("<I", raw, 0, fmt.crc32c(bytes(raw[fmt.HEADER_SIZE:]), fmt.crc32c(bytes(raw[4:64]))))
+    fmt.restamp_record_crc(raw)
     image.patch(offset, bytes(raw))
     with pytest.raises(CorruptImage, match="digest"):
         image.mount()

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keystored.domain import sign_payload
+from statefsd.shared.signing import sign_payload
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice, create_image
 from statefsd.storage.crypto import RecordCipher

@@ -24,7 +24,8 @@ class Target(NamedTuple):
 # The format module's validation: everything that decides whether bytes
 # read from the device are acceptable. Encoders and constants are out.
 FORMAT_VALIDATION = frozenset({
-    "decode_superblock", "superblock_layout_problem", "header_problem", "record_crc_ok",
+    "decode_superblock", "has_superblock_magic", "superblock_layout_problem", "header_problem",
+    "record_crc_ok", "record_crc", "record_magic_at",
     "decode_prepare", "_is_utf8", "decode_commit", "decode_checkpoint", "has_identity_copy",
     # the transaction rule decode_prepare applies to the ops it read
     "transaction_problem", "path_problem", "op_problem",

@@ -3,7 +3,6 @@ no plaintext on disk. The key here comes from a fixed provider; the
 keystored integration has its own tests."""
 
 import os
-import struct
 
 import pytest
 
@@ -118,7 +117,7 @@ def test_tampered_ciphertext_with_fixed_checksum_reads_as_eintegrity_never_as_pl
         (offset, plen), = e.index[b"victim"].chunks
         raw = bytearray(e.device.read(offset, fmt.HEADER_SIZE + plen))
         raw[fmt.HEADER_SIZE + 5] ^= 0x40
-        struct.pack_into("<I", raw, 0, fmt.crc32c(bytes(raw[64:]), fmt.crc32c(bytes(raw[4:64]))))
+        fmt.restamp_record_crc(raw)
         with open(enc_image, "r+b") as f:  # an attacker rewrites the disk under the daemon
             f.seek(offset)
             f.write(raw)

@@ -1,13 +1,12 @@
 """Checkpoints of the hash chain, signed with the device's Ed25519 key:
 an attacker without that key cannot forge a consistent history."""
 
-import struct
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keystored.domain import sign_payload
+from statefsd.shared.signing import sign_payload
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice, create_image
 from statefsd.storage.engine import Engine
@@ -77,17 +76,11 @@ def test_history_rewritten_without_the_device_key_breaks_the_signed_checkpoint(i
         sb, _ = read_superblock(dev)
     data = bytearray(open(image, "rb").read())
     data[offset + fmt.HEADER_SIZE:offset + fmt.HEADER_SIZE + plen] = b"tampered"
-    _refresh_crc(data, offset)
+    fmt.restamp_record_crc(data, offset)
     _rechain(data, sb.active_extent[0], sb.chain_base)
     open(image, "wb").write(data)
     with pytest.raises(CorruptImage, match="history was rewritten"):
         mount(image, signer)
-
-
-def _refresh_crc(data, offset):
-    h = fmt.unpack_header(bytes(data[offset:offset + 64]))
-    body = bytes(data[offset + 64:offset + 64 + h.payload_len])
-    struct.pack_into("<I", data, offset, fmt.crc32c(body, fmt.crc32c(bytes(data[offset + 4:offset + 64]))))
 
 
 def _rechain(data, pos, chain):
@@ -103,7 +96,7 @@ def _rechain(data, pos, chain):
         if h.type == fmt.COMMIT:
             body = fmt.encode_commit(fmt.CommitBody(chain, digest.digest(), count))
             data[pos + 64:end] = body
-            _refresh_crc(data, pos)
+            fmt.restamp_record_crc(data, pos)
             chain = fmt.chain_hash(bytes(data[pos:end]))
         elif h.type == fmt.CHECKPOINT:
             pass  # the attacker cannot re-sign it

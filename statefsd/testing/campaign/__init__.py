@@ -1,4 +1,4 @@
-"""The crash-consistency campaign (issue 4): power cuts after every write, recovery checked.
+"""The crash-consistency campaign: power cuts after every write, recovery checked.
 
 Modules, in the order data flows through them:
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             st = wl.settings(settings)
             print(f"  {name}: {workload_seeds(wl, args)} seeds, {st.limit} outcomes per crash point "
                   f"(+{st.extra} byte cuts) (a costly workload)")
-    print(fsckhook.resolve()[1])
+    print(fsckhook.NOTE)
     sys.stdout.flush()
     started = time.perf_counter()
     if sys.stdout.isatty():

@@ -4,15 +4,15 @@ The hook calls fsck-statefs's checker in-process, read-only:
 ``fsck_statefs.check.check(device, key_provider=...)``. A recovered image may
 hold what a crash leaves (a torn tail, an orphan PREPARE): fsck reports those
 as notes. An error finding (damage: what makes fsck exit 4) is a violation,
-and so is any write during the check. While fsck_statefs is missing (it is
-being written alongside the campaign) the invariant is skipped with a note.
+and so is any write during the check. The test rig sits above the product,
+so it imports fsck_statefs directly (docs/DESIGN.md, "Layers").
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
+from fsck_statefs.check import check as fsck_check
 from statefsd.errors import StateFSError
 from statefsd.testing.simdev import SimulatedDevice
 
@@ -21,17 +21,8 @@ from statefsd.testing.campaign.timeline import Violation
 
 FsckFn = Callable[..., object]
 
-
-def resolve() -> tuple[FsckFn | None, str]:
-    """The fsck entry point, or None and why invariant (6) is skipped."""
-    try:
-        module = importlib.import_module("fsck_statefs.check")
-    except ImportError:
-        return None, "invariant (6) skipped: fsck-statefs does not exist yet (no fsck_statefs.check)"
-    fn = getattr(module, "check", None)
-    if not callable(fn):
-        return None, "invariant (6) skipped: fsck_statefs.check has no check() entry point"
-    return fn, "invariant (6) checked with fsck_statefs.check.check (read-only)"
+FSCK: FsckFn = fsck_check
+NOTE = "invariant (6) checked with fsck_statefs.check.check (read-only)"
 
 
 def check(fn: FsckFn, device: SimulatedDevice) -> list[Violation]:

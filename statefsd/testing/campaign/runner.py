@@ -78,7 +78,7 @@ def run_task(task: Task) -> Result:
     run = build_run(task)
     result.ops = len(run.trace)
     result.note = "; ".join(run.notes)
-    checker = Checker(SYSTEMS[st.system](), run.salt, fsckhook.resolve()[0], fsck_every=st.fsck_every,
+    checker = Checker(SYSTEMS[st.system](), run.salt, fsckhook.FSCK, fsck_every=st.fsck_every,
                       signer=run.signer)
     index = WriteIndex.of(run.trace, run.salt)
     base = Code(st.system, task.workload, task.seed, st.model, len(run.trace), "_")
@@ -125,9 +125,8 @@ def reproduce(code: Code, log) -> list:
     """Rebuild the state ``code`` names and check it, narrating every step through ``log``."""
     run = build_run(code)
     log(f"workload {code.workload} seed {code.seed}: {len(run.trace)} trace ops; {'; '.join(run.notes)}")
-    fsck, note = fsckhook.resolve()
-    log(note)
-    checker = Checker(SYSTEMS[code.system](), run.salt, fsck, log, signer=run.signer)
+    log(fsckhook.NOTE)
+    checker = Checker(SYSTEMS[code.system](), run.salt, fsckhook.FSCK, log, signer=run.signer)
     index = WriteIndex.of(run.trace, run.salt)
     violations = list(History().check(index))
     point = next(run.trace.crash_points(code.index, code.index))

@@ -14,7 +14,7 @@ import random
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keystored.domain import sign_payload
+from statefsd.shared.signing import sign_payload
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import BlockDevice
 from statefsd.storage.engine import Engine
