@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
