@@ -27,16 +27,22 @@ MAX_FRAME = MAX_VALUE_BYTES + (64 << 10)
 # Access to the store is access to the socket file (mode 0660). Text that is
 # not UTF-8 survives decoding so that key validation can name it (EINVAL)
 # instead of losing the frame.
-ENDPOINT = unixrpc.Endpoint(
-    owner="statefsd", example="statefs.sock", max_frame=MAX_FRAME, socket_mode=0o660, backlog=128,
-    text_errors="surrogateescape",
-    too_big_hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys",
-    text_hint="keys are UTF-8 text; rename or recode the key")
-
 # list answers at most this many keys (and about this many key bytes) per
 # frame; the client pages with "after" so any number of keys fits the cap.
 LIST_PAGE_KEYS = 4096
 LIST_PAGE_BYTES = 1 << 20
+
+# The biggest legitimate maps are a list page (4096 keys) and a one-shot txn
+# (128 ops of 7 objects); four times that leaves room, while a frame of
+# millions of tiny objects is refused before msgpack builds any of them.
+MAX_FRAME_OBJECTS = 4 * LIST_PAGE_KEYS
+
+ENDPOINT = unixrpc.Endpoint(
+    owner="statefsd", example="statefs.sock", max_frame=MAX_FRAME, socket_mode=0o660, backlog=128,
+    text_errors="surrogateescape",
+    too_big_hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys",
+    text_hint="keys are UTF-8 text; rename or recode the key",
+    max_objects=MAX_FRAME_OBJECTS, max_depth=16)
 
 MAX_REQUEST_ID = (1 << 64) - 1
 
