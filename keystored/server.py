@@ -7,7 +7,6 @@ answered by service.Keystore. See docs/keystored.md for the protocol.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fcntl
 import os
 import selectors
@@ -38,18 +37,6 @@ def _allow(spec: str) -> tuple[int, list[str]]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keystored", description="StateFS key daemon (docs/keystored.md).")
     p.add_argument("--state-dir", required=True, help="directory holding the key file (created 0700)")
@@ -60,26 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-env", metavar="VAR",
                    help=f"seal the key file with the passphrase in $VAR (default: ${DEFAULT_PASSPHRASE_ENV} if set)")
     p.add_argument("--log", metavar="FILE", help="append JSON log lines here instead of stderr")
-    limits = p.add_argument_group("limits (docs/keystored.md, \"Limits\")")
-    ep = protocol.ENDPOINT
-    limits.add_argument("--frame-deadline", type=_positive(float), default=ep.frame_deadline, metavar="SECONDS",
-                        help=f"a started frame must be complete this long after its first byte "
-                             f"(default {ep.frame_deadline:g})")
-    limits.add_argument("--max-connections", type=_positive(int), default=ep.max_connections, metavar="N",
-                        help=f"connections served at once (default {ep.max_connections})")
-    limits.add_argument("--max-connections-per-uid", type=_positive(int), default=ep.max_connections_per_uid,
-                        metavar="N", help=f"connections one uid may hold (default {ep.max_connections_per_uid})")
-    limits.add_argument("--max-connections-others", type=_positive(int), default=ep.max_connections_others,
-                        metavar="N", help="connections all uids without an --allow may hold together "
-                                          f"(default {ep.max_connections_others})")
+    protocol.ENDPOINT.add_limit_flags(p, "frame_deadline", "max_connections", "max_connections_per_uid",
+                                      "max_connections_others")
     return p
-
-
-def endpoint_for(args: argparse.Namespace) -> unixrpc.Endpoint:
-    """The protocol's endpoint with the limits given on the command line."""
-    return dataclasses.replace(
-        protocol.ENDPOINT, frame_deadline=args.frame_deadline, max_connections=args.max_connections,
-        max_connections_per_uid=args.max_connections_per_uid, max_connections_others=args.max_connections_others)
 
 
 def read_passphrase(var: str | None) -> bytes | None:
@@ -230,7 +200,7 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    listener = Listener(args.socket, keystore, audit, endpoint_for(args), set(access.rules))
+    listener = Listener(args.socket, keystore, audit, protocol.ENDPOINT.with_limits(args), set(access.rules))
 
     def warn(message: str) -> None:
         audit.event("warning", message=message)

