@@ -301,7 +301,8 @@ class Server:
             sessions = dict(self._sessions)
         self.listener.close()
         self._accept_thread.join(2.0)
-        self._acceptor.close()
+        if not self._accept_thread.is_alive():  # it may still be using the spare descriptor
+            self._acceptor.close()
         for conn in sessions.values():
             _shutdown(conn, socket.SHUT_RD)
         deadline = time.monotonic() + grace
