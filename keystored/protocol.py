@@ -15,10 +15,17 @@ PROTOCOL_VERSION = 1
 
 # Access control is SO_PEERCRED plus the allow list, so any uid may connect
 # (mode 0666): public_key is for everyone, and a refused uid gets a clear
-# EACCES instead of ECONNREFUSED.
+# EACCES instead of ECONNREFUSED. Because anyone may connect, the limits
+# (docs/keystored.md, "Limits") keep any one uid, and all uids off the
+# allow list together, from holding the connections allowed uids need.
+# A request or reply is one flat map (an error reply nests one more): a
+# few dozen objects at most.
 ENDPOINT = unixrpc.Endpoint(
     owner="keystored", example="keystored.sock", max_frame=64 * 1024, socket_mode=0o666, backlog=512,
-    too_big_hint="a sign message can be up to about 65,400 bytes")
+    too_big_hint="a sign message can be up to about 65,400 bytes",
+    max_objects=128, max_depth=4, frame_deadline=10.0, idle_deadline=None,
+    max_connections=256, max_connections_per_uid=128, max_connections_others=64,
+    error_head=(("v", PROTOCOL_VERSION),))
 
 
 def ok_reply(**fields: object) -> dict:
@@ -26,4 +33,4 @@ def ok_reply(**fields: object) -> dict:
 
 
 def error_reply(error: StateFSError) -> dict:
-    return unixrpc.error_reply(error, v=PROTOCOL_VERSION)
+    return unixrpc.error_reply(error, **dict(ENDPOINT.error_head))

@@ -27,8 +27,6 @@ from statefsd.errors import (
 
 DEFAULT_PASSPHRASE_ENV = "STATEFS_KEY_PASSPHRASE"
 LOCK_NAME = "keystored.lock"
-MAX_CLIENTS = 256          # concurrent connections; more get EBUSY and are closed
-BODY_TIMEOUT = 10.0        # seconds a peer may take to finish a frame it started
 _MAX_SUN_PATH = 107
 
 
@@ -49,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-env", metavar="VAR",
                    help=f"seal the key file with the passphrase in $VAR (default: ${DEFAULT_PASSPHRASE_ENV} if set)")
     p.add_argument("--log", metavar="FILE", help="append JSON log lines here instead of stderr")
+    protocol.ENDPOINT.add_limit_flags(p, "frame_deadline", "max_connections", "max_connections_per_uid",
+                                      "max_connections_others")
     return p
 
 
@@ -78,23 +78,32 @@ def lock_state_dir(state_dir: str) -> int:
 
 
 class Listener:
-    """The listening socket and one thread per connection, capped at MAX_CLIENTS."""
+    """The listening socket and one thread per admitted connection.
 
-    def __init__(self, path: str, keystore: Keystore, audit: AuditLog) -> None:
+    Connections are admitted at accept against the endpoint's caps, uids on
+    the allow list being trusted (docs/keystored.md, "Limits"): whoever else
+    connects, allowed uids keep getting service.
+    """
+
+    def __init__(self, path: str, keystore: Keystore, audit: AuditLog, endpoint: unixrpc.Endpoint,
+                 trusted: set[int]) -> None:
         self.path = path
         self.keystore = keystore
         self.audit = audit
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        self._bound: unixrpc.BoundSocket | None = None
+        self.endpoint = endpoint
+        self._trusted = trusted
+        self._acceptor: unixrpc.Acceptor | None = None
 
     def bind(self) -> None:
-        self._bound = protocol.ENDPOINT.listen(self.path)
-        self._bound.sock.setblocking(False)
+        bound = self.endpoint.listen(self.path)
+        bound.sock.setblocking(False)
+        self._acceptor = unixrpc.Acceptor(bound, unixrpc.ConnectionTable(self.endpoint, self._trusted),
+                                          self.audit.event)
 
     def serve(self, wakeup_fd: int, stop: threading.Event) -> None:
         """Accept until ``stop`` is set; signals wake us through ``wakeup_fd`` (no polling)."""
         with selectors.DefaultSelector() as selector:
-            selector.register(self._bound.sock, selectors.EVENT_READ)
+            selector.register(self._acceptor.bound.sock, selectors.EVENT_READ)
             selector.register(wakeup_fd, selectors.EVENT_READ)
             while not stop.is_set():
                 for key, _ in selector.select():
@@ -104,39 +113,35 @@ class Listener:
                         self._accept()
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self._bound.sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        admitted = self._acceptor.accept()
+        if admitted is None:
             return
-        conn.setblocking(True)
-        if not self._slots.acquire(blocking=False):
-            _send(conn, protocol.error_reply(Busy(f"keystored is serving {MAX_CLIENTS} clients already")))
-            conn.close()
-            return
+        conn, peer = admitted
         try:
-            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True).start()
         except RuntimeError:  # cannot start a thread: refuse this one, keep serving
-            self._slots.release()
+            self._acceptor.release(peer)
             conn.close()
 
-    def _serve_connection(self, conn: socket.socket) -> None:
+    def _serve_connection(self, conn: socket.socket, peer: Peer) -> None:
         try:
             with conn:
-                reader = unixrpc.FrameReader(conn, protocol.ENDPOINT, body_timeout=BODY_TIMEOUT)
+                reader = unixrpc.FrameReader(conn, self.endpoint, frame_deadline=self.endpoint.frame_deadline,
+                                             idle_deadline=self.endpoint.idle_deadline)
                 try:
-                    self._converse(conn, reader, unixrpc.peer_credentials(conn))
+                    self._converse(conn, reader, peer)
                 finally:
                     reader.close()
         except Exception as exc:  # a bug must cost one connection, not the daemon
             self.audit.event("internal_error", error=repr(exc))
         finally:
-            self._slots.release()
+            self._acceptor.release(peer)
 
     def _converse(self, conn: socket.socket, reader: unixrpc.FrameReader, peer: Peer) -> None:
         while True:
             try:
                 body = reader.read()
-            except ProtocolError as exc:  # stream out of sync: answer, then hang up
+            except ProtocolError as exc:  # stream out of sync or frame too slow: answer, then hang up
                 self._report(peer, exc)
                 _send(conn, protocol.error_reply(exc))
                 return
@@ -145,7 +150,7 @@ class Listener:
             if body is None:
                 return
             try:
-                reply = self.keystore.handle(protocol.ENDPOINT.decode(body), peer)
+                reply = self.keystore.handle(self.endpoint.decode(body), peer)
             except StateFSError as exc:
                 if isinstance(exc, (InvalidArgument, ProtocolError)):
                     self._report(peer, exc)  # refusals are logged where they are decided
@@ -162,8 +167,9 @@ class Listener:
 
     def close(self) -> None:
         """Stop listening and remove the socket, unless someone else has replaced it."""
-        if self._bound is not None:
-            self._bound.close()
+        if self._acceptor is not None:
+            self._acceptor.bound.close()
+            self._acceptor.close()
 
 
 def _send(sock: socket.socket, reply: dict) -> bool:
@@ -194,7 +200,7 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    listener = Listener(args.socket, keystore, audit)
+    listener = Listener(args.socket, keystore, audit, protocol.ENDPOINT.with_limits(args), set(access.rules))
 
     def warn(message: str) -> None:
         audit.event("warning", message=message)

@@ -16,7 +16,7 @@ from keystored.policy import AccessList
 from statefsd.errors import AccessDenied, EntropyNotReady, InvalidArgument, ProtocolError
 from statefsd.shared import signing
 from statefsd.shared.audit import AuditLog
-from statefsd.shared.unixrpc import Peer
+from statefsd.shared.unixrpc import Peer, excerpt
 
 ENTROPY_POLL_SECONDS = 1.0
 
@@ -25,7 +25,7 @@ def _fields(request: dict, required: dict[str, type], optional: dict[str, tuple[
     """The op's arguments, type-checked; unknown fields are refused, not ignored."""
     unknown = set(request) - {"v", "op"} - set(required) - set(optional)
     if unknown:
-        raise InvalidArgument(f"unknown field(s) for op {request['op']!r}: {sorted(map(str, unknown))}")
+        raise InvalidArgument(f"unknown field(s) for op {request['op']!r}: {excerpt(sorted(map(str, unknown)))}")
     out = {}
     for name, kind in required.items():
         if name not in request:
@@ -118,11 +118,12 @@ class Keystore:
     def handle(self, request: dict, peer: Peer) -> dict:
         version = request.get("v")
         if type(version) is not int or version != protocol.PROTOCOL_VERSION:
-            raise ProtocolError(f"unsupported protocol version {version!r}; keystored speaks v{protocol.PROTOCOL_VERSION}")
+            raise ProtocolError(f"unsupported protocol version {excerpt(version)}; "
+                                f"keystored speaks v{protocol.PROTOCOL_VERSION}")
         op = request.get("op")
         handler = self._OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(sorted(self._OPS))}")
+            raise ProtocolError(f"unknown op {excerpt(op)}; known ops: {', '.join(sorted(self._OPS))}")
         return handler(self, request, peer)
 
     def _hello(self, request: dict, peer: Peer) -> dict:

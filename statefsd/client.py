@@ -19,7 +19,9 @@ serialised on it, and an open ``transaction()`` holds the connection until it
 ends (other threads wait). For parallel work use one Client per thread.
 A dropped connection is reopened by the next call; the call that saw the
 drop raises ConnectionFailed, and whether a commit in flight then landed is
-unknown to the client.
+unknown to the client. A connection the daemon closed while it sat idle (its
+idle deadline, docs/protocol.md "Limits") is noticed before a request is
+sent and reopened quietly, outside a transaction.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._reader = None
         self._ids = itertools.count(1)
+        self._in_transaction = False
 
     # ------------------------------------------------------- connection
 
@@ -96,6 +99,8 @@ class Client:
     def call(self, op: str, **args: Any) -> dict:
         """Send one request and return the response map (errors raised)."""
         with self._lock:
+            if self._sock is not None and not self._in_transaction and _closed_by_daemon(self._sock):
+                self.close()  # nothing was sent on it: reconnecting is safe
             self.connect()
             return self._roundtrip(op, args)
 
@@ -194,6 +199,7 @@ class Transaction:
             self.client._lock.release()
             raise
         self._open = True
+        self.client._in_transaction = True  # a dropped connection must not be reopened silently
         return self
 
     def put(self, key: str, value: bytes) -> None:
@@ -231,7 +237,19 @@ class Transaction:
                     pass  # the original exception matters more
         finally:
             self._open = False
+            self.client._in_transaction = False
             self.client._lock.release()
+
+
+def _closed_by_daemon(sock: socket.socket) -> bool:
+    """True when the daemon has closed an idle connection (end of stream, or
+    anything unasked for, waiting to be read)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing waiting: still open
+    except OSError:
+        return True
 
 
 def _bytes(value: object) -> bytes:

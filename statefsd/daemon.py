@@ -1,7 +1,8 @@
 """statefsd: the process that owns one StateFS image and serves it on a socket.
 
     statefsd --image PATH --socket PATH [--audit PATH] [--read-only]
-             [--keystore-socket PATH]
+             [--keystore-socket PATH] [limits: --frame-deadline, --idle-deadline,
+             --max-connections, --max-connections-per-uid]
 
 Startup order: check the socket path (nobody serves it), lock and mount the
 image, print the encryption mode, listen,
@@ -40,7 +41,8 @@ def server_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statefsd", description="Serve a StateFS image on a Unix socket.",
-        usage="statefsd --image PATH --socket PATH [--audit PATH] [--read-only] [--keystore-socket PATH]")
+        usage="statefsd --image PATH --socket PATH [--audit PATH] [--read-only] [--keystore-socket PATH] "
+              "[limits]")
     # Required in use, but not to argparse: --selftest runs without them.
     required = parser.add_argument_group("required")
     required.add_argument("--image", metavar="PATH", help="image file or block device (e.g. /dev/vda)")
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-only", action="store_true", help="mount read-only; writes are refused")
     parser.add_argument("--keystore-socket", metavar="PATH",
                         help="keystored socket, needed for encrypted images")
+    from statefsd.protocol import ENDPOINT
+    ENDPOINT.add_limit_flags(parser, "frame_deadline", "idle_deadline", "max_connections",
+                             "max_connections_per_uid")
     # Any of these flags hands the whole argument namespace to
     # statefsd/testing/selftest.py's main(args), imported only then (docs/DESIGN.md, "Layers").
     selftest = parser.add_argument_group("self tests (see statefsd/testing/selftest.py)")
@@ -64,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The parser reads the limits' defaults from the protocol, whose imports
+    # may start a thread; block the stop signals first so that no thread
+    # ever has them unblocked (see serve()). The self tests get them back.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     parser = build_parser()
     args = parser.parse_args(argv)
     if any(v is not None for v in (args.selftest, args.selftest_persist, args.crash_writer)):
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         from statefsd.testing import selftest
         return int(selftest.main(args) or 0)
     if args.mkfs or args.encryption:
@@ -119,7 +129,7 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     try:
         mode = encryption_mode(engine.info())
         print(encryption_banner(engine.sb), flush=True)
-        listener = ENDPOINT.listen(args.socket)
+        listener = ENDPOINT.with_limits(args).listen(args.socket)
         server = Server(engine, listener, audit=audit, version=server_version())
         server.start()
         audit("daemon_start", pid=os.getpid(), image=args.image, socket=args.socket,

@@ -27,16 +27,28 @@ MAX_FRAME = MAX_VALUE_BYTES + (64 << 10)
 # Access to the store is access to the socket file (mode 0660). Text that is
 # not UTF-8 survives decoding so that key validation can name it (EINVAL)
 # instead of losing the frame.
-ENDPOINT = unixrpc.Endpoint(
-    owner="statefsd", example="statefs.sock", max_frame=MAX_FRAME, socket_mode=0o660, backlog=128,
-    text_errors="surrogateescape",
-    too_big_hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys",
-    text_hint="keys are UTF-8 text; rename or recode the key")
-
 # list answers at most this many keys (and about this many key bytes) per
 # frame; the client pages with "after" so any number of keys fits the cap.
 LIST_PAGE_KEYS = 4096
 LIST_PAGE_BYTES = 1 << 20
+
+# The biggest legitimate maps are a list page (4096 keys) and a one-shot txn
+# (128 ops of 7 objects); four times that leaves room, while a frame of
+# millions of tiny objects is refused before msgpack builds any of them.
+MAX_FRAME_OBJECTS = 4 * LIST_PAGE_KEYS
+
+# The limits of docs/protocol.md, "Limits". Connections: every uid that may
+# open the socket gets a share (no uid holds them all), and the total stays
+# within the descriptors the daemon can have (it raises its soft limit to
+# fit). A client may stay idle, even inside a streamed transaction, for 15
+# minutes between requests; a frame it starts must arrive within 10 s.
+ENDPOINT = unixrpc.Endpoint(
+    owner="statefsd", example="statefs.sock", max_frame=MAX_FRAME, socket_mode=0o660, backlog=128,
+    text_errors="surrogateescape",
+    too_big_hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys",
+    text_hint="keys are UTF-8 text; rename or recode the key",
+    max_objects=MAX_FRAME_OBJECTS, max_depth=16, frame_deadline=10.0, idle_deadline=900.0,
+    max_connections=1024, max_connections_per_uid=768, error_head=(("id", None),))
 
 MAX_REQUEST_ID = (1 << 64) - 1
 
@@ -112,7 +124,7 @@ def parse_request(message: dict) -> Request:
         raise ProtocolError("request 'op' must be a string")
     fields = OPS.get(op)
     if fields is None:
-        raise ProtocolError(f"unknown op {unixrpc.printable(op)!r}")
+        raise ProtocolError(f"unknown op {unixrpc.excerpt(op)}")
     args = {}
     for name, kind, required in fields:
         if name not in message:

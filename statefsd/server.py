@@ -69,7 +69,9 @@ class Session:
     # ------------------------------------------------------------ loop
 
     def run(self) -> None:
-        reader = unixrpc.FrameReader(self.conn, protocol.ENDPOINT)
+        endpoint = self.server.endpoint
+        reader = unixrpc.FrameReader(self.conn, endpoint, frame_deadline=endpoint.frame_deadline,
+                                     idle_deadline=endpoint.idle_deadline)
         try:
             while self._serve_one(reader):
                 pass
@@ -85,11 +87,11 @@ class Session:
         """Serve one frame; False when the connection is done."""
         try:
             body = reader.read()
-        except ProtocolError as exc:  # oversize length prefix: framing is lost
+        except ProtocolError as exc:  # oversize length prefix or a late frame: framing is lost
             self._audit("refused", code=exc.code.name, message=exc.message)
             self._send(protocol.error_response(None, exc))
             return False
-        except OSError:  # cut inside a frame
+        except OSError:  # cut inside a frame, or idle past the deadline
             return False
         if body is None:
             return False
@@ -226,13 +228,16 @@ def _peer_credentials(conn: socket.socket) -> dict:
 
 
 class Server:
-    """Accepts connections on a bound socket and serves each on a thread."""
+    """Accepts connections on a bound socket and serves each on a thread,
+    within the listener's endpoint limits (docs/protocol.md, "Limits")."""
 
     def __init__(self, engine, listener: unixrpc.BoundSocket, *,
                  audit: Callable[..., None], version: str) -> None:
         self.engine = engine
         self.listener = listener
+        self.endpoint = listener.endpoint
         self.audit = audit
+        self._acceptor = unixrpc.Acceptor(listener, unixrpc.ConnectionTable(self.endpoint), self._report)
         self.version = version
         self.stopping = False
         self._sessions: dict[threading.Thread, socket.socket] = {}
@@ -242,31 +247,46 @@ class Server:
     def start(self) -> None:
         self._accept_thread.start()
 
+    def _report(self, event: str, **fields: Any) -> None:
+        """Refusals and accept failures (already rate-limited by the acceptor)."""
+        log.warning("%s: %s", event.replace("_", " "), ", ".join(f"{k}={v}" for k, v in fields.items()))
+        self.audit(event, **fields)
+
     def _accept_loop(self) -> None:
         for number in itertools.count(1):
             try:
-                conn, _ = self.listener.sock.accept()
-            except OSError:
+                admitted = self._acceptor.accept()
+            except OSError as exc:
                 if self.stopping:
                     return
-                log.exception("accept failed")
-                time.sleep(0.1)  # e.g. out of file descriptors: do not spin
+                self._acceptor.failed(exc)
                 continue
-            thread = threading.Thread(target=self._run_session, args=(conn, number),
+            if admitted is None:
+                continue
+            conn, peer = admitted
+            thread = threading.Thread(target=self._run_session, args=(conn, peer, number),
                                       name=f"conn-{number}", daemon=True)
             with self._lock:
                 if self.stopping:
                     conn.close()
+                    self._acceptor.release(peer)
                     return
                 self._sessions[thread] = conn
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # cannot start a thread: refuse this one, keep serving
+                with self._lock:
+                    self._sessions.pop(thread, None)
+                conn.close()
+                self._acceptor.release(peer)
 
-    def _run_session(self, conn: socket.socket, number: int) -> None:
+    def _run_session(self, conn: socket.socket, peer: unixrpc.Peer, number: int) -> None:
         try:
             Session(self, conn, number).run()
         except Exception:
             log.exception("connection %d failed", number)
         finally:
+            self._acceptor.release(peer)
             with self._lock:
                 self._sessions.pop(threading.current_thread(), None)
 
@@ -281,6 +301,8 @@ class Server:
             sessions = dict(self._sessions)
         self.listener.close()
         self._accept_thread.join(2.0)
+        if not self._accept_thread.is_alive():  # it may still be using the spare descriptor
+            self._acceptor.close()
         for conn in sessions.values():
             _shutdown(conn, socket.SHUT_RD)
         deadline = time.monotonic() + grace

@@ -8,8 +8,21 @@ A connection is a Unix stream socket carrying frames in both directions::
 What the maps say is each protocol's own business (statefsd/protocol.py,
 keystored/protocol.py); this module moves maps and owns the socket file.
 A protocol describes its socket once, as an :class:`Endpoint`: the frame cap,
-how text is decoded, the socket file's mode. Limits that differ per daemon
-belong on the Endpoint, so the code that enforces them is written once.
+how text is decoded, the socket file's mode, and the limits that keep one
+peer from exhausting the daemon (decode budget, frame and idle deadlines,
+connections per uid and in total). The limits differ per daemon, the code
+that enforces them is written once, here:
+
+* :meth:`Endpoint.decode` refuses a body that declares more msgpack objects,
+  or nests deeper, than the endpoint allows, by walking its headers before
+  msgpack builds a single object.
+* :class:`FrameReader` with deadlines cuts a peer that does not finish a
+  started frame (length prefix and body) in time, or stays silent too long.
+* :class:`Acceptor` admits connections against a :class:`ConnectionTable`
+  (reading the peer's uid at accept), answers a refused one with an EBUSY
+  error frame, and survives running out of file descriptors.
+* :func:`excerpt` quotes peer-supplied values in error messages, bounded, and
+  :func:`error_reply` caps what any message may add to a frame.
 
 The --socket path rules: a daemon takes a path only when it can be its own.
 The directory exists, the path is not a directory or some other file (never
@@ -21,11 +34,19 @@ start fails at once and names the socket.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import errno
 import os
+import reprlib
+import resource
 import socket
 import stat
 import struct
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import msgpack
 
@@ -34,6 +55,14 @@ from statefsd.errors import Busy, DeviceIOError, InvalidArgument, ProtocolError,
 LENGTH = struct.Struct(">I")
 _READ_BUFFER = 1 << 16
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# An error message or hint is cut to this many characters (an error frame
+# must always fit the smallest frame cap, whatever the peer sent).
+MAX_ERROR_TEXT = 2048
+# Seconds an over-limit peer is given to take its error frame.
+_REFUSAL_SEND_TIMEOUT = 1.0
+# Accept failures (e.g. out of descriptors) are logged at most this often.
+_REPORT_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +79,45 @@ class Endpoint:
     text_errors: str = "strict"
     too_big_hint: str = "split the request into smaller ones"
     text_hint: str = "text travels as UTF-8; rename or recode it"
+    # Decode budget: msgpack objects one body may declare (every map key and
+    # value, array item and scalar counts) and container nesting depth.
+    max_objects: int = 4096
+    max_depth: int = 16
+    # Server-side deadlines in seconds (None: unbounded). A started frame
+    # (length prefix and body) must be complete frame_deadline seconds after
+    # its first byte; a connection with no frame started for idle_deadline
+    # seconds is closed.
+    frame_deadline: float | None = 10.0
+    idle_deadline: float | None = None
+    # Connections served at once: in total, per peer uid, and (when the
+    # daemon names trusted uids) by all other uids together, so the rest of
+    # the table stays free for the trusted ones.
+    max_connections: int = 256
+    max_connections_per_uid: int = 256
+    max_connections_others: int | None = None
+    # Fields every error frame of this protocol starts with (statefsd: id,
+    # keystored: v), as pairs so the Endpoint stays immutable.
+    error_head: tuple[tuple[str, object], ...] = ()
+
+    def add_limit_flags(self, parser: argparse.ArgumentParser, *names: str) -> None:
+        """Command-line flags (``--frame-deadline``...) for the named limits,
+        defaulting to this endpoint's values; :meth:`with_limits` applies them."""
+        group = parser.add_argument_group("limits")
+        for name in names:
+            kind, metavar, what = _LIMIT_FLAGS[name]
+            default = getattr(self, name)
+            group.add_argument("--" + name.replace("_", "-"), dest=name, type=_positive(kind),
+                               default=default, metavar=metavar,
+                               help=f"{what} (default {'none' if default is None else format(default, 'g')})")
+
+    def with_limits(self, args: argparse.Namespace) -> "Endpoint":
+        """This endpoint with the limits given by :meth:`add_limit_flags` flags."""
+        return dataclasses.replace(self, **{name: getattr(args, name) for name in _LIMIT_FLAGS
+                                            if hasattr(args, name)})
+
+    def error_frame(self, error: StateFSError) -> bytes:
+        """A complete error frame for ``error`` when no request id is known."""
+        return self.pack(error_reply(error, **dict(self.error_head)))
 
     def pack(self, message: dict) -> bytes:
         """Length prefix plus msgpack body, ready for one sendall()."""
@@ -64,11 +132,19 @@ class Endpoint:
                          hint=self.too_big_hint)
         return LENGTH.pack(len(body)) + body
 
-    def decode(self, body: bytes) -> dict:
-        """The frame's map, or ProtocolError if the body is not exactly one msgpack map."""
+    def decode(self, body: bytes | bytearray) -> dict:
+        """The frame's map, or ProtocolError if the body is not exactly one
+        msgpack map or declares more objects or depth than the endpoint allows
+        (refused before any object is built)."""
+        problem = _shape_problem(body, self.max_objects, self.max_depth)
+        if problem:
+            raise ProtocolError(problem, hint="send one small map per request; see the protocol's limits")
         try:
             message = msgpack.unpackb(body, raw=False, unicode_errors=self.text_errors,
-                                      strict_map_key=True, use_list=True)
+                                      strict_map_key=True, use_list=True,
+                                      max_str_len=self.max_frame, max_bin_len=self.max_frame,
+                                      max_ext_len=self.max_frame, max_array_len=self.max_objects,
+                                      max_map_len=self.max_objects)
         except Exception as exc:  # msgpack raises many types for garbage: all mean EPROTO
             raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})") from None
         if not isinstance(message, dict):
@@ -122,15 +198,16 @@ class Endpoint:
                                   hint="check the directory's permissions, or choose another --socket") from None
         finally:
             os.umask(old_umask)
-        return BoundSocket(sock, path, inode)
+        return BoundSocket(sock, path, inode, self)
 
 
 class BoundSocket:
-    """A listening socket and the file it is bound to."""
+    """A listening socket, the file it is bound to and the endpoint it serves."""
 
-    def __init__(self, sock: socket.socket, path: str, inode: int) -> None:
+    def __init__(self, sock: socket.socket, path: str, inode: int, endpoint: Endpoint) -> None:
         self.sock = sock
         self.path = path
+        self.endpoint = endpoint
         self._inode = inode
 
     def close(self) -> None:
@@ -148,53 +225,330 @@ class BoundSocket:
             pass
 
 
+class IdleTimeout(TimeoutError):
+    """No frame started within the reader's idle deadline."""
+
+
 class FrameReader:
     """Reads frame bodies off one connected socket (buffered: a frame's
     length prefix and its body usually arrive in one recv)."""
 
-    def __init__(self, sock: socket.socket, endpoint: Endpoint, *, body_timeout: float | None = None) -> None:
-        """``body_timeout``: seconds a peer may take between the bytes of a
-        frame whose length it sent (a server's guard against peers that stall
-        mid-frame; the wait for the next frame to start is never bounded)."""
+    def __init__(self, sock: socket.socket, endpoint: Endpoint, *,
+                 frame_deadline: float | None = None, idle_deadline: float | None = None) -> None:
+        """Without deadlines (a client) every recv waits as the socket's own
+        timeout says. A server passes its endpoint's deadlines: then a frame
+        must be complete ``frame_deadline`` seconds after its first byte,
+        however the peer spaces its bytes, and the wait for the next frame
+        to start ends after ``idle_deadline`` seconds (None: never)."""
         self._sock = sock
         self._endpoint = endpoint
-        self._body_timeout = body_timeout
-        self._stream = sock.makefile("rb", buffering=_READ_BUFFER)
+        self._frame_deadline = frame_deadline
+        self._idle_deadline = idle_deadline
+        self._timed = frame_deadline is not None or idle_deadline is not None
+        self._pending = bytearray()
 
-    def read(self) -> bytes | None:
+    def read(self) -> bytes | bytearray | None:
         """The next frame's body; None on a clean end of stream between frames.
 
         An over-cap length prefix raises ProtocolError before a body byte is
         read or allocated: the stream can no longer be framed, so the caller
-        answers and closes the connection. A stream cut inside a frame raises
-        ConnectionResetError, a peer too slow to finish one TimeoutError (both
-        OSError: the connection is gone either way).
+        answers and closes the connection; so does a frame not finished by
+        its deadline. A stream cut inside a frame raises ConnectionResetError,
+        no frame started within the idle deadline IdleTimeout, a peer too slow
+        for the socket's own timeout TimeoutError (all OSError: the connection
+        is gone).
         """
-        head = self._stream.read(LENGTH.size)
-        if not head:
-            return None
-        if len(head) < LENGTH.size:
-            raise ConnectionResetError("connection closed inside a frame length prefix")
-        (length,) = LENGTH.unpack(head)
-        cap = self._endpoint.max_frame
-        if length > cap:
-            raise ProtocolError(f"frame length {length} exceeds the {cap}-byte cap", fatal=True)
-        timeout = self._body_timeout
-        if timeout is None:
-            body = self._stream.read(length)
-        else:
-            previous = self._sock.gettimeout()
-            self._sock.settimeout(timeout)
-            try:
-                body = self._stream.read(length)
-            finally:
+        previous = self._sock.gettimeout()
+        try:
+            if not self._pending:
+                if self._timed:
+                    self._sock.settimeout(self._idle_deadline if self._idle_deadline is not None else previous)
+                try:
+                    chunk = self._sock.recv(_READ_BUFFER)
+                except TimeoutError:
+                    if self._idle_deadline is not None:
+                        raise IdleTimeout(f"no frame started within {self._idle_deadline:g} s") from None
+                    raise
+                if not chunk:
+                    return None
+                self._pending += chunk
+            deadline = None if self._frame_deadline is None else time.monotonic() + self._frame_deadline
+            while len(self._pending) < LENGTH.size:
+                chunk = self._recv(deadline, LENGTH.size)
+                if not chunk:
+                    raise ConnectionResetError("connection closed inside a frame length prefix")
+                self._pending += chunk
+            (length,) = LENGTH.unpack_from(self._pending)
+            cap = self._endpoint.max_frame
+            if length > cap:
+                raise ProtocolError(f"frame length {length} exceeds the {cap}-byte cap", fatal=True)
+            del self._pending[:LENGTH.size]
+            return self._body(length, deadline)
+        finally:
+            if self._timed:
                 self._sock.settimeout(previous)
-        if len(body) < length:
-            raise ConnectionResetError(f"connection closed after {len(body)} of {length} frame bytes")
+
+    def _body(self, length: int, deadline: float | None) -> bytes | bytearray:
+        if len(self._pending) >= length:
+            body = bytes(self._pending[:length])
+            del self._pending[:length]
+            return body
+        # Receive the rest straight into the body's one buffer (no copies of
+        # a large value while it arrives).
+        body = bytearray(length)
+        got = len(self._pending)
+        body[:got] = self._pending
+        self._pending.clear()
+        view = memoryview(body)
+        while got < length:
+            self._set_timeout(deadline)
+            try:
+                n = self._sock.recv_into(view[got:])
+            except TimeoutError:
+                self._late(deadline)
+                raise
+            if not n:
+                raise ConnectionResetError(f"connection closed after {got} of {length} frame bytes")
+            got += n
         return body
 
+    def _recv(self, deadline: float | None, size: int) -> bytes:
+        self._set_timeout(deadline)
+        try:
+            return self._sock.recv(max(size, _READ_BUFFER))
+        except TimeoutError:
+            self._late(deadline)
+            raise
+
+    def _set_timeout(self, deadline: float | None) -> None:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._late(deadline)
+            self._sock.settimeout(left)
+
+    def _late(self, deadline: float | None) -> None:
+        if deadline is not None:
+            raise ProtocolError(f"frame not completed within {self._frame_deadline:g} s of its first byte",
+                                fatal=True, hint="send each frame in one go")
+
     def close(self) -> None:
-        self._stream.close()
+        self._pending.clear()
+
+
+_LIMIT_FLAGS = {
+    "frame_deadline": (float, "SECONDS", "a started frame must be complete this long after its first byte"),
+    "idle_deadline": (float, "SECONDS", "close a connection when no frame starts for this long"),
+    "max_connections": (int, "N", "connections served at once"),
+    "max_connections_per_uid": (int, "N", "connections one uid may hold"),
+    "max_connections_others": (int, "N", "connections all uids the daemon does not trust may hold together"),
+}
+
+
+def _positive(kind: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+    return parse
+
+
+class ConnectionTable:
+    """Connections held per peer uid, checked against an endpoint's caps.
+
+    ``trusted`` uids (keystored: those on its allow list) are bounded by the
+    total and the per-uid cap; all other uids together also by
+    ``max_connections_others``.
+    """
+
+    def __init__(self, endpoint: Endpoint, trusted: Iterable[int] = ()) -> None:
+        self._endpoint = endpoint
+        self._trusted = frozenset(trusted)
+        self._held: dict[int, int] = {}
+        self._others = 0
+        self._lock = threading.Lock()
+
+    def admit(self, uid: int) -> None:
+        """Count a connection of ``uid``, or raise Busy saying which cap is full."""
+        ep = self._endpoint
+        trusted = uid in self._trusted
+        with self._lock:
+            total = sum(self._held.values())
+            mine = self._held.get(uid, 0)
+            if total >= ep.max_connections:
+                raise Busy(f"{ep.owner} is serving {ep.max_connections} clients already",
+                           hint="try again shortly")
+            if mine >= ep.max_connections_per_uid:
+                raise Busy(f"uid {uid} already holds {mine} connections to {ep.owner}, the limit per uid",
+                           hint="close idle connections, or share one client per process")
+            if not trusted and ep.max_connections_others is not None and self._others >= ep.max_connections_others:
+                raise Busy(f"uids without access to {ep.owner}'s keys hold all {ep.max_connections_others} "
+                           "connections they may share", hint="try again shortly")
+            self._held[uid] = mine + 1
+            if not trusted:
+                self._others += 1
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            left = self._held.get(uid, 0) - 1
+            if left > 0:
+                self._held[uid] = left
+            else:
+                self._held.pop(uid, None)
+            if uid not in self._trusted:
+                self._others -= 1
+
+
+# accept() errors that mean "no descriptor or memory for one more connection".
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Descriptors a daemon needs besides its connections (image, journal, keystored...).
+_DESCRIPTOR_RESERVE = 64
+
+
+class Acceptor:
+    """Accepts connections on a listening socket and admits each against a
+    :class:`ConnectionTable`, reading the peer's uid at accept.
+
+    A refused peer gets an EBUSY error frame and is closed here, before any
+    thread exists for it. One spare descriptor is kept: when accept fails for
+    lack of descriptors it is given up to take the waiting peer, which is
+    then served if a descriptor is free again and refused with EBUSY
+    otherwise, so nobody hangs in the backlog and the loop does not spin.
+    Refusals and accept failures are reported through ``report(event,
+    **fields)`` at most once per 10 s each, with the number left unsaid.
+    """
+
+    def __init__(self, bound: BoundSocket, table: ConnectionTable,
+                 report: Callable[..., None]) -> None:
+        self.bound = bound
+        self.table = table
+        self._endpoint = bound.endpoint
+        self._reports = {event: _RateLimit(report, event) for event in ("connection_refused", "accept_failed")}
+        _raise_descriptor_limit(self._endpoint.max_connections + _DESCRIPTOR_RESERVE)
+        self._spare = _open_spare()
+        self._backoff = 0.0
+
+    def accept(self) -> tuple[socket.socket, Peer] | None:
+        """The next admitted connection (blocking as the listening socket
+        blocks) and its peer, or None when nobody was admitted this time.
+        Other OSErrors (the socket was closed) are raised."""
+        try:
+            conn, _ = self.bound.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            conn = self._accept_with_spare(exc)
+            if conn is None:
+                return None
+        self._backoff = 0.0
+        conn.setblocking(True)
+        try:
+            peer = peer_credentials(conn)
+            self.table.admit(peer.uid)
+        except Busy as refusal:
+            self._refuse(conn, refusal, uid=peer.uid, pid=peer.pid)
+            return None
+        except OSError:
+            conn.close()
+            return None
+        return conn, peer
+
+    def release(self, peer: Peer) -> None:
+        self.table.release(peer.uid)
+
+    def close(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    def failed(self, exc: OSError) -> None:
+        """Report an accept failure (rate-limited) and back off before the
+        next attempt, up to a second, instead of spinning."""
+        self._reports["accept_failed"](error=exc.strerror or str(exc))
+        self._backoff = min(1.0, max(0.05, self._backoff * 2))
+        time.sleep(self._backoff)
+
+    def _accept_with_spare(self, exc: OSError) -> socket.socket | None:
+        if self._spare is None:  # nothing to give up: wait for a descriptor
+            self.failed(exc)
+            self._spare = _open_spare()
+            return None
+        self._reports["accept_failed"](error=exc.strerror or str(exc))
+        os.close(self._spare)
+        self._spare = None
+        try:
+            conn, _ = self.bound.sock.accept()
+        except OSError:
+            conn = None
+        if conn is not None:
+            self._spare = _open_spare()
+            if self._spare is None:  # still no descriptor to spare: this peer is refused
+                conn.setblocking(True)
+                self._refuse(conn, Busy(f"{self._endpoint.owner} is out of file descriptors",
+                                        hint="try again shortly; raising the daemon's descriptor limit "
+                                             "(LimitNOFILE) or lowering its connection cap avoids this"))
+                conn = None
+        if self._spare is None:
+            self._spare = _open_spare()
+        return conn
+
+    def _refuse(self, conn: socket.socket, refusal: Busy, **who: object) -> None:
+        self._reports["connection_refused"](reason=refusal.message, **who)
+        try:
+            conn.settimeout(_REFUSAL_SEND_TIMEOUT)
+            conn.sendall(self._endpoint.error_frame(refusal))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+class _RateLimit:
+    """Calls ``report(event, **fields)`` at most once per interval; the next
+    call after a quiet spell says how many were left out (``suppressed``)."""
+
+    def __init__(self, report: Callable[..., None], event: str) -> None:
+        self._report = report
+        self._event = event
+        self._last = -_REPORT_INTERVAL
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, **fields: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < _REPORT_INTERVAL:
+                self._suppressed += 1
+                return
+            self._last, suppressed, self._suppressed = now, self._suppressed, 0
+        self._report(self._event, **fields, suppressed=suppressed)
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _raise_descriptor_limit(wanted: int) -> None:
+    """Raise our soft RLIMIT_NOFILE toward ``wanted`` (never above the hard
+    limit): a connection cap the descriptor limit cannot honour is no cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
 
 
 @dataclass(frozen=True)
@@ -213,18 +567,101 @@ def peer_credentials(conn: socket.socket) -> Peer:
 
 def error_reply(error: StateFSError, **head: object) -> dict:
     """An error frame's map: the protocol's own fields (``head``: statefsd's
-    ``id``, keystored's ``v``), then ``ok: false`` and the error map."""
+    ``id``, keystored's ``v``), then ``ok: false`` and the error map. Message
+    and hint are cut to MAX_ERROR_TEXT characters, so the frame fits any cap."""
     wire = error.to_wire()
-    wire["message"] = printable(wire["message"])
-    if "hint" in wire:
-        wire["hint"] = printable(wire["hint"])
+    for field in ("message", "hint"):
+        if field in wire:
+            text = printable(wire[field])
+            if len(text) > MAX_ERROR_TEXT:
+                text = text[:MAX_ERROR_TEXT] + f"... ({len(text)} characters)"
+            wire[field] = text
     return {**head, "ok": False, "error": wire}
+
+
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxstring = _EXCERPT.maxother = 80
+_EXCERPT.maxlist = _EXCERPT.maxdict = _EXCERPT.maxtuple = _EXCERPT.maxset = 8
+_EXCERPT.maxlevel = 2
+
+
+def excerpt(value: object) -> str:
+    """A peer-supplied value as an error message quotes it: its repr, cut
+    to about 80 characters (with "..." in the middle), so a message never
+    grows with what the peer sent."""
+    return _EXCERPT.repr(value)
 
 
 def printable(text: str) -> str:
     """Text safe to send as msgpack str: lone surrogates from undecodable
     input become visible escapes instead of breaking the encoder."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# ------------------------------------------------------------- decode budget
+
+# Bytes after the type byte of msgpack types with a fixed size
+# (nil, bools, floats, ints, fixext 1/2/4/8/16 with their type byte).
+_FIXED = {0xc0: 0, 0xc2: 0, 0xc3: 0, 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8,
+          0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8, 0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}
+# bin, ext, str with a length field: type byte -> (length width, bytes before the payload).
+_SIZED = {0xc4: (1, 0), 0xc5: (2, 0), 0xc6: (4, 0), 0xc7: (1, 1), 0xc8: (2, 1), 0xc9: (4, 1),
+          0xd9: (1, 0), 0xda: (2, 0), 0xdb: (4, 0)}
+# array16/32, map16/32: type byte -> (count width, objects per entry).
+_CONTAINERS = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}
+
+
+def _shape_problem(body: bytes | bytearray, max_objects: int, max_depth: int) -> str:
+    """Why ``body`` is over the decode budget, or "" when it is within it.
+
+    Walks the msgpack headers only, counting the objects each container
+    declares (a map of n entries declares 2n), so the work is bounded by
+    ``max_objects`` however long the body is, and nothing is allocated. A
+    malformed body passes here; msgpack itself then names it.
+    """
+    size = len(body)
+    pos = 0
+    declared = 1
+    open_counts = [1]  # objects still to read in each open container
+    while open_counts:
+        if open_counts[-1] == 0:
+            open_counts.pop()
+            continue
+        open_counts[-1] -= 1
+        if pos >= size:
+            return ""
+        kind = body[pos]
+        pos += 1
+        if kind <= 0x7f or kind >= 0xe0:        # fixints
+            continue
+        if kind <= 0x8f:                        # fixmap
+            count = 2 * (kind & 0x0f)
+        elif kind <= 0x9f:                      # fixarray
+            count = kind & 0x0f
+        elif kind <= 0xbf:                      # fixstr
+            pos += kind & 0x1f
+            continue
+        elif kind in _FIXED:
+            pos += _FIXED[kind]
+            continue
+        elif kind in _SIZED:
+            width, extra = _SIZED[kind]
+            pos += width + extra + int.from_bytes(body[pos:pos + width], "big")
+            continue
+        elif kind in _CONTAINERS:
+            width, per_entry = _CONTAINERS[kind]
+            count = per_entry * int.from_bytes(body[pos:pos + width], "big")
+            pos += width
+        else:                                   # 0xc1: never used
+            return ""
+        declared += count
+        if declared > max_objects:
+            return f"frame declares more than {max_objects} msgpack objects"
+        if count:
+            if len(open_counts) > max_depth:
+                return f"frame nests msgpack containers deeper than {max_depth} levels"
+            open_counts.append(count)
+    return ""
 
 
 def _unlink(path: str) -> None:

@@ -53,7 +53,7 @@ class Daemon:
 
     def __init__(self, image: str, socket_path: str, *, audit: str | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 wait: bool = True) -> None:
+                 wait: bool = True, preexec_fn=None) -> None:
         self.image = image
         self.socket = socket_path
         self.audit_path = audit
@@ -63,7 +63,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "statefsd.daemon", *args, *(extra or [])],
             cwd=REPO, env=env or env_with_repo(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []

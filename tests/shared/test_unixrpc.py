@@ -96,20 +96,56 @@ def test_a_stream_cut_inside_a_frame_is_a_lost_connection(pair, sent, words):
         unixrpc.FrameReader(ours, ENDPOINT).read()
 
 
-def test_a_peer_stalling_inside_a_frame_times_out_but_an_idle_one_does_not(pair):
+def test_a_frame_must_be_complete_within_its_deadline_however_its_bytes_are_spaced(pair):
     ours, theirs = pair
     ours.settimeout(None)
-    reader = unixrpc.FrameReader(ours, ENDPOINT, body_timeout=0.3)
-    late = threading.Timer(0.6, theirs.sendall, [ENDPOINT.pack({"late": 1})])
+    reader = unixrpc.FrameReader(ours, ENDPOINT, frame_deadline=0.5)
+    late = threading.Timer(0.8, theirs.sendall, [ENDPOINT.pack({"late": 1})])
     late.start()
-    assert ENDPOINT.decode(reader.read()) == {"late": 1}  # 0.6 s idle between frames is fine
+    assert ENDPOINT.decode(reader.read()) == {"late": 1}  # idle between frames is fine
     late.join()
-    theirs.sendall(unixrpc.LENGTH.pack(10) + b"\x81")  # promises 10 bytes, sends 1
+
+    def trickle() -> None:  # every gap is short, the whole frame is not
+        try:
+            for byte in unixrpc.LENGTH.pack(10) + b"\x81\xa1a\xc4\x04abcd":
+                theirs.send(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass
+    sender = threading.Thread(target=trickle)
+    sender.start()
     started = time.monotonic()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(ProtocolError) as err:
         reader.read()
-    assert 0.25 < time.monotonic() - started < 3
+    elapsed = time.monotonic() - started
+    sender.join()
+    assert 0.45 < elapsed < 1
+    assert err.value.message == "frame not completed within 0.5 s of its first byte"
+    assert err.value.details.get("fatal") is True
     assert ours.gettimeout() is None  # the socket's own timeout is restored
+
+
+def test_a_peer_silent_past_the_idle_deadline_is_an_idle_timeout(pair):
+    ours, theirs = pair
+    reader = unixrpc.FrameReader(ours, ENDPOINT, frame_deadline=5, idle_deadline=0.3)
+    theirs.sendall(ENDPOINT.pack({"n": 1}) + ENDPOINT.pack({"n": 2}))  # pipelined: both in one recv
+    assert [ENDPOINT.decode(reader.read()) for _ in range(2)] == [{"n": 1}, {"n": 2}]
+    started = time.monotonic()
+    with pytest.raises(unixrpc.IdleTimeout):
+        reader.read()
+    assert 0.25 < time.monotonic() - started < 2
+
+
+def test_a_large_body_arriving_in_pieces_is_read_whole(pair):
+    ours, theirs = pair
+    endpoint = unixrpc.Endpoint(owner="testd", example="testd.sock", max_frame=1 << 20,
+                                socket_mode=0o640, backlog=8)
+    frame = endpoint.pack({"data": bytes(range(256)) * 3000})
+    sender = threading.Thread(target=lambda: [theirs.sendall(frame[i:i + 7000]) for i in range(0, len(frame), 7000)])
+    sender.start()
+    body = unixrpc.FrameReader(ours, endpoint, frame_deadline=5).read()
+    sender.join()
+    assert endpoint.decode(body) == {"data": bytes(range(256)) * 3000}
 
 
 # ----------------------------------------------------------------- decode
@@ -124,6 +160,36 @@ def test_a_peer_stalling_inside_a_frame_times_out_but_an_idle_one_does_not(pair)
 def test_a_body_that_is_not_exactly_one_map_is_eproto(body, words):
     with pytest.raises(ProtocolError, match=words):
         ENDPOINT.decode(body)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"\x81\xa1a\xdd" + (10 ** 6).to_bytes(4, "big"), "more than 4096 msgpack objects"),  # one huge array
+    (b"\x81\xa1a\xdc" + (300).to_bytes(2, "big") + (b"\x9f" + b"\x80" * 15) * 300,
+     "more than 4096 msgpack objects"),                                                  # many small ones
+    (b"\x81\xa1a" + b"\x91" * 20 + b"\x80", "deeper than 16 levels"),
+])
+def test_a_body_over_the_decode_budget_is_eproto_before_anything_is_built(body, words):
+    with pytest.raises(ProtocolError, match=words):
+        ENDPOINT.decode(body)
+
+
+def test_a_body_within_the_decode_budget_decodes():
+    message = {"items": [{"k": i, "v": b"x"} for i in range(800)], "deep": [[[[[[[[[[[]]]]]]]]]]]}
+    assert ENDPOINT.decode(msgpack.packb(message, use_bin_type=True)) == message
+
+
+def test_an_excerpt_of_a_huge_value_is_short_and_says_where_it_was_cut():
+    shown = unixrpc.excerpt("\x01" * 20000)
+    assert len(shown) <= 80 and "..." in shown and shown.startswith(r"'\x01\x01")
+    assert unixrpc.excerpt("ping") == "'ping'" and unixrpc.excerpt(7) == "7"
+    assert len(unixrpc.excerpt([str(i) * 1000 for i in range(1000)])) < 800
+
+
+def test_an_error_reply_cuts_an_overlong_message_so_it_fits_any_frame_cap():
+    reply = unixrpc.error_reply(NotFound("x" * 100000, hint="y" * 100000), id=None)
+    assert len(reply["error"]["message"]) < unixrpc.MAX_ERROR_TEXT + 40
+    assert reply["error"]["message"].endswith("... (100000 characters)")
+    assert len(reply["error"]["hint"]) < unixrpc.MAX_ERROR_TEXT + 40
 
 
 def test_undecodable_text_is_eproto_unless_the_endpoint_lets_it_through_as_surrogates():
@@ -149,6 +215,56 @@ def test_an_error_reply_puts_the_protocols_own_fields_first_and_escapes_surrogat
     assert reply == {"id": 4, "ok": False, "error": {
         "code": 11, "name": "ENOTFOUND", "message": "no such key: \\udcff", "hint": "list keys"}}
     ENDPOINT.pack(reply)  # must not raise
+
+
+# ------------------------------------------------------------ connections
+
+def test_the_connection_table_caps_each_uid_and_keeps_room_for_trusted_uids():
+    endpoint = unixrpc.Endpoint(owner="testd", example="testd.sock", max_frame=1024, socket_mode=0o640,
+                                backlog=8, max_connections=6, max_connections_per_uid=3,
+                                max_connections_others=4)
+    table = unixrpc.ConnectionTable(endpoint, trusted={0})
+    for _ in range(3):
+        table.admit(1000)
+    with pytest.raises(Busy, match="uid 1000 already holds 3 connections to testd, the limit per uid"):
+        table.admit(1000)
+    table.admit(1001)
+    with pytest.raises(Busy, match="hold all 4 connections they may share"):
+        table.admit(1002)
+    table.admit(0)
+    table.admit(0)
+    with pytest.raises(Busy, match="testd is serving 6 clients already"):
+        table.admit(0)
+    table.release(1000)
+    table.admit(1002)  # a slot freed by another untrusted uid
+
+
+def test_an_acceptor_refuses_a_peer_over_its_cap_with_an_ebusy_frame_and_reports_it(sock_dir):
+    endpoint = unixrpc.Endpoint(owner="testd", example="testd.sock", max_frame=1024, socket_mode=0o640,
+                                backlog=8, max_connections=1, error_head=(("id", None),))
+    bound = endpoint.listen(os.path.join(sock_dir, "d.sock"))
+    reports = []
+    acceptor = unixrpc.Acceptor(bound, unixrpc.ConnectionTable(endpoint), lambda event, **f: reports.append((event, f)))
+    try:
+        with socket.socket(socket.AF_UNIX) as first, socket.socket(socket.AF_UNIX) as second:
+            first.connect(bound.path)
+            conn, peer = acceptor.accept()
+            assert peer.uid == os.getuid()
+            second.connect(bound.path)
+            second.settimeout(5)
+            assert acceptor.accept() is None
+            reader = unixrpc.FrameReader(second, endpoint)
+            assert endpoint.decode(reader.read()) == {"id": None, "ok": False, "error": {
+                "code": 17, "name": "EBUSY", "message": "testd is serving 1 clients already",
+                "hint": "try again shortly"}}
+            assert reader.read() is None
+            conn.close()
+            acceptor.release(peer)
+        assert reports == [("connection_refused", {"reason": "testd is serving 1 clients already",
+                                                   "uid": os.getuid(), "pid": os.getpid(), "suppressed": 0})]
+    finally:
+        acceptor.close()
+        bound.close()
 
 
 # -------------------------------------------------------- peer credentials
