@@ -5,7 +5,7 @@ holds 500 idle connections, 50 slow senders (one byte of a frame every few
 seconds) and 20 streamed transactions filled to the maximum size, and
 reopens whatever statefsd closes. Meanwhile a normal client (root) puts and
 gets: it must see only right answers with p99 under 100 ms. statefsd's peak
-RSS (VmHWM) is printed. The limits that make this hold are in
+RSS (VmHWM) is printed (``-s``) and recorded as a test property. The limits that make this hold are in
 docs/protocol.md, "Limits".
 """
 
@@ -56,7 +56,7 @@ def _attack_as_socket_group(socket_path: str) -> AsUid:
 
 
 def test_normal_client_keeps_p99_under_100ms_beside_idle_slow_and_huge_transaction_clients(
-        enough_descriptors, statefsd):
+        enough_descriptors, statefsd, record_property):
     attacker = _attack_as_socket_group(statefsd.socket)
     settled = attacker.first
     normal = StatefsdNormal(statefsd.socket)
@@ -68,6 +68,8 @@ def test_normal_client_keeps_p99_under_100ms_beside_idle_slow_and_huge_transacti
     finally:
         final = attacker.finish()
     p99 = normal.percentile(0.99)
+    record_property("statefsd_vmhwm_bytes", memory["VmHWM"])
+    record_property("normal_p99_ms", round(p99 * 1000, 1))
     print(f"\nattack when settled: {settled}\nattack at the end: {final}\n"
           f"normal client: {len(normal.latencies)} round trips, p50 {normal.percentile(0.5) * 1000:.1f} ms, "
           f"p99 {p99 * 1000:.1f} ms\nstatefsd VmHWM {memory['VmHWM'] >> 20} MiB, VmRSS {memory['VmRSS'] >> 20} MiB")
