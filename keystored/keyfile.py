@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ from nacl.exceptions import CryptoError
 
 from keystored import entropy
 from keystored.identity import SECRETS_LEN, Identity
-from statefsd.errors import CorruptImage, FormatError, WrongPassphrase
+from statefsd.errors import CorruptImage, FormatError, InvalidArgument, WrongPassphrase
 
 FILE_NAME = "identity.key"
 MAGIC = b"STATEFSK"
@@ -145,36 +147,112 @@ def decode(data: bytes, passphrase: bytes | None, where: str = FILE_NAME) -> tup
     return Identity.from_secrets(secrets), True
 
 
-def read(path: str) -> bytes | None:
-    """The raw key file, or None if there is none yet."""
+def _user(uid: int) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _damaged(f"{path}: is a symlink; refusing to follow it") from None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        return f.read(MAX_FILE_LEN + 1)
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: the file is old or new, never torn."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # in case a stale temp file had looser bits
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def _unsafe(what: str, path: str, st: os.stat_result) -> str | None:
+    """Why ``path`` cannot be trusted with the secrets (ssh's rule for ~/.ssh), or None.
+
+    Another uid that owns it, or may write it, could have planted a key file
+    of its choosing or a temporary file it holds open to catch ours.
+    """
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        return (f"{what} {path} is owned by {_user(st.st_uid)} (uid {st.st_uid}), not by {_user(uid)} "
+                f"(uid {uid}) that keystored runs as: that user could plant a key or read ours")
+    if st.st_mode & 0o022:
+        return (f"{what} {path} has mode {stat.S_IMODE(st.st_mode):o}: group or others may write it, "
+                f"so another user could plant a key or catch ours")
+    return None
+
+
+class StateDir:
+    """keystored's --state-dir, opened once without following a symlink.
+
+    It must be owned by keystored's uid and writable by nobody else; every
+    file in it (key file, its temporary, the lock) is opened relative to the
+    checked directory with O_NOFOLLOW, so renaming a parent later cannot
+    redirect them.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path.rstrip("/") or "/"  # "link/" would follow the symlink
+        if os.path.islink(self.path):
+            raise InvalidArgument(
+                f"--state-dir {self.path} is a symlink (to {os.readlink(self.path)}); keystored does not follow it",
+                hint=f"give --state-dir the real directory, after checking who owns it: "
+                     f"--state-dir {os.path.realpath(self.path)}")
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        why = _unsafe("--state-dir", self.path, os.fstat(self.fd))
+        if why:
+            os.close(self.fd)
+            raise InvalidArgument(why, hint=f"check that {self.path} holds nothing you did not put there, then: "
+                                            f"chown {_user(os.geteuid())}: {self.path} && chmod 700 {self.path}")
+
+    @property
+    def key_path(self) -> str:
+        return os.path.join(self.path, FILE_NAME)
+
+    def open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        """A file in the directory, never through a symlink (ELOOP names the path)."""
+        try:
+            return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                where = os.path.join(self.path, name)
+                raise InvalidArgument(f"{where} is a symlink; keystored does not follow it",
+                                      hint=f"remove it (rm {where}) if you did not put it there") from None
+            raise
+
+    def read_key(self) -> bytes | None:
+        """The raw key file, or None if there is none yet; refused unless it is
+        a regular file owned by us and writable by nobody else."""
+        try:
+            fd = os.open(FILE_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _damaged(f"{self.key_path}: is a symlink; refusing to follow it") from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _damaged(f"{self.key_path}: is not a regular file")
+            why = _unsafe("key file", self.key_path, st)
+            if why:
+                raise InvalidArgument(
+                    why, hint=f"if you did not put it there, remove it (a new identity is made); if it is "
+                              f"yours: chown {_user(os.geteuid())}: {self.key_path} && chmod 600 {self.key_path}")
+            return f.read(MAX_FILE_LEN + 1)
+
+    def write_key(self, data: bytes) -> None:
+        """Temp file, fsync, rename, fsync the directory: the file is old or new, never torn.
+
+        The temporary is made fresh (O_EXCL): a leftover one, perhaps held
+        open by whoever made it, is unlinked first and never written to.
+        """
+        tmp = FILE_NAME + ".tmp"
+        try:
+            os.unlink(tmp, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, FILE_NAME, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)

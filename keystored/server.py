@@ -65,15 +65,14 @@ def read_passphrase(var: str | None) -> bytes | None:
     return value
 
 
-def lock_state_dir(state_dir: str) -> int:
+def lock_state_dir(state_dir: keyfile.StateDir) -> int:
     """Hold an exclusive lock for our lifetime: two daemons must never race to create keys."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = state_dir.open(LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise Busy(f"another keystored holds {state_dir}") from None
+        raise Busy(f"another keystored holds {state_dir.path}") from None
     return fd
 
 
@@ -188,8 +187,9 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
     # Everything that can refuse the socket is checked before a key is
     # created: a start that fails must not leave a new identity behind.
     protocol.ENDPOINT.check_socket_path(args.socket)
-    lock_fd = lock_state_dir(args.state_dir)
-    keystore = Keystore(os.path.join(args.state_dir, keyfile.FILE_NAME), passphrase, access, audit)
+    state_dir = keyfile.StateDir(args.state_dir)
+    lock_fd = lock_state_dir(state_dir)
+    keystore = Keystore(state_dir, passphrase, access, audit)
     if not keystore.open():
         print(f"keystored: warning: {entropy.NOT_READY_MESSAGE}", file=sys.stderr, flush=True)
         audit.event("entropy_not_ready", message=entropy.NOT_READY_MESSAGE)
@@ -216,6 +216,7 @@ def _run(args: argparse.Namespace, audit: AuditLog) -> int:
         listener.close()
         keystore.close()
         os.close(lock_fd)
+        state_dir.close()
     audit.event("stopped", socket=args.socket)
     return 0
 

@@ -44,8 +44,10 @@ def _fields(request: dict, required: dict[str, type], optional: dict[str, tuple[
 class Keystore:
     """The identity (once there is one) and the rules for handing out its products."""
 
-    def __init__(self, key_path: str, passphrase: bytes | None, access: AccessList, audit: AuditLog) -> None:
-        self.key_path = key_path
+    def __init__(self, state_dir: keyfile.StateDir, passphrase: bytes | None, access: AccessList,
+                 audit: AuditLog) -> None:
+        self._state_dir = state_dir
+        self.key_path = state_dir.key_path
         self._passphrase = passphrase
         self._access = access
         self._audit = audit
@@ -61,10 +63,10 @@ class Keystore:
         A damaged file or wrong passphrase raises: keys are never regenerated
         over an existing file.
         """
-        data = keyfile.read(self.key_path)
+        data = self._state_dir.read_key()
         if data is not None:
             identity, sealed = keyfile.decode(data, self._passphrase, where=self.key_path)
-            mode = os.stat(self.key_path).st_mode & 0o777
+            mode = os.stat(keyfile.FILE_NAME, dir_fd=self._state_dir.fd, follow_symlinks=False).st_mode & 0o777
             if mode & 0o077:
                 self._audit.event("warning", message=f"{self.key_path} has mode {mode:o}; it should be 600")
             if self._passphrase and not sealed:
@@ -79,7 +81,7 @@ class Keystore:
             data = keyfile.encode(identity, self._passphrase)
         except EntropyNotReady:
             return False
-        keyfile.write_atomic(self.key_path, data)
+        self._state_dir.write_key(data)
         if self._passphrase is None:
             # Say it where a person starting keystored reads it, not only in the log.
             message = (f"{self.key_path} is written unsealed: anyone who can read it has the "

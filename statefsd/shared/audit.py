@@ -20,6 +20,7 @@ engine expects for its ``audit=`` hook.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import threading
@@ -52,8 +53,13 @@ class AuditLog:
         self._file: TextIO | None = stream
         if path is not None:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                # O_NOFOLLOW: a symlink planted at the path must not make a
+                # privileged daemon append to (or create) a file of its choosing.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise InvalidArgument(f"audit journal {path} is a symlink; refusing to follow it",
+                                          hint=f"give {option} the real file, or remove the link (rm {path})") from None
                 parent = os.path.dirname(os.path.abspath(path))
                 if not os.path.isdir(parent):
                     raise InvalidArgument(f"audit journal {path}: directory {parent} does not exist",

@@ -189,8 +189,7 @@ class Endpoint:
         old_umask = os.umask(0o777 & ~self.socket_mode)  # no window with a looser mode
         try:
             sock.bind(path)
-            os.chmod(path, self.socket_mode)
-            inode = os.stat(path).st_ino
+            inode = _set_socket_mode(path, self.socket_mode)
             sock.listen(self.backlog)
         except OSError as exc:
             sock.close()
@@ -596,6 +595,26 @@ def printable(text: str) -> str:
     """Text safe to send as msgpack str: lone surrogates from undecodable
     input become visible escapes instead of breaking the encoder."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _set_socket_mode(path: str, mode: int) -> int:
+    """Give the socket file just bound at ``path`` its mode; its inode number.
+
+    The umask already made the mode at bind; a chmod is needed only where a
+    default ACL overrode it. Neither step follows a symlink: a path swapped
+    for a link to another file after bind must not make a privileged daemon
+    chmod that file (fchmod on the socket itself would not reach the file).
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, "the socket file was replaced by another file while binding")
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(f"/proc/self/fd/{fd}", mode)  # this inode, whatever the path holds now
+        return st.st_ino
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------- decode budget

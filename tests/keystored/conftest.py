@@ -19,6 +19,7 @@ import msgpack
 import pytest
 
 from keystored.client import KeystoreClient
+from tests.uidswitch import AsUid, run_as_uid
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "keystored: ready"
@@ -31,7 +32,7 @@ class Keystored:
     def __init__(self, args: list[str], env: dict[str, str], socket_path: str, state_dir: Path) -> None:
         self.socket = socket_path
         self.state_dir = state_dir
-        self.key_path = state_dir / "identity.key"
+        self.key_path = Path(state_dir) / "identity.key"
         self._lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "keystored", *args], env=env, cwd=REPO,
@@ -202,37 +203,6 @@ def request(**fields) -> bytes:
     return frame(msgpack.packb(fields, use_bin_type=True))
 
 
-def run_as_uid(uid: int, fn) -> object:
-    """Run ``fn`` in a forked child that has dropped to ``uid``; return its JSON-able result.
-
-    A fork rather than a fresh interpreter: the venv's Python lives under
-    /root, which uid 65534 cannot enter.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        try:
-            try:
-                os.close(read_fd)
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-                payload = json.dumps({"result": fn()})
-            except BaseException as exc:  # report anything to the parent
-                payload = json.dumps({"crash": f"{type(exc).__name__}: {exc}"})
-            os.write(write_fd, payload.encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    out = json.loads(data)
-    if "crash" in out:
-        raise AssertionError(f"child as uid {uid} failed: {out['crash']}")
-    return out["result"]
-
-
 @pytest.fixture
 def helpers():
     """The raw-socket helpers, for tests that speak the protocol by hand."""
@@ -242,4 +212,5 @@ def helpers():
     H.frame = staticmethod(frame)
     H.request = staticmethod(request)
     H.run_as_uid = staticmethod(run_as_uid)
+    H.AsUid = AsUid
     return H

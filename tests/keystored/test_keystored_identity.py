@@ -177,9 +177,10 @@ def _version_2(data: bytes) -> bytes:
 def _write_key_file(launcher, passphrase: bytes | None = None) -> Path:
     """A valid key file made by the same code keystored uses (cheap Argon2 cost when sealed)."""
     launcher.state_dir.mkdir(mode=0o700)
-    path = launcher.state_dir / "identity.key"
-    keyfile.write_atomic(str(path), keyfile.encode(Identity.generate(), passphrase, CHEAP_SEAL))
-    return path
+    state_dir = keyfile.StateDir(str(launcher.state_dir))
+    state_dir.write_key(keyfile.encode(Identity.generate(), passphrase, CHEAP_SEAL))
+    state_dir.close()
+    return Path(state_dir.key_path)
 
 
 @pytest.mark.parametrize(

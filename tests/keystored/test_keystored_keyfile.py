@@ -87,11 +87,15 @@ def test_hostile_argon2_cost_is_refused_before_hashing():
         keyfile.decode(bytes(data), b"pw")
 
 
-def test_key_file_is_written_atomically_with_mode_0600(tmp_path):
+def test_key_file_is_written_atomically_with_mode_0600_and_a_fresh_temporary(tmp_path):
     path = tmp_path / "identity.key"
     (tmp_path / "identity.key.tmp").write_bytes(b"stale temp from a crash")
     (tmp_path / "identity.key.tmp").chmod(0o644)
-    keyfile.write_atomic(str(path), b"new")
+    with open(tmp_path / "identity.key.tmp", "rb") as stale:  # whoever made it still holds it
+        state_dir = keyfile.StateDir(str(tmp_path))
+        state_dir.write_key(b"new")
+        state_dir.close()
+        assert stale.read() == b"stale temp from a crash"
     assert path.read_bytes() == b"new" and (path.stat().st_mode & 0o777) == 0o600
     assert not (tmp_path / "identity.key.tmp").exists()
 
