@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from statefsd import protocol
 from statefsd.shared import unixrpc
-from statefsd.storage.engine import Mutation, mutation_op
+from statefsd.storage.engine import Mutation, mutation_op, utf8_text
 from statefsd.errors import (
     Code, InternalError, ProtocolError, ReadOnly, StateFSError, TooBig, TransactionError,
 )
@@ -160,6 +160,8 @@ class Session:
 
     def op_list(self, args: dict) -> dict:
         keys = self.engine.list(args.get("prefix", ""))
+        if "after" in args:
+            utf8_text(args["after"], "list 'after'")  # no key can follow text that is not UTF-8
         start = bisect.bisect_right(keys, args["after"]) if "after" in args else 0
         limit = args.get("limit", protocol.LIST_PAGE_KEYS)
         limit = max(1, min(limit, protocol.LIST_PAGE_KEYS))

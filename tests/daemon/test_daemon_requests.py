@@ -244,6 +244,53 @@ def test_non_utf8_key_in_a_raw_frame_is_einval(shared_daemon):
     assert_still_serving(shared_daemon)
 
 
+def test_list_with_a_prefix_that_is_not_utf8_is_einval_naming_the_prefix(shared_daemon):
+    raw = RawConnection(shared_daemon.socket)
+    # {"v": 1, "id": 1, "op": "list", "prefix": <str holding the byte ff>}, as a client sent it
+    raw.send_body(bytes.fromhex("84a17601a2696401a26f70a46c697374a6707265666978a1ff"))
+    response = raw.receive()
+    assert_error(response, Code.EINVAL)
+    assert response["id"] == 1
+    assert "list prefix must be valid UTF-8" in response["error"]["message"]
+    assert "\\xff" in response["error"]["message"]
+    raw.close()
+    assert_still_serving(shared_daemon)
+
+
+TEXT = "T\u00e9XT"  # a str field whose bytes are replaced by invalid UTF-8 below
+
+
+@pytest.mark.parametrize("fields", [
+    {"op": "list", "prefix": TEXT},
+    {"op": "list", "after": TEXT},
+    {"op": "get", "key": TEXT},
+    {"op": "stat", "key": TEXT},
+    {"op": "delete", "key": TEXT},
+    {"op": "put", "key": TEXT, "value": b"v"},
+    {"op": "txn", "ops": [{"op": "put", "key": "fine", "value": b"v"}, {"op": "delete", "key": TEXT}]},
+], ids=lambda f: f["op"] + "-" + next(k for k in f if k != "op"))
+def test_every_text_field_holding_invalid_utf8_is_einval_never_einternal(shared_daemon, fields):
+    raw = RawConnection(shared_daemon.socket)
+    body = msgpack.packb({"v": 1, "id": 12, **fields}, use_bin_type=True)
+    raw.send_body(body.replace(TEXT.encode(), b"T\xff\xfeXT"))
+    response = raw.receive()
+    assert_error(response, Code.EINVAL)
+    assert "valid UTF-8" in response["error"]["message"]
+    raw.close()
+    assert_still_serving(shared_daemon)
+
+
+def test_a_txn_put_key_that_is_not_utf8_is_einval_and_aborts_the_transaction(shared_daemon):
+    raw = RawConnection(shared_daemon.socket)
+    assert raw.request("begin")["ok"]
+    body = msgpack.packb({"v": 1, "id": 13, "op": "txn_put", "key": TEXT, "value": b"v"},
+                         use_bin_type=True)
+    raw.send_body(body.replace(TEXT.encode(), b"T\xff\xfeXT"))
+    assert_error(raw.receive(), Code.EINVAL)
+    assert_error(raw.request("commit", request_id=14), Code.ETXN)
+    raw.close()
+
+
 def test_client_refuses_a_value_too_big_for_any_frame_without_sending(client):
     with pytest.raises(TooBig):
         client.put("huge", bytes(protocol.MAX_FRAME))
