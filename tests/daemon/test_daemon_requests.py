@@ -1,6 +1,7 @@
 """Requests to a real statefsd over its real socket: the client library, and
 raw frames for everything a client library would never send."""
 
+import os
 import threading
 
 import msgpack
@@ -312,3 +313,25 @@ def test_protocol_error_from_response_raises_on_client(shared_daemon):
     with Client(shared_daemon.socket) as c:
         with pytest.raises(ProtocolError):
             c.call("hello", v=2)  # overriding the version is refused by the daemon
+
+
+def test_a_flood_of_huge_bad_requests_grows_the_audit_journal_by_a_bounded_amount(daemon):
+    from statefsd.shared.audit import BURST, EXCERPT_CHARS
+    requests, op = 3 * BURST, "x" * (1 << 20)
+    before = os.path.getsize(daemon.audit_path)
+    raw = RawConnection(daemon.socket)
+    for n in range(requests):
+        raw.send({"v": 1, "id": n, "op": op})
+        assert_error(raw.receive(), Code.EPROTO)
+    raw.close()
+    assert_still_serving(daemon)
+    grown = os.path.getsize(daemon.audit_path) - before
+    assert grown < BURST * 4 * EXCERPT_CHARS, grown      # the requests were 60 MiB
+    assert daemon.stop() == 0
+    events = daemon.audit_events()
+    refused = [e["fields"] for e in events if e["event"] == "refused"]
+    assert len(refused) == BURST
+    assert all(f["truncated"]["message"] > (1 << 20) for f in refused)
+    (suppressed,) = [e["fields"] for e in events if e["event"] == "suppressed"]
+    assert suppressed["event"] == "refused" and suppressed["count"] == requests - BURST
+    assert suppressed["uid"] == os.getuid()
