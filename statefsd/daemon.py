@@ -1,8 +1,8 @@
 """statefsd: the process that owns one StateFS image and serves it on a socket.
 
     statefsd --image PATH --socket PATH [--audit PATH] [--read-only]
-             [--keystore-socket PATH] [limits: --frame-deadline, --idle-deadline,
-             --max-connections, --max-connections-per-uid]
+             [--keystore-socket PATH] [limits: --txn-budget, --frame-deadline,
+             --idle-deadline, --max-connections, --max-connections-per-uid]
 
 Startup order: check the socket path (nobody serves it), lock and mount the
 image, print the encryption mode, listen,
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statefsd", description="Serve a StateFS image on a Unix socket.",
         usage="statefsd --image PATH --socket PATH [--audit PATH] [--read-only] [--keystore-socket PATH] "
-              "[limits]")
+              "[--txn-budget SIZE] [limits]")
     # Required in use, but not to argparse: --selftest runs without them.
     required = parser.add_argument_group("required")
     required.add_argument("--image", metavar="PATH", help="image file or block device (e.g. /dev/vda)")
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     from statefsd.protocol import ENDPOINT
     ENDPOINT.add_limit_flags(parser, "frame_deadline", "idle_deadline", "max_connections",
                              "max_connections_per_uid")
+    parser.add_argument("--txn-budget", metavar="SIZE", type=_txn_budget, default=None,
+                        help="bytes all open transactions together may buffer (K/M/G suffixes; "
+                             "default: four maximum-size transactions, about 64M)")
     # Any of these flags hands the whole argument namespace to
     # statefsd/testing/selftest.py's main(args), imported only then (docs/DESIGN.md, "Layers").
     selftest = parser.add_argument_group("self tests (see statefsd/testing/selftest.py)")
@@ -66,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--mkfs", action="store_true", help="with --selftest: format the image first")
     selftest.add_argument("--encryption", choices=("on", "off"), help="with --selftest: encryption mode")
     return parser
+
+
+def _txn_budget(text: str) -> int:
+    """--txn-budget: a size no smaller than one maximum-size transaction."""
+    from statefsd.storage.blockdev import parse_size
+    from statefsd.server import MIN_TXN_BUDGET
+    try:
+        size = parse_size(text)
+    except StateFSError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.message} ({exc.hint})") from None
+    if size < MIN_TXN_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"{text} cannot hold one maximum-size transaction ({MIN_TXN_BUDGET} bytes); "
+            f"give at least {-(-MIN_TXN_BUDGET >> 20)}M")
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +132,8 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     from statefsd.storage.engine import Engine
     from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
     from statefsd.protocol import ENDPOINT
-    from statefsd.server import Server, encryption_mode
+    from statefsd.server import DEFAULT_TXN_BUDGET, Server, encryption_mode, map_large_allocations
+    map_large_allocations()
 
     # With a keystore, checkpoints are signed and verified with the device key;
     # an unreachable keystore that was asked for is an error, not a downgrade.
@@ -130,7 +149,8 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
         mode = encryption_mode(engine.info())
         print(encryption_banner(engine.sb), flush=True)
         listener = ENDPOINT.with_limits(args).listen(args.socket)
-        server = Server(engine, listener, audit=audit, version=server_version())
+        server = Server(engine, listener, audit=audit, version=server_version(),
+                        txn_budget=args.txn_budget or DEFAULT_TXN_BUDGET)
         server.start()
         audit("daemon_start", pid=os.getpid(), image=args.image, socket=args.socket,
               read_only=bool(engine.read_only), encryption=mode, version=server.version)

@@ -50,7 +50,7 @@ class Compactor:
         room for a transaction of ``needed`` bytes; False when it cannot."""
         log = self._engine.log
         with self._running:
-            if log.region_end - log.position.offset >= needed + log.delete_reserve:
+            if log.group_fits(log.position.offset + needed, False):
                 return True   # a compaction that just finished made room
             if not self._would_free(needed):
                 return False

@@ -91,14 +91,31 @@ class Mutation(NamedTuple):
     value: bytes = b""
 
 
+def utf8_text(text: str, what: str) -> bytes:
+    """``text`` as UTF-8 bytes; EINVAL naming ``what`` when it holds bytes
+    that were not UTF-8 on the wire (decoded as lone surrogates)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} must be valid UTF-8, got {_as_sent(text[:64])}"
+                              f"{'...' if len(text) > 64 else ''}",
+                              hint="keys and prefixes are UTF-8 text; recode it") from None
+
+
+def _as_sent(text: str) -> str:
+    """The bytes the client sent (undecodable ones as \\xNN), quoted."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return repr(raw)[1:]
+
+
 def validate_path(path: str) -> bytes:
     """A key as stored: non-empty UTF-8 without NUL, at most MAX_KEY_BYTES."""
     if not isinstance(path, str) or not path:
         raise InvalidArgument("a key must be a non-empty string")
-    try:
-        raw = path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidArgument("a key must be valid UTF-8") from None
+    raw = utf8_text(path, "a key")
     problem = fmt.path_problem(raw)
     if problem and len(raw) > fmt.MAX_KEY_BYTES:
         raise TooBig(problem, hint=f"use a key of at most {fmt.MAX_KEY_BYTES} UTF-8 bytes")
@@ -290,7 +307,7 @@ class Engine:
         return {"path": path, "size": entry.size, "txn_id": entry.txn_id}
 
     def list(self, prefix: str = "") -> list[str]:
-        raw = prefix.encode("utf-8")
+        raw = utf8_text(prefix, "a list prefix")
         return sorted(p.decode("utf-8") for p in list(self.index) if p.startswith(raw))
 
     def info(self) -> dict:

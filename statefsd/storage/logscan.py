@@ -27,6 +27,7 @@ Where the walk stops, the reader decides between a torn tail and corruption:
 
 - a stop below the superblock's ``durable_end`` (the durable floor) is
   corruption: a superblock written after that data was flushed says so;
+- so is a group longer than MAX_GROUP_BYTES: the writer never writes one;
 - otherwise it looks further for a record that proves the stopping point
   was once durable: a valid record of this epoch, of this or a later mount,
   whose group is at least two past the last complete group. The writer never
@@ -45,6 +46,12 @@ from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import BlockDevice
 
 READ_WINDOW = 4 << 20
+# The writer never writes a group this long (docs/statefs.md 6.1 rule 6), so
+# a walk stopped by it is corruption or forgery, never a torn write.
+OVERSIZE_GROUP = f"write group larger than {fmt.MAX_GROUP_BYTES} bytes"
+# How much of a group the walk keeps before it has seen the group's end.
+KEEP_BYTES = 8 << 20
+KEEP_RECORDS = 4096
 
 
 class Record(NamedTuple):
@@ -185,21 +192,41 @@ class _Stop(NamedTuple):
 def _read_group(window: _Window, start: int, sb: fmt.Superblock,
                 cur: _Cursor) -> tuple[list[Record] | None, _Stop]:
     """The records of the complete group starting at ``start``, or None and
-    where and why the walk stopped. ``cur`` is not changed."""
-    records: list[Record] = []
+    where and why the walk stopped. ``cur`` is not changed.
+
+    Records are kept while the group is small (KEEP_BYTES, KEEP_RECORDS);
+    past that the walk only looks for the group's end and reads a complete
+    group again. A group that never closes (torn, or forged to run on to
+    MAX_GROUP_BYTES in tiny records) thus costs bounded memory."""
     probe = _Cursor(cur.seq, cur.group, cur.mount_gen)
+    records: list[Record] | None = []
     pos = start
     while True:
         if pos - start > fmt.MAX_GROUP_BYTES:
-            return None, _Stop(pos, f"write group larger than {fmt.MAX_GROUP_BYTES} bytes")
+            return None, _Stop(pos, OVERSIZE_GROUP)
         rec, reason = _check(window, pos, sb, probe)
         if rec is None:
+            return None, _Stop(pos, reason)
+        if records is not None:
+            records.append(rec)
+            if len(records) > KEEP_RECORDS or pos - start > KEEP_BYTES:
+                records = None
+        probe.seq += 1
+        pos = rec.end
+        if rec.header.flags & fmt.FLAG_GROUP_END:
+            break
+    if records is not None:
+        return records, _Stop(pos, "")
+    end, records = pos, []
+    probe.seq, pos = cur.seq, start
+    while pos < end:
+        rec, reason = _check(window, pos, sb, probe)
+        if rec is None:     # the device answered differently the second time
             return None, _Stop(pos, reason)
         records.append(rec)
         probe.seq += 1
         pos = rec.end
-        if rec.header.flags & fmt.FLAG_GROUP_END:
-            return records, _Stop(pos, "")
+    return records, _Stop(pos, "")
 
 
 def scan_groups(device: BlockDevice, sb: fmt.Superblock) -> Iterator[list[Record] | ScanEnd]:
@@ -243,6 +270,10 @@ def scan_groups(device: BlockDevice, sb: fmt.Superblock) -> Iterator[list[Record
 
 def decide_stop(window: _Window, sb: fmt.Superblock, end: ScanEnd) -> None:
     """Torn tail or corruption (see the module docstring)."""
+    if end.stop_reason == OVERSIZE_GROUP:   # reported where the group starts
+        end.corruption = f"{OVERSIZE_GROUP} (its records run on to byte offset {end.stop_offset})"
+        end.corruption_offset = end.offset
+        return
     if sb.durable_end and end.offset < sb.durable_end:
         end.corruption = f"{end.stop_reason} (below the durable floor at byte offset {sb.durable_end})"
         end.corruption_offset = end.stop_offset

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError
 from statefsd.shared.signing import verify_signature
-from statefsd.storage.logscan import Record, ScanEnd, scan_groups
+from statefsd.storage.logscan import OVERSIZE_GROUP, Record, ScanEnd, scan_groups
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,12 @@ class Replayer:
         if self.open is not None and not self.stopped:
             self._drop_open("orphan", "prepared but never committed")
         if end.corrupt and not self.stopped:
-            proof = (f"a durable record follows at offset {end.evidence_offset}" if end.evidence_offset >= 0
-                     else "the superblock recorded it as flushed")
+            if end.evidence_offset >= 0:
+                proof = f"a durable record follows at offset {end.evidence_offset}"
+            elif end.stop_reason == OVERSIZE_GROUP:
+                proof = "no writer writes such a group: the log was damaged or forged"
+            else:
+                proof = "the superblock recorded it as flushed"
             self.findings.append(Finding(end.corruption_offset, "corruption", f"{end.corruption}; {proof}"))
         elif (end.torn_bytes or not _clean_stop(end.stop_reason)) and not self.stopped:
             self.findings.append(Finding(end.offset, "torn-tail",

@@ -47,38 +47,37 @@ class ValueReader:
     def read(self, raw: bytes, entry: Entry) -> bytes:
         """The value an index entry points at, checked (CRC, header, AEAD)."""
         path = raw.decode("utf-8", "replace")
-        if not entry.chunks:
-            return b""
-        first = entry.chunks[0][0]
-        last_off, last_len = entry.chunks[-1]
-        span = self._read_span(first, last_off + fmt.HEADER_SIZE + last_len - first)
         want_hash = fmt.path_hash(raw)
         parts = []
-        for index, (offset, plen) in enumerate(entry.chunks):
-            rel = offset - first
+        for run in _runs(entry.chunks):
+            first = run[0][1]
+            length = run[-1][1] + fmt.HEADER_SIZE + run[-1][2] - first
+            span = self._read_span(first, length)
+            for index, offset, plen in run:
+                rel = offset - first
 
-            def intact() -> bool:
-                h = fmt.unpack_header(span, rel)
-                return (h.type == fmt.PAYLOAD and h.txn_id == entry.txn_id and h.chunk_index == index
-                        and h.path_hash == want_hash and h.payload_len == plen
-                        and fmt.record_crc_ok(span, rel, h))
+                def intact() -> bool:
+                    h = fmt.unpack_header(span, rel)
+                    return (h.type == fmt.PAYLOAD and h.txn_id == entry.txn_id and h.chunk_index == index
+                            and h.path_hash == want_hash and h.payload_len == plen
+                            and fmt.record_crc_ok(span, rel, h))
 
-            if not intact() and self._repair_sector(offset):
-                span = self._read_span(first, len(span))
-            if not intact():
-                self._audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id)
-                raise IntegrityError(f"value of {path!r} failed its checksum at byte offset {offset}",
-                                     offset=offset)
-            piece = span[rel + fmt.HEADER_SIZE:rel + fmt.HEADER_SIZE + plen]
-            if entry.sealed:
-                try:
-                    piece = self._cipher.open(piece, fmt.unpack_header(span, rel))
-                except IntegrityError:
-                    self._audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id,
-                                reason="authentication failed")
-                    raise IntegrityError(f"value of {path!r} failed authentication at byte offset "
-                                         f"{offset}", offset=offset) from None
-            parts.append(piece)
+                if not intact() and self._repair_sector(offset):
+                    span = self._read_span(first, length)
+                if not intact():
+                    self._audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id)
+                    raise IntegrityError(f"value of {path!r} failed its checksum at byte offset {offset}",
+                                         offset=offset)
+                piece = span[rel + fmt.HEADER_SIZE:rel + fmt.HEADER_SIZE + plen]
+                if entry.sealed:
+                    try:
+                        piece = self._cipher.open(piece, fmt.unpack_header(span, rel))
+                    except IntegrityError:
+                        self._audit("integrity_failure", path=path, offset=offset, txn_id=entry.txn_id,
+                                    reason="authentication failed")
+                        raise IntegrityError(f"value of {path!r} failed authentication at byte offset "
+                                             f"{offset}", offset=offset) from None
+                parts.append(piece)
         return b"".join(parts)
 
     def _read_span(self, offset: int, length: int) -> bytes:
@@ -114,3 +113,24 @@ class ValueReader:
         finally:
             self._role.release()
         return True
+
+
+# Chunks this close are read as one span; farther apart (which the writer
+# never does: it writes a value's chunks back to back) they are read one
+# run at a time, so a value costs reads in proportion to its size, not to
+# how far a forged transaction spread its chunks over the log.
+RUN_GAP = fmt.HEADER_SIZE + fmt.MAX_PAYLOAD + fmt.SEAL_OVERHEAD
+
+
+def _runs(chunks: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
+    """``chunks`` ((offset, payload length) in value order) as runs of
+    (chunk index, offset, payload length), each run in ascending, nearby
+    offsets."""
+    runs: list[list[tuple[int, int, int]]] = []
+    end = None
+    for index, (offset, plen) in enumerate(chunks):
+        if end is None or not 0 <= offset - end <= RUN_GAP:
+            runs.append([])
+        runs[-1].append((index, offset, plen))
+        end = offset + fmt.HEADER_SIZE + plen
+    return runs

@@ -1,6 +1,7 @@
 """Requests to a real statefsd over its real socket: the client library, and
 raw frames for everything a client library would never send."""
 
+import os
 import threading
 
 import msgpack
@@ -244,18 +245,67 @@ def test_non_utf8_key_in_a_raw_frame_is_einval(shared_daemon):
     assert_still_serving(shared_daemon)
 
 
+def test_list_with_a_prefix_that_is_not_utf8_is_einval_naming_the_prefix(shared_daemon):
+    raw = RawConnection(shared_daemon.socket)
+    # {"v": 1, "id": 1, "op": "list", "prefix": <str holding the byte ff>}, as a client sent it
+    raw.send_body(bytes.fromhex("84a17601a2696401a26f70a46c697374a6707265666978a1ff"))
+    response = raw.receive()
+    assert_error(response, Code.EINVAL)
+    assert response["id"] == 1
+    assert "list prefix must be valid UTF-8" in response["error"]["message"]
+    assert "\\xff" in response["error"]["message"]
+    raw.close()
+    assert_still_serving(shared_daemon)
+
+
+TEXT = "T\u00e9XT"  # a str field whose bytes are replaced by invalid UTF-8 below
+
+
+@pytest.mark.parametrize("fields", [
+    {"op": "list", "prefix": TEXT},
+    {"op": "list", "after": TEXT},
+    {"op": "get", "key": TEXT},
+    {"op": "stat", "key": TEXT},
+    {"op": "delete", "key": TEXT},
+    {"op": "put", "key": TEXT, "value": b"v"},
+    {"op": "txn", "ops": [{"op": "put", "key": "fine", "value": b"v"}, {"op": "delete", "key": TEXT}]},
+], ids=lambda f: f["op"] + "-" + next(k for k in f if k != "op"))
+def test_every_text_field_holding_invalid_utf8_is_einval_never_einternal(shared_daemon, fields):
+    raw = RawConnection(shared_daemon.socket)
+    body = msgpack.packb({"v": 1, "id": 12, **fields}, use_bin_type=True)
+    raw.send_body(body.replace(TEXT.encode(), b"T\xff\xfeXT"))
+    response = raw.receive()
+    assert_error(response, Code.EINVAL)
+    assert "valid UTF-8" in response["error"]["message"]
+    raw.close()
+    assert_still_serving(shared_daemon)
+
+
+def test_a_txn_put_key_that_is_not_utf8_is_einval_and_aborts_the_transaction(shared_daemon):
+    raw = RawConnection(shared_daemon.socket)
+    assert raw.request("begin")["ok"]
+    body = msgpack.packb({"v": 1, "id": 13, "op": "txn_put", "key": TEXT, "value": b"v"},
+                         use_bin_type=True)
+    raw.send_body(body.replace(TEXT.encode(), b"T\xff\xfeXT"))
+    assert_error(raw.receive(), Code.EINVAL)
+    assert_error(raw.request("commit", request_id=14), Code.ETXN)
+    raw.close()
+
+
 def test_client_refuses_a_value_too_big_for_any_frame_without_sending(client):
     with pytest.raises(TooBig):
         client.put("huge", bytes(protocol.MAX_FRAME))
     assert client.hello()["protocol"] == 1
 
 
-def test_refused_requests_are_audited(shared_daemon):
-    raw = RawConnection(shared_daemon.socket)
+def test_refused_requests_are_audited(daemon):
+    # A daemon of its own: on the shared one, other tests' refusals from this
+    # uid may already have used up the journal's burst for "refused".
+    raw = RawConnection(daemon.socket)
     raw.send({"v": 1, "id": 77, "op": "no_such_op"})
     raw.receive()
     raw.close()
-    events = shared_daemon.audit_events()
+    events = daemon.audit_events()
     assert all(e["component"] == "statefsd" for e in events)
     refusals = [e for e in events if e["event"] == "refused"]
     assert any(e["fields"].get("request") == 77 and e["fields"]["code"] == "EPROTO" for e in refusals)
@@ -265,3 +315,25 @@ def test_protocol_error_from_response_raises_on_client(shared_daemon):
     with Client(shared_daemon.socket) as c:
         with pytest.raises(ProtocolError):
             c.call("hello", v=2)  # overriding the version is refused by the daemon
+
+
+def test_a_flood_of_huge_bad_requests_grows_the_audit_journal_by_a_bounded_amount(daemon):
+    from statefsd.shared.audit import BURST, EXCERPT_CHARS
+    requests, op = 3 * BURST, "x" * (1 << 20)
+    before = os.path.getsize(daemon.audit_path)
+    raw = RawConnection(daemon.socket)
+    for n in range(requests):
+        raw.send({"v": 1, "id": n, "op": op})
+        assert_error(raw.receive(), Code.EPROTO)
+    raw.close()
+    assert_still_serving(daemon)
+    grown = os.path.getsize(daemon.audit_path) - before
+    assert grown < BURST * 4 * EXCERPT_CHARS, grown      # the requests were 60 MiB
+    assert daemon.stop() == 0
+    events = daemon.audit_events()
+    refused = [e["fields"] for e in events if e["event"] == "refused"]
+    assert len(refused) == BURST
+    assert all(f["truncated"]["message"] > (1 << 20) for f in refused)
+    (suppressed,) = [e["fields"] for e in events if e["event"] == "suppressed"]
+    assert suppressed["event"] == "refused" and suppressed["count"] == requests - BURST
+    assert suppressed["uid"] == os.getuid()

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from statefsd.errors import DeviceIOError, KeyUnavailable, ReadOnly
+from statefsd.errors import DeviceIOError, KeyUnavailable, ReadOnly, StateFSError
 from statefsd.storage.blockdev import FileDevice
 from statefsd.storage.engine import CHECKPOINT_EVERY, Engine, Mutation
 from statefsd.testing.campaign.systems import DeviceProxy, FixedSigner
@@ -86,6 +86,34 @@ def test_a_failed_checkpoint_never_turns_a_durable_commit_into_an_error(big_imag
     assert signer.attempts == 2        # not one attempt per later commit
     with big_image.mount() as e:
         assert all(e.get(f"k{i}") == i.to_bytes(4, "little") for i in range(total))
+
+
+@pytest.mark.parametrize("size", [1, 300, 1000])
+def test_with_keystored_gone_a_full_log_refuses_puts_naming_keystored_and_loses_no_acknowledged_put(
+        tmp_path, size):
+    """Rule C6 at the end of the log: compaction cannot sign its checkpoint
+    without keystored, so a put that needs the room it would make is
+    refused as EKEY (nothing committed), not as a full log that compaction
+    was never asked to empty; every put that answered a txn id reads back."""
+    image = Image(tmp_path / "small.img", 2 << 20)
+    acked: dict[str, bytes] = {}
+    refused = []
+    with image.mount(signer=UnreachableKeystore()) as e:
+        for i in range(5000):
+            key, value = f"z/{i % 50}", bytes([i % 251]) * size
+            try:
+                e.put(key, value)
+                acked[key] = value
+            except StateFSError as exc:
+                refused.append(exc)
+                assert e.get(key) == acked[key]   # the refused value is not visible
+                if len(refused) == 3:
+                    break
+        assert all(e.get(k) == v for k, v in acked.items())
+    assert [type(exc) for exc in refused] == [KeyUnavailable] * 3, refused
+    assert "keystored" in refused[0].message
+    with image.mount() as e:
+        assert all(e.get(k) == v for k, v in acked.items())
 
 
 def test_close_waits_for_a_compaction_a_racing_commit_started_and_loses_no_acknowledged_commit(tmp_path):

@@ -283,7 +283,9 @@ def walk(dev: bytearray, sb: dict):
             evidence = o - 4
             break
         o = dev.find(b"R2", o + 1, region_end)
-    if below_floor:
+    if reason == "group longer than MAX_GROUP_BYTES":  # 6.4: no writer writes one
+        outcome = "corruption"
+    elif below_floor:
         outcome = "corruption below the durable floor"
     elif evidence is not None:
         outcome = "corruption"
@@ -476,7 +478,7 @@ def read_image(path_or_bytes, key: bytes | None = None, device_key: bytes | None
             raise Refused("wrong key")
     log = walk(bytearray(dev), sb)
     r = replay(log["groups"], sb, key, device_key)
-    corrupt = (log["below_floor"] or log["evidence"] is not None
+    corrupt = (log["below_floor"] or log["evidence"] is not None or log["outcome"] == "corruption"
                or any(k == "corruption" for k, _ in r.findings))
     return {"state": {p.decode("utf-8"): v for p, v in r.index.items()}, "chain_head": r.chain,
             "max_txn_id": r.max_txn, "log_end": log["log_end"],

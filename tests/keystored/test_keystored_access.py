@@ -111,3 +111,30 @@ def test_malformed_allow_option_is_a_usage_error(launcher, spec):
     refused = launcher.fail("--allow", spec)
     assert refused.proc.returncode == Code.EUSAGE
     assert "--allow" in refused.stderr
+
+
+@needs_root
+@pytest.mark.parametrize("fields", [
+    {"op": "derive", "label": "statefs." + "x" * 60_000},   # over the label limit
+    {"op": "derive", "label": "other." + "x" * 50},          # a label uid 65534 may not use
+    {"op": "sign", "label": "statefs.sb", "message": "y" * 60_000},   # text, not bytes
+], ids=["long-label", "denied-label", "wrong-type"])
+def test_a_flood_of_bad_requests_from_a_disallowed_uid_grows_the_log_by_a_bounded_amount(
+        launcher, helpers, tmp_path, fields):
+    from statefsd.shared.audit import BURST, EXCERPT_CHARS
+    log = tmp_path / "keystored.log"
+    ks = launcher.start("--log", str(log))
+    before, before_lines = log.stat().st_size, len(log.read_text().splitlines())
+    requests = 10 * BURST
+    frame = helpers.request(v=1, **fields)
+    replies = helpers.run_as_uid(NOBODY, lambda: [
+        r["error"]["name"] if r else None for r in helpers.exchange(ks.socket, *[frame] * requests)])
+    assert len(replies) == requests and None not in replies and "EINTERNAL" not in replies
+    grown = log.stat().st_size - before
+    sent = requests * len(frame)
+    assert grown < BURST * 4 * EXCERPT_CHARS, (grown, sent)
+    assert len(log.read_text().splitlines()) <= before_lines + BURST
+    assert ks.stop() == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    suppressed = [e["fields"] for e in events if e["event"] == "suppressed"]
+    assert [(s["uid"], s["count"]) for s in suppressed] == [(NOBODY, requests - BURST)]

@@ -38,8 +38,8 @@ def workdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def encrypted_image(path):
-    create_image(path, 8 << 20)
+def encrypted_image(path, size=8 << 20):
+    create_image(path, size)
     with FileDevice(path) as dev:
         Engine.mkfs(dev, encryption="on")
     return path
@@ -97,4 +97,40 @@ def test_a_different_device_identity_is_refused_at_mount_by_the_key_check(workdi
         assert d.wait_exit() == Code.EKEY
         assert any("does not match this image" in line for line in d.stderr), d.stderr
     finally:
+        ks.stop()
+
+
+def test_puts_with_keystored_gone_answer_ok_and_the_failed_checkpoint_is_audited_and_retried(workdir):
+    from statefsd.storage.engine import CHECKPOINT_EVERY
+    ks = Keystored(f"{workdir}/keys", f"{workdir}/ks.sock")
+    image = encrypted_image(f"{workdir}/enc.img", 32 << 20)  # room for 2,048 puts without compaction
+    audit = f"{workdir}/audit.jsonl"
+    d = Daemon(image, f"{workdir}/s.sock", audit=audit, extra=["--keystore-socket", ks.socket])
+    try:
+        ks.stop()  # the payload key is already held; only checkpoint signatures need keystored now
+        puts = CHECKPOINT_EVERY + 76
+        with d.client() as c:
+            txns = [c.put(f"k/{i}", b"v%d" % i) for i in range(puts)]
+            assert all(isinstance(t, int) for t in txns) and txns == sorted(set(txns))
+            assert all(c.get(f"k/{i}") == b"v%d" % i for i in range(puts))
+        failed = [e["fields"] for e in d.audit_events() if e["event"] == "checkpoint_failed"]
+        assert len(failed) == 1, failed
+        assert failed[0]["retry_after_commits"] == CHECKPOINT_EVERY
+        assert "keystored" in failed[0]["reason"]
+
+        # keystored back with the same identity: the retry, due 1024 commits
+        # after the failed one, is signed and nothing in between was refused.
+        ks = Keystored(f"{workdir}/keys", f"{workdir}/ks.sock")
+        signed_before = sum(e["event"] == "checkpoint" for e in d.audit_events())
+        with d.client() as c:
+            for i in range(2 * CHECKPOINT_EVERY - puts - 1):
+                c.put(f"m/{i}", b"w")
+            assert sum(e["event"] == "checkpoint" for e in d.audit_events()) == signed_before
+            c.put("m/last", b"w")
+        events = d.audit_events()
+        assert sum(e["event"] == "checkpoint" for e in events) == signed_before + 1
+        assert sum(e["event"] == "checkpoint_failed" for e in events) == 1, events[-5:]
+        assert d.stop() == 0
+    finally:
+        d.kill()
         ks.stop()
