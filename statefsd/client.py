@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import stat
 import threading
@@ -243,11 +244,12 @@ class Transaction:
 
 def _closed_by_daemon(sock: socket.socket) -> bool:
     """True when the daemon has closed an idle connection (end of stream, or
-    anything unasked for, waiting to be read)."""
+    anything unasked for, waiting to be read). A poll, not a peeking recv: on
+    a socket with a timeout Python waits out the timeout even for MSG_DONTWAIT."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
-    except (BlockingIOError, InterruptedError):
-        return False  # nothing waiting: still open
+        return bool(poller.poll(0))
     except OSError:
         return True
 

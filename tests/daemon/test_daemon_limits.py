@@ -14,6 +14,7 @@ import time
 import msgpack
 import pytest
 
+from statefsd.client import Client
 from statefsd.protocol import MAX_FRAME, MAX_FRAME_OBJECTS
 from tests.daemon.harness import RawConnection
 from tests.keystored.conftest import run_as_uid
@@ -177,3 +178,13 @@ def test_a_client_idle_past_the_deadline_reconnects_quietly_on_its_next_call(ws)
         client.put("idle/a", b"1")
         time.sleep(1.2)  # the daemon closes the idle connection meanwhile
         assert client.get("idle/a") == b"1"
+
+
+def test_a_client_with_a_timeout_sends_its_next_request_at_once(ws):
+    """The check for an idle close must not wait out the socket's timeout."""
+    daemon = ws.start()
+    with Client(daemon.socket, timeout=5) as client:
+        client.put("quick/a", b"1")
+        began = time.monotonic()
+        assert client.get("quick/a") == b"1"
+        assert time.monotonic() - began < 1.0
