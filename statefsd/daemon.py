@@ -132,8 +132,8 @@ def serve(args: argparse.Namespace, audit: AuditLog) -> int:
     from statefsd.storage.engine import Engine
     from statefsd.keystore import KeystoreSigner, encryption_banner, keystore_key_provider
     from statefsd.protocol import ENDPOINT
-    from statefsd.server import DEFAULT_TXN_BUDGET, Server, encryption_mode, map_large_allocations
-    map_large_allocations()
+    from statefsd.server import DEFAULT_TXN_BUDGET, Server, encryption_mode, share_one_heap
+    share_one_heap()
 
     # With a keystore, checkpoints are signed and verified with the device key;
     # an unreachable keystore that was asked for is an error, not a downgrade.
