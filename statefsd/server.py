@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import ctypes.util
 import itertools
 import logging
 import socket
@@ -108,8 +107,10 @@ class TxnBuffer:
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
+    # The process's own symbols already hold the C library's: no search for
+    # it (find_library runs ldconfig, twice per start).
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):   # not glibc: its allocator needs no help
         return None
 
