@@ -28,6 +28,7 @@ import stat
 import sys
 
 from statefsd.errors import DeviceIOError, InternalError, InvalidArgument, StateFSError, UsageError
+from statefsd.vault import cli as vault_cli
 
 
 TXN_HELP = """\
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw fields as JSON")
 
     sub.add_parser("compact", parents=[common], help="compact the log now")
+    vault_cli.add_parser(sub, common)
     return parser
 
 
@@ -528,7 +530,7 @@ def _read_file(path: str) -> bytes:
 
 COMMANDS = {
     "mkfs": cmd_mkfs, "put": cmd_put, "get": cmd_get, "rm": cmd_rm,
-    "ls": cmd_ls, "txn": cmd_txn, "stat": cmd_stat, "compact": cmd_compact,
+    "ls": cmd_ls, "txn": cmd_txn, "stat": cmd_stat, "compact": cmd_compact, "vault": vault_cli.run,
 }
 
 

@@ -1,0 +1,306 @@
+"""Objects and their reference counts, kept transactionally without locks.
+
+An object (a chunk of file data, or a node of a snapshot's tree) is stored
+once under its keyed ID: sealed data in ``d/``, a sealed record with its
+reference count in ``o/``, and a ``z/`` marker while the count is zero.
+refs(o) is the number of distinct stored nodes that list o plus the number
+of snapshots whose root it is. Every change of a count is a conditional
+StateFS transaction on the record as it was read (ECONFLICT: read again and
+retry), and a node is created in the same transaction that counts its
+children, so a crash never leaves a count that disagrees with the stored
+nodes, and concurrent backups and prunes never wait for each other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from statefsd.errors import Conflict, IntegrityError, StateFSError
+from statefsd.vault import kv as kvmod
+from statefsd.vault import records as rec
+from statefsd.vault.keys import VaultKeys
+
+LOOKUP_BATCH = 64            # new chunks waiting for one `mget` of their records
+KNOWN_IDS = 100_000           # IDs remembered as stored (bounded: memory must not grow with the vault)
+TXN_OPS = 126                 # MAX_TXN_OPS 128, with room to spare
+TXN_DATA_BYTES = 6 << 20      # one-shot transactions travel in one frame (8 MiB cap)
+CONFLICT_RETRIES = 50
+
+
+class MissingObjects(StateFSError):
+    """Objects a new node would reference are gone (collected by a prune)."""
+
+    code = IntegrityError.code
+
+    def __init__(self, ids: list[bytes]) -> None:
+        super().__init__(f"{len(ids)} object(s) this backup meant to reuse were collected by a prune "
+                         f"(first {ids[0].hex()[:16]})", hint="run the backup again")
+        self.ids = ids
+
+
+@dataclass
+class Staged:
+    kind: int
+    size: int
+    sealed: bytes
+
+
+@dataclass
+class WriteStats:
+    new_objects: int = 0
+    new_bytes: int = 0          # plaintext bytes of objects stored by this session
+    stored_bytes: int = 0       # the sealed, padded bytes they occupy
+    txns: int = 0
+    conflicts: int = 0
+
+
+class ObjectStore:
+    def __init__(self, kv: kvmod.KV, keys: VaultKeys, session: bytes = bytes(rec.SESSION_ID_BYTES)) -> None:
+        self.kv = kv
+        self.keys = keys
+        self.session = session
+        self.staged: dict[bytes, Staged] = {}
+        self.staged_bytes = 0
+        self.pending: dict[bytes, bytes] = {}     # chunk id -> data, existence not yet known
+        self.pending_bytes = 0
+        self.known: OrderedDict[bytes, None] = OrderedDict()
+        self.stats = WriteStats()
+
+    # ------------------------------------------------------------ reads
+
+    def lookup(self, ids: list[bytes]) -> dict[bytes, tuple[rec.ObjectRecord, int]]:
+        """The records (and their txn ids) of those of ``ids`` that exist."""
+        found: dict[bytes, tuple[rec.ObjectRecord, int]] = {}
+        if not ids:
+            return found
+        for oid, got in zip(ids, self.kv.mget([rec.object_key(i) for i in ids])):
+            if got is not None:
+                found[oid] = (rec.open_object_record(self.keys.record_seal, oid, got[0]), got[1])
+        return found
+
+    def read(self, oid: bytes, kind: int) -> bytes:
+        return next(self.read_many([(oid, kind)]))[1]
+
+    def read_many(self, wanted: list[tuple[bytes, int]]):
+        """Yield (id, data) in order, each verified against its ID; a missing or
+        damaged object yields (id, IntegrityError) so the caller can go on."""
+        got = self.kv.mget([rec.data_key(oid) for oid, _ in wanted])
+        for (oid, kind), item in zip(wanted, got):
+            if item is None:
+                yield oid, IntegrityError(f"object {oid.hex()[:16]} is missing from the vault",
+                                          hint="run `statefs vault check`")
+                continue
+            try:
+                yield oid, rec.open_object(self.keys.object_seal, self.keys.object_id, oid, kind, item[0])
+            except IntegrityError as exc:
+                yield oid, exc
+
+    def read_node(self, oid: bytes) -> tuple[str, list]:
+        return rec.decode_node(self.read(oid, rec.KIND_NODE), f"node {oid.hex()[:16]}")
+
+    # ------------------------------------------------------------ new objects
+
+    def chunk_id(self, data) -> bytes:
+        return rec.object_id(self.keys.object_id, rec.KIND_CHUNK, data)
+
+    def add_chunk(self, cid: bytes, data) -> bool:
+        """Store a chunk unless the vault has it. Existence is asked in
+        batches; returns False when the chunk is known to be stored already."""
+        if cid in self.known:
+            self.known.move_to_end(cid)
+            return False
+        if cid in self.pending or cid in self.staged:
+            return True
+        self.pending[cid] = bytes(data)
+        self.pending_bytes += len(data)
+        if len(self.pending) >= LOOKUP_BATCH or self.pending_bytes >= TXN_DATA_BYTES:
+            self._resolve()
+        return True
+
+    def _remember(self, oid: bytes) -> None:
+        self.known[oid] = None
+        if len(self.known) > KNOWN_IDS:
+            self.known.popitem(last=False)
+
+    def _resolve(self) -> None:
+        pending, self.pending, self.pending_bytes = self.pending, {}, 0
+        found = self.lookup(list(pending))
+        for cid, data in pending.items():
+            if cid in found:
+                self._remember(cid)
+            else:
+                self.stage(cid, rec.KIND_CHUNK, data)
+
+    def stage(self, oid: bytes, kind: int, data) -> None:
+        """Queue a new object; written at the next flush (it has no children)."""
+        if oid in self.staged:
+            return
+        sealed = rec.seal_object(self.keys.object_seal, oid, data)
+        self.staged[oid] = Staged(kind, len(data), sealed)
+        self.staged_bytes += len(sealed)
+        if len(self.staged) * 3 >= TXN_OPS or self.staged_bytes >= TXN_DATA_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every staged object at refs 0 (with its z/ marker). One that
+        appeared meanwhile (another backup stored the same data) is dropped."""
+        if self.pending:
+            self._resolve()
+        while self.staged:
+            batch: list[bytes] = []
+            size = 0
+            for oid, st in self.staged.items():
+                if batch and (len(batch) * 3 + 3 > TXN_OPS or size + len(st.sealed) > TXN_DATA_BYTES):
+                    break
+                batch.append(oid)
+                size += len(st.sealed)
+            ops, expect = [], []
+            now = time.time_ns()
+            for oid in batch:
+                st = self.staged[oid]
+                ops += self._create_ops(oid, st.kind, st.size, st.sealed, now)
+                expect.append((rec.object_key(oid), 0))
+            try:
+                self.kv.apply(ops, expect)
+            except Conflict:
+                self.stats.conflicts += 1
+                for oid in self.lookup(batch):
+                    self._unstage(oid)
+                    self._remember(oid)
+                continue
+            self.stats.txns += 1
+            for oid in batch:
+                st = self._unstage(oid)
+                self._remember(oid)
+                self.stats.new_objects += 1
+                self.stats.new_bytes += st.size
+                self.stats.stored_bytes += len(st.sealed)
+
+    def _unstage(self, oid: bytes) -> Staged:
+        st = self.staged.pop(oid)
+        self.staged_bytes -= len(st.sealed)
+        return st
+
+    def _create_ops(self, oid: bytes, kind: int, size: int, sealed: bytes, now: int) -> list[tuple]:
+        record = rec.ObjectRecord(kind, 0, size, now, self.session)
+        return [("put", rec.data_key(oid), sealed),
+                ("put", rec.object_key(oid), rec.seal_object_record(self.keys.record_seal, oid, record)),
+                ("put", rec.zero_key(oid), rec.packb({"session": self.session, "since": now}))]
+
+    def create_node(self, tag: str, items: list) -> bytes:
+        """Store a node and count a reference to each of its distinct children,
+        in one transaction. Returns its ID (an existing equal node is reused).
+        Raises MissingObjects if a child no longer exists."""
+        raw = rec.encode_node(tag, items)
+        oid = rec.object_id(self.keys.object_id, rec.KIND_NODE, raw)
+        children = rec.node_children(tag, items)
+        self.flush()
+        sealed = None
+        for _ in range(CONFLICT_RETRIES):
+            found = self.lookup([oid, *children])
+            if oid in found:
+                return oid
+            missing = [c for c in children if c not in found]
+            if missing:
+                raise MissingObjects(missing)
+            if sealed is None:
+                sealed = rec.seal_object(self.keys.object_seal, oid, raw)
+            ops = self._create_ops(oid, rec.KIND_NODE, len(raw), sealed, time.time_ns())
+            expect = [(rec.object_key(oid), 0)]
+            for child in children:
+                ops += self._count_ops(child, *found[child], +1)
+                expect.append((rec.object_key(child), found[child][1]))
+            try:
+                self.kv.apply(ops, expect)
+            except Conflict:
+                self.stats.conflicts += 1
+                continue
+            self.stats.txns += 1
+            self.stats.new_objects += 1
+            self.stats.new_bytes += len(raw)
+            self.stats.stored_bytes += len(sealed)
+            return oid
+        raise Conflict(f"node {oid.hex()[:16]}: other writers changed its children {CONFLICT_RETRIES} times in a row",
+                       hint="run the command again")
+
+    def _count_ops(self, oid: bytes, record: rec.ObjectRecord, txn: int, delta: int) -> list[tuple]:
+        refs = record.refs + delta
+        if refs < 0:
+            raise IntegrityError(f"object {oid.hex()[:16]} would drop below zero references",
+                                 hint="run `statefs vault check`")
+        ops: list[tuple] = [("put", rec.object_key(oid),
+                             rec.seal_object_record(self.keys.record_seal, oid, record.with_refs(refs)))]
+        if refs == 0:
+            ops.append(("put", rec.zero_key(oid), rec.packb({"session": b"", "since": time.time_ns()})))
+        elif record.refs == 0:
+            ops.append(("delete", rec.zero_key(oid)))
+        return ops
+
+    def change_count(self, oid: bytes, delta: int, extra_ops: list[tuple] = (),
+                     extra_expect: list[tuple[str, int]] = ()) -> None:
+        """Add ``delta`` to one object's count, atomically with ``extra_ops``
+        (a snapshot record and its root count change together)."""
+        for _ in range(CONFLICT_RETRIES):
+            found = self.lookup([oid])
+            if oid not in found:
+                raise MissingObjects([oid])
+            record, txn = found[oid]
+            try:
+                self.kv.apply([*extra_ops, *self._count_ops(oid, record, txn, delta)],
+                              [*extra_expect, (rec.object_key(oid), txn)])
+                self.stats.txns += 1
+                return
+            except Conflict:
+                self.stats.conflicts += 1
+                if extra_expect and self._expectations_broken(extra_expect):
+                    raise
+        raise Conflict(f"object {oid.hex()[:16]}: its count changed {CONFLICT_RETRIES} times in a row",
+                       hint="run the command again")
+
+    def _expectations_broken(self, expect: list[tuple[str, int]]) -> bool:
+        got = self.kv.mget([k for k, _ in expect])
+        return any((g[1] if g else 0) != txn for (_, txn), g in zip(expect, got))
+
+    # ------------------------------------------------------------ collection
+
+    def collect(self, oid: bytes, is_live_session) -> int:
+        """Delete one zero-count object and count down its children, in one
+        transaction. Returns the stored bytes freed (0 if it was not garbage)."""
+        for _ in range(CONFLICT_RETRIES):
+            found = self.lookup([oid])
+            zkey = rec.zero_key(oid)
+            if oid not in found:
+                self.kv.apply([("delete", zkey)])   # a marker left without its object
+                return 0
+            record, txn = found[oid]
+            if record.refs != 0:
+                try:
+                    self.kv.apply([("delete", zkey)], [(rec.object_key(oid), txn)])
+                except Conflict:
+                    continue
+                return 0
+            if is_live_session(record.session):
+                return 0
+            data = kvmod.get(self.kv, rec.data_key(oid))
+            children: list[bytes] = []
+            if record.kind == rec.KIND_NODE and data is not None:
+                raw = rec.open_object(self.keys.object_seal, self.keys.object_id, oid, rec.KIND_NODE, data[0])
+                children = rec.node_children(*rec.decode_node(raw, f"node {oid.hex()[:16]}"))
+            kids = self.lookup(children)
+            ops: list[tuple] = [("delete", rec.data_key(oid)), ("delete", rec.object_key(oid)), ("delete", zkey)]
+            expect = [(rec.object_key(oid), txn)]
+            for child in children:
+                if child in kids:      # a child already gone cannot be counted down
+                    ops += self._count_ops(child, *kids[child], -1)
+                    expect.append((rec.object_key(child), kids[child][1]))
+            try:
+                self.kv.apply(ops, expect)
+            except Conflict:
+                self.stats.conflicts += 1
+                continue
+            self.stats.txns += 1
+            return len(data[0]) if data else 0
+        raise Conflict(f"object {oid.hex()[:16]} kept changing while prune tried to collect it",
+                       hint="run prune again")
