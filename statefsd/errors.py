@@ -36,6 +36,7 @@ class Code(enum.IntEnum):
     EACCES = 24         # caller not allowed (keystored access control)
     ETXN = 25           # transaction misuse (unknown txn, commit after abort)
     EPASSPHRASE = 26    # wrong or missing passphrase for a sealed key file
+    ECONFLICT = 27      # a condition of a transaction no longer held: nothing was written
     EINTERNAL = 99      # a bug: please report it with the audit journal
 
 
@@ -59,6 +60,7 @@ HINTS: dict[Code, str] = {
     Code.EACCES: "ask the administrator to allow this uid and label in keystored",
     Code.ETXN: "begin a new transaction",
     Code.EPASSPHRASE: "supply the right passphrase (STATEFS_KEY_PASSPHRASE)",
+    Code.ECONFLICT: "read the keys again and retry the transaction with their new txn ids",
     Code.EINTERNAL: "please report this bug with the audit journal",
 }
 
@@ -121,6 +123,7 @@ EntropyNotReady = _make("EntropyNotReady", Code.EENTROPY, "Kernel entropy is not
 AccessDenied = _make("AccessDenied", Code.EACCES, "The caller is not allowed.")
 TransactionError = _make("TransactionError", Code.ETXN, "Transaction misuse.")
 WrongPassphrase = _make("WrongPassphrase", Code.EPASSPHRASE, "Wrong or missing passphrase.")
+Conflict = _make("Conflict", Code.ECONFLICT, "A condition of the transaction no longer holds.")
 InternalError = _make("InternalError", Code.EINTERNAL, "A bug.")
 
 _BY_CODE: dict[Code, type[StateFSError]] = {
@@ -129,7 +132,7 @@ _BY_CODE: dict[Code, type[StateFSError]] = {
         UsageError, InvalidArgument, NotFound, TooBig, NoSpace, IntegrityError, CorruptImage,
         FormatError, Busy, ProtocolError, ReadOnly, KeyUnavailable, ConnectionFailed,
         DeviceIOError, EntropyNotReady, AccessDenied, TransactionError, WrongPassphrase,
-        InternalError,
+        Conflict, InternalError,
     )
 }
 
