@@ -41,6 +41,9 @@ The transaction is one JSON object; its ops apply all together or not at all:
   "value"      the value as UTF-8 text
   "value_b64"  the value as base64, for bytes that are not text
   a put has exactly one of the two; a delete of a missing key is not an error.
+  "expect"     optional: [{"key": "net/ip", "txn": 41}, ...] commits only if
+               each key was last written by that txn ('statefs stat KEY';
+               0: the key is absent), else nothing is written: ECONFLICT, exit 27.
 Limits: 128 ops and 16 MiB of values per transaction, 8 MiB per value,
 512 bytes per key (docs/statefs.md).
 
@@ -457,7 +460,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def cmd_txn(args: argparse.Namespace) -> int:
     raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(args.file)
-    ops = parse_txn_json(raw)
+    ops, expect = parse_txn_json(raw)
     with _client(args) as client:
         with client.transaction() as txn:
             for kind, key, value in ops:
@@ -465,15 +468,16 @@ def cmd_txn(args: argparse.Namespace) -> int:
                     txn.put(key, value)
                 else:
                     txn.delete(key)
+            txn.commit(expect=expect)
     return _report_write(args, txn.txn_id, f"applied {len(ops)} ops")
 
 
 TXN_FORMAT_HINT = "the format is in 'statefs txn --help'"
 
 
-def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
-    """The txn command's JSON document -> [(kind, key, value)]; EINVAL naming
-    the first problem."""
+def parse_txn_json(raw: bytes) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, int]]]:
+    """The txn command's JSON document -> ([(kind, key, value)], [(key, txn)]);
+    EINVAL naming the first problem."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -508,7 +512,20 @@ def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
             except (binascii.Error, TypeError, ValueError):
                 raise InvalidArgument(f'{where} "value_b64" is not valid base64', hint=TXN_FORMAT_HINT) from None
         ops.append(("put", key, value))
-    return ops
+    return ops, _txn_expect(doc.get("expect", []))
+
+
+def _txn_expect(expect: object) -> list[tuple[str, int]]:
+    if not isinstance(expect, list):
+        raise InvalidArgument('"expect" must be an array of {"key": ..., "txn": ...}', hint=TXN_FORMAT_HINT)
+    conditions = []
+    for i, condition in enumerate(expect):
+        if (not isinstance(condition, dict) or not isinstance(condition.get("key"), str)
+                or type(condition.get("txn")) is not int):
+            raise InvalidArgument(f'expect[{i}] must be an object with a string "key" and an integer "txn"',
+                                  hint=TXN_FORMAT_HINT)
+        conditions.append((condition["key"], condition["txn"]))
+    return conditions
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -36,7 +36,7 @@ class Code(enum.IntEnum):
     EACCES = 24         # caller not allowed (keystored access control)
     ETXN = 25           # transaction misuse (unknown txn, commit after abort)
     EPASSPHRASE = 26    # wrong or missing passphrase for a sealed key file
-    ECONFLICT = 27      # a condition of the transaction no longer holds
+    ECONFLICT = 27      # a condition of a transaction no longer held: nothing was written
     EINTERNAL = 99      # a bug: please report it with the audit journal
 
 
@@ -60,6 +60,7 @@ HINTS: dict[Code, str] = {
     Code.EACCES: "ask the administrator to allow this uid and label in keystored",
     Code.ETXN: "begin a new transaction",
     Code.EPASSPHRASE: "supply the right passphrase (STATEFS_KEY_PASSPHRASE)",
+    Code.ECONFLICT: "read the keys again and retry the transaction with their new txn ids",
     Code.EINTERNAL: "please report this bug with the audit journal",
 }
 
@@ -131,7 +132,7 @@ _BY_CODE: dict[Code, type[StateFSError]] = {
         UsageError, InvalidArgument, NotFound, TooBig, NoSpace, IntegrityError, CorruptImage,
         FormatError, Busy, ProtocolError, ReadOnly, KeyUnavailable, ConnectionFailed,
         DeviceIOError, EntropyNotReady, AccessDenied, TransactionError, WrongPassphrase,
-        InternalError,
+        Conflict, InternalError,
     )
 }
 
