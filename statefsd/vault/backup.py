@@ -27,7 +27,7 @@ from statefsd.vault.objects import MissingObjects, ObjectStore
 from statefsd.vault.progress import Progress
 from statefsd.vault.vault import Vault
 
-READ_BLOCK = 4 << 20
+RETRIES = 5       # a prune beside the backup collected what it meant to reuse: store it again
 
 
 @dataclass
@@ -209,6 +209,25 @@ class Backup:
         return None
 
     def _file(self, path: bytes) -> tuple[bytes | None, int, int] | None:
+        lost: list[bytes] = []
+        for _ in range(RETRIES):
+            chunks = self._read_chunks(path)
+            if chunks is None:
+                return None
+            try:
+                content, kind = tree.store_file_chunks(self.store, chunks)
+            except MissingObjects as gone:
+                lost = gone.ids
+                self.store.forget_known(lost)          # a prune took them meanwhile: store them again
+                continue
+            size = sum(n for _, n in chunks)
+            self.stats.bytes += size
+            self.stats.read_bytes += size
+            self.progress.advance(files=1)
+            return content, kind, size
+        raise MissingObjects(lost)
+
+    def _read_chunks(self, path: bytes) -> list[tuple[bytes, int]] | None:
         chunks: list[tuple[bytes, int]] = []
         try:
             with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as f:
@@ -220,21 +239,17 @@ class Backup:
         except OSError as exc:
             self._skip(path, exc)
             return None
-        size = sum(n for _, n in chunks)
-        self.stats.bytes += size
-        self.stats.read_bytes += size
-        self.progress.advance(files=1)
-        content, kind = tree.store_file_chunks(self.store, chunks)
-        return content, kind, size
+        return chunks
 
     def _store_directory(self, path: bytes, entries: list[rec.Entry]) -> bytes:
-        for _ in range(3):
+        for _ in range(RETRIES):
             try:
                 return tree.store_directory(self.store, entries)
             except MissingObjects as gone:
                 # A prune collected something this directory reuses while the
                 # backup ran: store it again from the files themselves.
                 lost = set(gone.ids)
+                self.store.forget_known(lost)
                 redone = []
                 for e in entries:
                     if e.content in lost:

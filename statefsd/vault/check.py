@@ -33,7 +33,7 @@ class Checker:
         self.proven: OrderedDict[bytes, None] = OrderedDict()
         self.nodes = self.chunks = self.chunk_bytes = 0
 
-    def run(self, storage_info: dict | None = None) -> dict:
+    def run(self, log_scan: dict | None = None) -> dict:
         started = time.time()
         snaps = self.vault.snapshots()
         for snap in snaps:
@@ -46,7 +46,7 @@ class Checker:
             except StateFSError as exc:
                 self._problem(where, exc.message)
         self.progress.done()
-        chain = _chain_report(storage_info)
+        chain = _chain_report(log_scan)
         if chain.get("problem"):
             self._problem("StateFS log", chain["problem"])
         return {"snapshots": len(snaps), "nodes": self.nodes, "chunks": self.chunks,
@@ -119,19 +119,19 @@ class Checker:
                     self.progress.advance(bytes=len(data))
 
 
-def _chain_report(info: dict | None) -> dict:
-    """What statefsd proved at mount: the hash chain over every commit, and
-    the signed checkpoints over it."""
-    if info is None:
-        return {}
-    replay = info.get("replay") or {}
-    out = {"chain_head": info.get("chain_head"), "committed_txns": replay.get("committed_txns"),
-           "checkpoints": replay.get("checkpoints"), "verified_checkpoints": replay.get("verified_checkpoints"),
-           "findings": replay.get("findings")}
-    bad = {k: v for k, v in (replay.get("findings") or {}).items() if k in ("corruption", "integrity")}
-    if bad:
-        out["problem"] = f"statefsd found damage when it mounted the image: {bad}"
-    elif replay.get("checkpoints") and replay.get("verified_checkpoints") != replay.get("checkpoints"):
-        out["problem"] = (f"only {replay.get('verified_checkpoints')} of {replay.get('checkpoints')} "
-                          f"signed checkpoints verified at mount")
+def _chain_report(scan: dict | None) -> dict:
+    """What statefsd's online verification proved: the hash chain over every
+    commit up to now, and every signed checkpoint on it."""
+    if scan is None:
+        return {"problem": "statefsd did not verify its log", "verified": False}
+    out = {k: scan.get(k) for k in ("chain_head", "committed_txns", "checkpoints", "verified_checkpoints",
+                                    "chain_head_matches", "findings", "scanned_bytes")}
+    if scan.get("findings"):
+        out["problem"] = f"statefsd's log verification found damage: {scan['findings']}"
+    elif not scan.get("chain_head_matches"):
+        out["problem"] = "the hash chain read back from the device does not end where statefsd's does"
+    elif scan.get("verified_checkpoints") != scan.get("checkpoints"):
+        out["problem"] = (f"only {scan.get('verified_checkpoints')} of {scan.get('checkpoints')} "
+                          f"signed checkpoints verify")
+    out["verified"] = "problem" not in out
     return out

@@ -313,8 +313,7 @@ def cmd_prune(args) -> int:
 def cmd_check(args) -> int:
     from statefsd.vault.check import Checker
     vault = _open(args)
-    info = vault.kv.client.info() if hasattr(vault.kv, "client") else None
-    result = Checker(vault, args.read_data, _progress(args, "check")).run(info)
+    result = Checker(vault, args.read_data, _progress(args, "check")).run(vault.kv.verify())
     text = (f"{result['snapshots']} snapshots, {result['nodes']} nodes, {result['chunks']} chunks checked"
             + (f", {_human(result['chunk_bytes_read'])} read" if args.read_data else "")
             + (": no problems" if not result["problems"] else

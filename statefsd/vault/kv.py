@@ -20,6 +20,7 @@ class KV(Protocol):
     def apply(self, ops: Iterable[tuple], expect: Iterable[tuple[str, int]] = ()) -> int | None: ...
     def list_page(self, prefix: str, after: str | None, limit: int) -> tuple[list[str], bool]: ...
     def compact(self) -> dict: ...
+    def verify(self) -> dict: ...
 
 
 class ClientKV:
@@ -43,6 +44,9 @@ class ClientKV:
 
     def compact(self) -> dict:
         return self.client.compact()
+
+    def verify(self) -> dict:
+        return self.client.verify()
 
     def close(self) -> None:
         self.client.close()

@@ -119,6 +119,11 @@ class ObjectStore:
             self._resolve()
         return True
 
+    def forget_known(self, ids) -> None:
+        """These IDs turned out to be gone (a prune collected them): ask again."""
+        for oid in ids:
+            self.known.pop(oid, None)
+
     def _remember(self, oid: bytes) -> None:
         self.known[oid] = None
         if len(self.known) > KNOWN_IDS:
@@ -127,11 +132,48 @@ class ObjectStore:
     def _resolve(self) -> None:
         pending, self.pending, self.pending_bytes = self.pending, {}, 0
         found = self.lookup(list(pending))
+        gone = self.adopt(found)
         for cid, data in pending.items():
-            if cid in found:
+            if cid in found and cid not in gone:
                 self._remember(cid)
             else:
                 self.stage(cid, rec.KIND_CHUNK, data)
+
+    def adopt(self, found: dict[bytes, tuple[rec.ObjectRecord, int]]) -> set[bytes]:
+        """Claim the zero-count objects among ``found`` for this session, so
+        that a prune running beside it leaves them alone until this session
+        references them. Returns the IDs a prune took first (store them anew)."""
+        orphans = {oid: got for oid, got in found.items()
+                   if got[0].refs == 0 and got[0].session != self.session}
+        gone: set[bytes] = set()
+        for _ in range(CONFLICT_RETRIES):
+            if not orphans:
+                return gone
+            batch = dict(list(orphans.items())[:TXN_OPS // 2])
+            ops, expect = [], []
+            for oid, (record, txn) in batch.items():
+                ops.append(("put", rec.object_key(oid),
+                            rec.seal_object_record(self.keys.record_seal, oid, record.with_session(self.session))))
+                ops.append(("put", rec.zero_key(oid), rec.packb({"session": self.session, "since": time.time_ns()})))
+                expect.append((rec.object_key(oid), txn))
+            try:
+                self.kv.apply(ops, expect)
+                for oid in batch:
+                    del orphans[oid]
+                self.stats.txns += 1
+            except Conflict:
+                self.stats.conflicts += 1
+                fresh = self.lookup(list(batch))
+                for oid in batch:
+                    if oid not in fresh:
+                        gone.add(oid)
+                        del orphans[oid]
+                    elif fresh[oid][0].refs != 0 or fresh[oid][0].session == self.session:
+                        del orphans[oid]          # counted meanwhile: safe to reuse
+                    else:
+                        orphans[oid] = fresh[oid]
+        raise Conflict(f"{len(orphans)} objects kept changing while this backup tried to reuse them",
+                       hint="run the backup again")
 
     def stage(self, oid: bytes, kind: int, data) -> None:
         """Queue a new object; written at the next flush (it has no children)."""
@@ -166,9 +208,12 @@ class ObjectStore:
                 self.kv.apply(ops, expect)
             except Conflict:
                 self.stats.conflicts += 1
-                for oid in self.lookup(batch):
-                    self._unstage(oid)
-                    self._remember(oid)
+                found = self.lookup(batch)
+                gone = self.adopt(found)
+                for oid in found:
+                    if oid not in gone:
+                        self._unstage(oid)
+                        self._remember(oid)
                 continue
             self.stats.txns += 1
             for oid in batch:
@@ -200,7 +245,7 @@ class ObjectStore:
         sealed = None
         for _ in range(CONFLICT_RETRIES):
             found = self.lookup([oid, *children])
-            if oid in found:
+            if oid in found and oid not in self.adopt({oid: found[oid]}):
                 return oid
             missing = [c for c in children if c not in found]
             if missing:

@@ -210,6 +210,9 @@ class ObjectRecord:
     def with_refs(self, refs: int) -> "ObjectRecord":
         return ObjectRecord(self.kind, refs, self.size, self.created_ns, self.session)
 
+    def with_session(self, session: bytes) -> "ObjectRecord":
+        return ObjectRecord(self.kind, self.refs, self.size, self.created_ns, session)
+
 
 def seal_object_record(record_key: bytes, oid: bytes, rec: ObjectRecord) -> bytes:
     plain = _OBJECT_RECORD.pack(rec.kind, FORMAT, rec.refs, rec.size, rec.created_ns, rec.session)

@@ -61,14 +61,18 @@ class VaultEnv:
                              chunker=TEST_CHUNKER)
 
 
-def start(dir_: str, image_size: int = 256 << 20, keys_dir: str | None = None) -> VaultEnv:
+def start(dir_: str, image_size: int = 256 << 20, *, sign_log: bool = True) -> VaultEnv:
+    """keystored and statefsd on ``dir_/vault.img``; with ``sign_log`` statefsd
+    signs its checkpoints with the device key (a copy of the image on another
+    machine is served without it: checkpoints signed by a lost device cannot
+    be verified there, and the vault needs only its passphrase)."""
     image = os.path.join(dir_, "vault.img")
     if not os.path.exists(image):
         procs.fresh_image(image, image_size)
     ks_sock = os.path.join(dir_, "ks.sock")
-    ks = procs.keystored(keys_dir or os.path.join(dir_, "keys"), ks_sock)
+    ks = procs.keystored(os.path.join(dir_, "keys"), ks_sock)
     sock = os.path.join(dir_, "sfs.sock")
-    daemon = procs.statefsd(image, sock, keystore=ks_sock)
+    daemon = procs.statefsd(image, sock, keystore=ks_sock if sign_log else None)
     return VaultEnv(dir_, daemon, ks, sock, ks_sock)
 
 
