@@ -27,6 +27,7 @@ from statefsd.vault.objects import MissingObjects, ObjectStore
 from statefsd.vault.progress import Progress
 from statefsd.vault.vault import Vault
 
+WHOLE_FILE_READ = 8 << 20
 RETRIES = 5       # a prune beside the backup collected what it meant to reuse: store it again
 
 
@@ -42,6 +43,17 @@ class BackupStats:
     modified: int = 0
     deleted: int = 0
     skipped: list[str] = field(default_factory=list)
+
+
+def _read_up_to(f, limit: int) -> bytes:
+    parts, left = [], limit
+    while left:
+        part = f.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 class _PathNode:
@@ -97,11 +109,13 @@ class Backup:
         self.snap_time = time.time_ns()
         with self.vault.start_session("backup") as session:
             self.session = session
-            self.store: ObjectStore = self.vault.objects(session.id)
+            self.store: ObjectStore = self.vault.objects(session.id, pipelined=True)
             self.history = HistoryWriter(self.vault, snapshot_id, self.snap_time)
-            root = self._directory(_path_tree(self.paths), b"", self.parent["root"] if self.parent else None,
-                                   virtual=True)
-            self.store.flush()
+            try:
+                root = self._directory(_path_tree(self.paths), b"", self.parent["root"] if self.parent else None)
+                self.store.flush()
+            finally:
+                self.store.close()
             self.history.flush()
             snap = {"id": snapshot_id, "time": self.snap_time, "host": socket.gethostname(),
                     "device": self.vault.device.id, "paths": self.paths, "tags": self.tags, "root": root,
@@ -134,8 +148,7 @@ class Backup:
             return {}
         return {e.name: e for e in tree.iter_directory(self.store, tree_id)}
 
-    def _directory(self, spec: _PathNode | None, path: bytes, parent_tree: bytes | None, *,
-                   virtual: bool = False) -> bytes:
+    def _directory(self, spec: _PathNode | None, path: bytes, parent_tree: bytes | None) -> bytes:
         """Back up one directory; ``spec`` limits it to the given paths (the
         directories above them), None backs up everything in it."""
         old = self._parent_entries(parent_tree)
@@ -231,7 +244,17 @@ class Backup:
         chunks: list[tuple[bytes, int]] = []
         try:
             with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as f:
-                for chunk in self.chunker.cut_stream(f):
+                # A small file is read in one call: most files are small, and
+                # a stream per file costs more than the chunking.
+                size = os.fstat(f.fileno()).st_size
+                pieces = None
+                if size < WHOLE_FILE_READ:
+                    whole = _read_up_to(f, size + 1)
+                    if len(whole) <= size:
+                        pieces = self.chunker.cut_buf(whole)
+                    else:
+                        f.seek(0)          # it grew while we read it: take it as a stream
+                for chunk in pieces if pieces is not None else self.chunker.cut_stream(f):
                     cid = self.store.chunk_id(chunk.data)
                     self.store.add_chunk(cid, chunk.data)
                     chunks.append((cid, chunk.length))

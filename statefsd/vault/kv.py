@@ -21,6 +21,8 @@ class KV(Protocol):
     def list_page(self, prefix: str, after: str | None, limit: int) -> tuple[list[str], bool]: ...
     def compact(self) -> dict: ...
     def verify(self) -> dict: ...
+    def clone(self) -> "KV": ...
+    def close(self) -> None: ...
 
 
 class ClientKV:
@@ -47,6 +49,10 @@ class ClientKV:
 
     def verify(self) -> dict:
         return self.client.verify()
+
+    def clone(self) -> "ClientKV":
+        """A second connection to the same statefsd."""
+        return ClientKV(Client(self.client.socket_path, timeout=self.client.timeout))
 
     def close(self) -> None:
         self.client.close()

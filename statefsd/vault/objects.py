@@ -13,6 +13,8 @@ nodes, and concurrent backups and prunes never wait for each other.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,9 +58,54 @@ class WriteStats:
     conflicts: int = 0
 
 
-class ObjectStore:
-    def __init__(self, kv: kvmod.KV, keys: VaultKeys, session: bytes = bytes(rec.SESSION_ID_BYTES)) -> None:
+class BackgroundWriter:
+    """One thread writing batches of new objects on its own connection, at
+    most IN_FLIGHT batches ahead of the caller (bounded memory)."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, kv: kvmod.KV) -> None:
         self.kv = kv
+        self.queue: queue.Queue = queue.Queue(maxsize=self.IN_FLIGHT)
+        self.done: list[tuple[list, BaseException | None]] = []
+        self.thread = threading.Thread(target=self._run, name="vault-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, batch: list, ops: list[tuple], expect: list[tuple[str, int]]) -> None:
+        self.queue.put((batch, ops, expect))
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                self.queue.task_done()
+                return
+            batch, ops, expect = item
+            try:
+                self.kv.apply(ops, expect)
+                self.done.append((batch, None))
+            except BaseException as exc:      # handed to the caller at drain
+                self.done.append((batch, exc))
+            self.queue.task_done()
+
+    def drain(self) -> list[tuple[list, BaseException | None]]:
+        self.queue.join()
+        done, self.done = self.done, []
+        return done
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.kv.close()
+
+
+class ObjectStore:
+    def __init__(self, kv: kvmod.KV, keys: VaultKeys, session: bytes = bytes(rec.SESSION_ID_BYTES), *,
+                 pipelined: bool = False) -> None:
+        self.kv = kv
+        # New data is written by a second connection while this one reads and chunks on.
+        self.writer = BackgroundWriter(kv.clone()) if pipelined else None
+        self.inflight: set[bytes] = set()
         self.keys = keys
         self.session = session
         self.staged: dict[bytes, Staged] = {}
@@ -67,6 +114,11 @@ class ObjectStore:
         self.pending_bytes = 0
         self.known: OrderedDict[bytes, None] = OrderedDict()
         self.stats = WriteStats()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     # ------------------------------------------------------------ reads
 
@@ -111,7 +163,7 @@ class ObjectStore:
         if cid in self.known:
             self.known.move_to_end(cid)
             return False
-        if cid in self.pending or cid in self.staged:
+        if cid in self.pending or cid in self.staged or cid in self.inflight:
             return True
         self.pending[cid] = bytes(data)
         self.pending_bytes += len(data)
@@ -183,49 +235,74 @@ class ObjectStore:
         self.staged[oid] = Staged(kind, len(data), sealed)
         self.staged_bytes += len(sealed)
         if len(self.staged) * 3 >= TXN_OPS or self.staged_bytes >= TXN_DATA_BYTES:
-            self.flush()
+            self.flush(wait=False)
 
-    def flush(self) -> None:
-        """Write every staged object at refs 0 (with its z/ marker). One that
+    def flush(self, wait: bool = True) -> None:
+        """Write every staged object at refs 0 (with its z/ marker); with
+        ``wait`` return only once all of them are durable. An object that
         appeared meanwhile (another backup stored the same data) is dropped."""
         if self.pending:
             self._resolve()
         while self.staged:
-            batch: list[bytes] = []
+            batch: list[tuple[bytes, Staged]] = []
             size = 0
             for oid, st in self.staged.items():
                 if batch and (len(batch) * 3 + 3 > TXN_OPS or size + len(st.sealed) > TXN_DATA_BYTES):
                     break
-                batch.append(oid)
+                batch.append((oid, st))
                 size += len(st.sealed)
-            ops, expect = [], []
-            now = time.time_ns()
-            for oid in batch:
-                st = self.staged[oid]
-                ops += self._create_ops(oid, st.kind, st.size, st.sealed, now)
-                expect.append((rec.object_key(oid), 0))
+            for oid, _ in batch:
+                self._unstage(oid)
+            if self.writer is None:
+                self._write_now(batch)
+            else:
+                self.writer.submit(batch, *self._batch_ops(batch))
+        if wait and self.writer is not None:
+            for batch, error in self.writer.drain():
+                if error is None:
+                    self._written(batch)
+                elif isinstance(error, Conflict):
+                    self._write_now(batch)      # someone stored some of them first: sort it out in order
+                else:
+                    raise error
+
+    def _batch_ops(self, batch: list[tuple[bytes, Staged]]) -> tuple[list[tuple], list[tuple[str, int]]]:
+        ops, expect = [], []
+        now = time.time_ns()
+        for oid, st in batch:
+            ops += self._create_ops(oid, st.kind, st.size, st.sealed, now)
+            expect.append((rec.object_key(oid), 0))
+        return ops, expect
+
+    def _write_now(self, batch: list[tuple[bytes, Staged]]) -> None:
+        while batch:
             try:
-                self.kv.apply(ops, expect)
+                self.kv.apply(*self._batch_ops(batch))
             except Conflict:
                 self.stats.conflicts += 1
-                found = self.lookup(batch)
+                found = self.lookup([oid for oid, _ in batch])
                 gone = self.adopt(found)
                 for oid in found:
                     if oid not in gone:
-                        self._unstage(oid)
                         self._remember(oid)
+                batch = [(oid, st) for oid, st in batch if oid not in found or oid in gone]
                 continue
-            self.stats.txns += 1
-            for oid in batch:
-                st = self._unstage(oid)
-                self._remember(oid)
-                self.stats.new_objects += 1
-                self.stats.new_bytes += st.size
-                self.stats.stored_bytes += len(st.sealed)
+            self._written(batch)
+            return
+
+    def _written(self, batch: list[tuple[bytes, Staged]]) -> None:
+        self.stats.txns += 1
+        for oid, st in batch:
+            self.inflight.discard(oid)
+            self._remember(oid)
+            self.stats.new_objects += 1
+            self.stats.new_bytes += st.size
+            self.stats.stored_bytes += len(st.sealed)
 
     def _unstage(self, oid: bytes) -> Staged:
         st = self.staged.pop(oid)
         self.staged_bytes -= len(st.sealed)
+        self.inflight.add(oid)
         return st
 
     def _create_ops(self, oid: bytes, kind: int, size: int, sealed: bytes, now: int) -> list[tuple]:

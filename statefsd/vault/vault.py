@@ -128,8 +128,8 @@ class Vault:
     def vault_id(self) -> bytes:
         return self.keys.vault_id
 
-    def objects(self, session: bytes | None = None) -> ObjectStore:
-        return ObjectStore(self.kv, self.keys, session or bytes(rec.SESSION_ID_BYTES))
+    def objects(self, session: bytes | None = None, *, pipelined: bool = False) -> ObjectStore:
+        return ObjectStore(self.kv, self.keys, session or bytes(rec.SESSION_ID_BYTES), pipelined=pipelined)
 
     # ------------------------------------------------------------ records
 
