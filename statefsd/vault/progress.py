@@ -29,6 +29,10 @@ class Progress:
             self._files += files
             self._bar.update(self._task, advance=bytes, files=self._files)
 
+    @property
+    def visible(self) -> bool:
+        return self._bar is not None
+
     def set_total(self, total_bytes: int) -> None:
         if self._bar is not None:
             self._bar.update(self._task, total=total_bytes)

@@ -46,6 +46,8 @@ class Restore:
         self.as_root = os.geteuid() == 0
 
     def run(self) -> dict:
+        if not self.subpath:
+            self.progress.set_total(int((self.snap.get("stats") or {}).get("bytes", 0)) or None)
         os.makedirs(self.target, exist_ok=True)
         if not self.subpath:
             self._directory(self.snap["root"], self.target)

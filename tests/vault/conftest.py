@@ -48,6 +48,19 @@ class VaultEnv:
             return json.loads(proc.stdout)
         return proc
 
+    def cli_peak_rss(self, *args: str, **env: str) -> tuple[dict, int]:
+        """Run one vault command; its JSON result and its peak RSS in KiB."""
+        argv = [sys.executable, "-m", "statefsd.cli", "vault", *args, "--json"]
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(argv, env=self.env(**env), stdout=out, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            if proc.returncode != 0:
+                raise AssertionError(f"statefs vault {' '.join(args)} exited {proc.returncode}: {err.read()}")
+            return json.loads(out.read()), usage.ru_maxrss
+
     def client(self) -> Client:
         return Client(self.socket)
 
