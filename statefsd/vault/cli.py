@@ -89,6 +89,14 @@ def run(args: argparse.Namespace) -> int:
     except StateFSError as exc:
         print(f"statefs vault {command}: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr)
         return int(FsckExit.OPERATIONAL) if command == "check" else int(exc.code)
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
+    except Exception as exc:
+        if command != "check":
+            raise            # statefs's main reports it as EINTERNAL
+        print(f"statefs vault check: EINTERNAL: {type(exc).__name__}: {exc} (please report this bug)",
+              file=sys.stderr)
+        return int(FsckExit.OPERATIONAL)
 
 
 # ------------------------------------------------------------------ opening

@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from statefsd.errors import InvalidArgument
+from statefsd.errors import Conflict, InvalidArgument
 from statefsd.vault import kv as kvmod
 from statefsd.vault import records as rec
+from statefsd.vault.objects import CONFLICT_RETRIES
 from statefsd.vault.progress import Progress
 from statefsd.vault.vault import Vault
 
@@ -72,11 +73,24 @@ def choose(snapshots: list[dict], policy: Policy) -> tuple[list[dict], list[dict
     return keep, forget
 
 
-def forget(vault: Vault, snap: dict) -> None:
+def forget(vault: Vault, snap: dict) -> bool:
+    """Tombstone one snapshot and count its root down, in one transaction.
+    False if another forget got there first."""
     name = rec.snapshot_key(snap["id"])
     tombstone = {"id": snap["id"], "time": snap["time"], "host": snap["host"], "paths": snap["paths"],
                  "tags": snap.get("tags", []), "forgotten": time.time_ns()}
-    vault.objects().change_count(snap["root"], -1, [vault.record_op(name, tombstone)], [(name, snap["_txn"])])
+    for _ in range(CONFLICT_RETRIES):
+        try:
+            vault.objects().change_count(snap["root"], -1, [vault.record_op(name, tombstone)],
+                                         [(name, snap["_txn"])])
+            return True
+        except Conflict:
+            # Compaction renumbers every key, and another forget may have run:
+            # read the record again and go on only if it is still this snapshot.
+            snap = vault.snapshot_at(name)
+            if snap is None or snap.get("forgotten"):
+                return False
+    raise Conflict(f"snapshot {name} kept changing while forget ran", hint="run forget again")
 
 
 @dataclass
