@@ -15,7 +15,7 @@ from statefsd.vault import records as rec
 from statefsd.vault.objects import ObjectStore
 
 # Default chunk sizes, from the measured dedup-vs-overhead curve (bench/README.md).
-CHUNKER = {"min": 128 << 10, "avg": 512 << 10, "max": 2 << 20}
+CHUNKER = {"min": 64 << 10, "avg": 256 << 10, "max": 1 << 20}
 SESSION_STALE_NS = 15 * 60 * 10**9     # a session silent this long is dead (no manual unlock)
 HEARTBEAT_NS = 30 * 10**9
 
