@@ -102,6 +102,17 @@ class PruneStats:
     conflicts: int = 0
 
 
+PRUNE_BATCH = 64
+
+
+def _collect(store, batch: list[bytes], live: set[bytes], stats: "PruneStats", progress: Progress) -> int:
+    collected, freed, left = store.collect_many(batch, lambda s: s in live)
+    stats.freed_bytes += freed
+    stats.skipped_live += left
+    progress.advance(files=collected, bytes=freed)
+    return collected
+
+
 def prune(vault: Vault, progress: Progress | None = None, compact: bool = True) -> dict:
     progress = progress or Progress(None)
     stats = PruneStats()
@@ -112,19 +123,17 @@ def prune(vault: Vault, progress: Progress | None = None, compact: bool = True) 
             stats.passes += 1
             live = vault.live_sessions() - {session.id}
             collected_this_pass = 0
-            skipped = 0
+            stats.skipped_live = 0
+            batch: list[bytes] = []
             for name in kvmod.iter_keys(vault.kv, rec.ZERO_PREFIX):
-                session.beat(force=False)
-                oid = rec.id_from_key(name, rec.ZERO_PREFIX)
-                freed = store.collect(oid, lambda s: s in live)
-                if freed:
-                    collected_this_pass += 1
-                    stats.freed_bytes += freed
-                    progress.advance(files=1, bytes=freed)
-                elif kvmod.get(vault.kv, rec.object_key(oid)) is not None:
-                    skipped += 1
+                batch.append(rec.id_from_key(name, rec.ZERO_PREFIX))
+                if len(batch) >= PRUNE_BATCH:
+                    collected_this_pass += _collect(store, batch, live, stats, progress)
+                    session.beat(force=False)
+                    batch = []
+            if batch:
+                collected_this_pass += _collect(store, batch, live, stats, progress)
             stats.collected += collected_this_pass
-            stats.skipped_live = skipped
             if collected_this_pass == 0:
                 break
         stats.conflicts = store.stats.conflicts
