@@ -89,6 +89,12 @@ class Backup:
             raise KeyUnavailable("a backup is signed by this device's key, and no keystored was given",
                                  hint="start keystored and set $STATEFS_KEYSTORE_SOCKET (or --keystore-socket)")
         self.vault = vault
+        for p in paths:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"{p!r}: a path to back up must be valid UTF-8 (names below it may be anything)",
+                                      hint="back up the directory above it") from None
         self.paths = sorted(os.path.abspath(p) for p in paths)
         self.excludes = list(excludes)
         self.tags = sorted(tags)
@@ -277,6 +283,7 @@ class Backup:
                     self.store.add_chunk(cid, chunk.data)
                     chunks.append((cid, chunk.length))
                     self.progress.advance(bytes=chunk.length)
+                    self.session.beat(force=False)        # a long file must not make the session look dead
         except OSError as exc:
             self._skip(path, exc)
             return None

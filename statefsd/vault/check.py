@@ -67,7 +67,7 @@ class Checker:
             self.proven.popitem(last=False)
         return False
 
-    def _object(self, oid: bytes, where: str) -> None:
+    def _object(self, oid: bytes, where: str, shape: tuple[str, str] = (rec.TREE, rec.TREELIST)) -> None:
         if self._seen(oid):
             return
         found = self.store.lookup([oid])
@@ -81,6 +81,9 @@ class Checker:
             self._problem(where, exc.message)
             return
         self.nodes += 1
+        if tag not in shape:
+            self._problem(where, f"node {oid.hex()} is a {tag!r} where a {shape[0]!r} belongs")
+            return
         if tag == rec.TREE:
             for raw in items:
                 entry = rec.Entry.decode(raw)
@@ -88,12 +91,13 @@ class Checker:
                 if entry.content_kind == rec.KIND_CHUNK:
                     self._chunks([(entry.content, entry.size)], sub)
                 elif entry.content is not None:
-                    self._object(entry.content, sub)
+                    kind = (rec.TREE, rec.TREELIST) if entry.type == rec.DIR else (rec.CHUNKS, rec.CHUNKLIST)
+                    self._object(entry.content, sub, kind)
         elif tag == rec.CHUNKS:
             self._chunks([(cid, size) for cid, size in items], where)
         else:
             for child in items:
-                self._object(child, where)
+                self._object(child, where, shape)
 
     def _chunks(self, chunks: list[tuple[bytes, int]], where: str) -> None:
         fresh = [(cid, size) for cid, size in chunks if not self._seen(cid)]

@@ -82,6 +82,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                                  "(default: $STATEFS_VAULT_NEW_PASSPHRASE, or ask)")
 
 
+def refuse_extra(args: argparse.Namespace, extra: list[str]) -> None:
+    if getattr(args, "vault_command", None) == "check":
+        print(f"statefs vault check: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        sys.exit(int(FsckExit.USAGE))
+
+
 def run(args: argparse.Namespace) -> int:
     command = args.vault_command
     try:
@@ -153,10 +159,10 @@ def _open(args, *, device_required: bool = False):
     secret = _secret(args, ask=device is None)
     kv = _kv(args)
     try:
-        return open_vault(kv, secret, device)
+        return open_vault(kv, secret, device, join=device_required)
     except KeyUnavailable:
         if secret == Secret() and sys.stdin.isatty():
-            return open_vault(kv, _secret(args, ask=True), device)
+            return open_vault(kv, _secret(args, ask=True), device, join=device_required)
         raise
 
 
@@ -334,8 +340,10 @@ def cmd_key(args) -> int:
     vault = _open(args)
     if args.key_command == "export-recovery":
         secret = vault.export_recovery()
-        _emit(args, {"recovery": secret}, f"{secret}\nKeep this recovery secret offline: with it alone "
-              "(`--recovery-file`) the vault opens on any machine. Any earlier recovery secret no longer works.")
+        _emit(args, {"recovery": secret}, secret)
+        if not args.json:
+            print("Keep this recovery secret offline: with it alone (--recovery-file FILE) the vault opens on "
+                  "any machine. Any earlier recovery secret no longer works.", file=sys.stderr)
         return 0
     new = (_read_secret_file(args.new_passphrase_file, "new passphrase") if args.new_passphrase_file
            else os.environ.get("STATEFS_VAULT_NEW_PASSPHRASE"))

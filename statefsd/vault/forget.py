@@ -105,8 +105,17 @@ class PruneStats:
 PRUNE_BATCH = 64
 
 
-def _collect(store, batch: list[bytes], live: set[bytes], stats: "PruneStats", progress: Progress) -> int:
-    collected, freed, left = store.collect_many(batch, lambda s: s in live)
+def _collect(vault: Vault, store, batch: list[bytes], live: set[bytes], stats: "PruneStats",
+             progress: Progress) -> int:
+    def is_live(session: bytes) -> bool:
+        if session in live:
+            return True
+        if vault.session_is_live(session):     # began after this pass listed the sessions
+            live.add(session)
+            return True
+        return False
+
+    collected, freed, left = store.collect_many(batch, is_live)
     stats.freed_bytes += freed
     stats.skipped_live += left
     progress.advance(files=collected, bytes=freed)
@@ -128,18 +137,19 @@ def prune(vault: Vault, progress: Progress | None = None, compact: bool = True) 
             for name in kvmod.iter_keys(vault.kv, rec.ZERO_PREFIX):
                 batch.append(rec.id_from_key(name, rec.ZERO_PREFIX))
                 if len(batch) >= PRUNE_BATCH:
-                    collected_this_pass += _collect(store, batch, live, stats, progress)
+                    collected_this_pass += _collect(vault, store, batch, live, stats, progress)
                     session.beat(force=False)
                     batch = []
             if batch:
-                collected_this_pass += _collect(store, batch, live, stats, progress)
+                collected_this_pass += _collect(vault, store, batch, live, stats, progress)
             stats.collected += collected_this_pass
             if collected_this_pass == 0:
                 break
         stats.conflicts = store.stats.conflicts
+        damaged = sorted(oid.hex() for oid in store.damaged)
     compaction = vault.kv.compact() if compact and stats.collected else None
     progress.done()
     return {"collected_objects": stats.collected, "freed_bytes": stats.freed_bytes,
             "left_for_running_backups": stats.skipped_live, "passes": stats.passes,
-            "conflicts_retried": stats.conflicts, "compaction": compaction,
+            "conflicts_retried": stats.conflicts, "damaged_left": damaged, "compaction": compaction,
             "seconds": round(time.time() - started, 3)}

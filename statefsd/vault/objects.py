@@ -111,6 +111,7 @@ class ObjectStore:
         self.staged: dict[bytes, Staged] = {}
         self.staged_bytes = 0
         self.pending: dict[bytes, bytes] = {}     # chunk id -> data, existence not yet known
+        self.damaged: set[bytes] = set()          # garbage prune found damaged and left alone
         self.pending_bytes = 0
         self.known: OrderedDict[bytes, None] = OrderedDict()
         self.stats = WriteStats()
@@ -407,9 +408,12 @@ class ObjectStore:
                 return 0
             data = kvmod.get(self.kv, rec.data_key(oid))
             children: list[bytes] = []
-            if record.kind == rec.KIND_NODE and data is not None:
-                raw = rec.open_object(self.keys.object_seal, self.keys.object_id, oid, rec.KIND_NODE, data[0])
-                children = rec.node_children(*rec.decode_node(raw, f"node {oid.hex()[:16]}"))
+            if record.kind == rec.KIND_NODE:
+                try:
+                    children = self._children_of(oid, data)
+                except IntegrityError:
+                    self.damaged.add(oid)
+                    return 0
             kids = self.lookup(children)
             ops: list[tuple] = [("delete", rec.data_key(oid)), ("delete", rec.object_key(oid)), ("delete", zkey)]
             expect = [(rec.object_key(oid), txn)]
@@ -426,6 +430,12 @@ class ObjectStore:
             return len(data[0]) if data else 0
         raise Conflict(f"object {oid.hex()[:16]} kept changing while prune tried to collect it",
                        hint="run prune again")
+
+    def _children_of(self, oid: bytes, data: kvmod.Versioned | None) -> list[bytes]:
+        if data is None:
+            raise IntegrityError(f"node {oid.hex()[:16]} has a record but no data", hint="run `statefs vault check`")
+        raw = rec.open_object(self.keys.object_seal, self.keys.object_id, oid, rec.KIND_NODE, data[0])
+        return rec.node_children(*rec.decode_node(raw, f"node {oid.hex()[:16]}"))
 
     def collect_many(self, oids: list[bytes], is_live_session) -> tuple[int, int]:
         """Collect a batch of zero-count candidates with few round trips: one
@@ -446,9 +456,13 @@ class ObjectStore:
         data = dict(zip(garbage, self.kv.mget([rec.data_key(oid) for oid in garbage])))
         children: dict[bytes, list[bytes]] = {}
         for oid in nodes:
-            if data[oid] is not None:
-                raw = rec.open_object(self.keys.object_seal, self.keys.object_id, oid, rec.KIND_NODE, data[oid][0])
-                children[oid] = rec.node_children(*rec.decode_node(raw, f"node {oid.hex()[:16]}"))
+            try:
+                children[oid] = self._children_of(oid, data[oid])
+            except IntegrityError:
+                # Its children cannot be counted down without it: leave it
+                # (and them) for `check` to report rather than guess.
+                self.damaged.add(oid)
+                garbage.remove(oid)
         kids = self.lookup(list(dict.fromkeys(c for cs in children.values() for c in cs)))
         collected = freed = 0
         group: list[bytes] = []

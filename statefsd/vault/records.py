@@ -60,7 +60,7 @@ SNAPSHOT_SIG_DOMAIN = b"statefs.vault.snapshot.v1"
 SNAPSHOT_SIGN_LABEL = "statefs.vault.snapshot"
 DEVICE_WRAP_LABEL = "statefs.vault.wrap"
 
-_OBJECT_RECORD = struct.Struct("<BBxxxxxxQQQ16s")   # kind, format, refs, size, created_ns, session
+_OBJECT_RECORD = struct.Struct("<BB6sQQQ16s")   # kind, format, reserved (zero), refs, size, created_ns, session
 
 
 # ------------------------------------------------------------------ names
@@ -215,7 +215,7 @@ class ObjectRecord:
 
 
 def seal_object_record(record_key: bytes, oid: bytes, rec: ObjectRecord) -> bytes:
-    plain = _OBJECT_RECORD.pack(rec.kind, FORMAT, rec.refs, rec.size, rec.created_ns, rec.session)
+    plain = _OBJECT_RECORD.pack(rec.kind, FORMAT, bytes(6), rec.refs, rec.size, rec.created_ns, rec.session)
     return seal(record_key, plain, RECORD_AD + object_key(oid).encode())
 
 
@@ -224,8 +224,8 @@ def open_object_record(record_key: bytes, oid: bytes, sealed: bytes) -> ObjectRe
     plain = unseal(record_key, sealed, RECORD_AD + name.encode(), name)
     if len(plain) != _OBJECT_RECORD.size:
         raise IntegrityError(f"{name}: record is {len(plain)} bytes, expected {_OBJECT_RECORD.size}")
-    kind, fmt, refs, size, created, session = _OBJECT_RECORD.unpack(plain)
-    if fmt != FORMAT or kind not in (KIND_CHUNK, KIND_NODE):
+    kind, fmt, reserved, refs, size, created, session = _OBJECT_RECORD.unpack(plain)
+    if fmt != FORMAT or kind not in (KIND_CHUNK, KIND_NODE) or any(reserved):
         raise IntegrityError(f"{name}: unknown kind {kind} or format {fmt}")
     return ObjectRecord(kind, refs, size, created, session)
 
@@ -333,5 +333,15 @@ def check_config(config: object) -> dict:
 
 
 def config_mac(mac_key: bytes, config: dict) -> bytes:
+    """Keyed BLAKE3 over the canonical form of every field but ``mac``."""
     body = {k: v for k, v in config.items() if k != "mac"}
-    return blake3.blake3(packb(sorted(body.items())), key=mac_key).digest()
+    return blake3.blake3(packb(_canonical(body)), key=mac_key).digest()
+
+
+def _canonical(value: object) -> object:
+    """Maps become lists of [key, value] pairs sorted by key, at every depth."""
+    if isinstance(value, dict):
+        return [[k, _canonical(v)] for k, v in sorted(value.items())]
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value

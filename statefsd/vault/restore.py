@@ -64,7 +64,10 @@ class Restore:
                 "failed": s.failed}
 
     def _directory(self, tree_id: bytes, dest: bytes) -> None:
-        self._entries(tree.iter_directory(self.store, tree_id), dest)
+        try:
+            self._entries(tree.iter_directory(self.store, tree_id), dest)
+        except StateFSError as exc:           # a damaged page of this directory: the rest of it is lost
+            self._damaged({"path": os.fsdecode(dest) + "/", "error": exc.message})
 
     def _entries(self, entries, dest: bytes) -> None:
         small: list[tuple[rec.Entry, bytes]] = []
@@ -93,6 +96,8 @@ class Restore:
             except OSError as exc:
                 self.stats.failed.append(f"{os.fsdecode(path)}: {exc}")
                 self.progress.warn(f"could not restore {os.fsdecode(path)}: {exc}")
+            except StateFSError as exc:       # a damaged node of this file or directory
+                self._damaged({"path": os.fsdecode(path), "error": exc.message})
         if small:
             self._small_files(small)
 
@@ -133,15 +138,18 @@ class Restore:
         os.close(fd)
         if damaged:
             os.unlink(tmp)
-            self.stats.damaged.append(damaged)
-            self.progress.warn(f"{damaged['path']}: damaged chunk {damaged['chunk'][:16]} at byte "
-                               f"{damaged['offset']}: {damaged['error']}; not restored")
+            self._damaged(damaged)
             return
         self._set_metadata(tmp, entry)
         os.rename(tmp, path)
         self.stats.files += 1
         self.stats.bytes += written
         self.progress.advance(files=1)
+
+    def _damaged(self, what: dict) -> None:
+        self.stats.damaged.append(what)
+        where = f" (chunk {what['chunk'][:16]} at byte {what['offset']})" if "chunk" in what else ""
+        self.progress.warn(f"{what['path']}: damaged{where}: {what['error']}; not restored")
 
     def _symlink(self, entry: rec.Entry, path: bytes) -> None:
         self._replace(path, lambda tmp: os.symlink(entry.target, tmp), entry)

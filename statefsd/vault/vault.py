@@ -75,7 +75,10 @@ def _device_ops(keys: vkeys.VaultKeys, device: Device) -> list[tuple]:
             ("put", rec.device_key(device.id), rec.seal_record(keys.record_seal, rec.device_key(device.id), record))]
 
 
-def open_vault(kv: kvmod.KV, secret: Secret, device: Device | None) -> "Vault":
+def open_vault(kv: kvmod.KV, secret: Secret, device: Device | None, *, join: bool = False) -> "Vault":
+    """Open with the secret given (recovery, passphrase) or this device's slot.
+    With ``join``, a device opened by passphrase gets its own slot, so it opens
+    the vault alone from then on (backup does this; reading commands never write)."""
     got = kvmod.get(kv, rec.CONFIG_KEY)
     if got is None:
         raise NotFound("this image holds no vault", hint="create one with `statefs vault init`")
@@ -87,7 +90,7 @@ def open_vault(kv: kvmod.KV, secret: Secret, device: Device | None) -> "Vault":
         raise IntegrityError("vault/config was changed by someone without the vault key",
                              hint="run `statefs vault check`; restore the image from a good copy")
     vault = Vault(kv, keys, config, device)
-    if device is not None and secret != Secret() and kvmod.get(kv, rec.device_key(device.id)) is None:
+    if join and device is not None and secret != Secret() and kvmod.get(kv, rec.device_key(device.id)) is None:
         kv.apply(_device_ops(keys, device))    # this machine joins: it can open the vault alone from now on
     return vault
 
@@ -167,13 +170,19 @@ class Vault:
         return Session(self, kind)
 
     def live_sessions(self) -> set[bytes]:
-        now = time.time_ns()
-        live = set()
-        for name in kvmod.iter_keys(self.kv, rec.SESSION_PREFIX):
-            got = self.read_record(name)
-            if got and isinstance(got[0], dict) and now - int(got[0].get("heartbeat", 0)) < SESSION_STALE_NS:
-                live.add(rec.id_from_key(name, rec.SESSION_PREFIX, rec.SESSION_ID_BYTES))
-        return live
+        return {sid for sid in (rec.id_from_key(name, rec.SESSION_PREFIX, rec.SESSION_ID_BYTES)
+                                for name in kvmod.iter_keys(self.kv, rec.SESSION_PREFIX))
+                if self.session_is_live(sid)}
+
+    def session_is_live(self, sid: bytes) -> bool:
+        """A session announces itself before it stores anything, so reading its
+        record after an object's record tells whether its writer may still
+        reference the object."""
+        if not any(sid):
+            return False        # counted down to zero by a forget or prune: nobody's new object
+        got = self.read_record(rec.session_key(sid))
+        return bool(got and isinstance(got[0], dict)
+                    and time.time_ns() - int(got[0].get("heartbeat", 0)) < SESSION_STALE_NS)
 
     # ------------------------------------------------------------ snapshots
 
