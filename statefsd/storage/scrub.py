@@ -62,8 +62,8 @@ def verify_log(device, sb: fmt.Superblock, position: LogPosition, *, cipher: Rec
     for f in result.findings:
         found(f.kind, f.offset, f.reason)
     for offset, _sector in end.repaired:
-        found(REPAIRABLE, offset, "sector rebuilt from its group's parity (in memory only; "
-                                  "reading the key or fsck-statefs --repair writes it back)")
+        found(REPAIRABLE, offset, "damaged sector rebuilt from its group's parity in the scrub's memory "
+                                  "only; the next read-write mount writes it back")
     for offset in end.damaged_trailers:
         found(DAMAGED_PARITY, offset, "parity trailer does not check out: the group lost its protection")
     if end.offset != at and not result.corruption:
