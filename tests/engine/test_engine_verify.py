@@ -12,13 +12,15 @@ from tests.engine.conftest import Image, committed_records
 from tests.engine.test_engine_concurrency import run_threads
 
 
-def payload_record(path, nth=0):
-    """The ``nth`` PAYLOAD record of the image's committed log."""
-    return [r for r in committed_records(path) if r.header.type == fmt.PAYLOAD][nth]
-
-
-def flip(image, offset):
+def commit_ten_and_rot_the_fifth(image, engine):
+    """Ten committed values, then a byte of the fifth flipped on the image
+    under the mounted engine; the damaged PAYLOAD record."""
+    for i in range(10):
+        engine.put(f"k{i}", bytes([i]) * 3000)
+    rec = [r for r in committed_records(image.path) if r.header.type == fmt.PAYLOAD][4]
+    offset = rec.offset + fmt.HEADER_SIZE + 100
     image.patch(offset, bytes([image.read(offset, 1)[0] ^ 0x40]))
+    return rec
 
 
 class SlowReads(DeviceProxy):
@@ -79,10 +81,7 @@ def test_verify_changes_no_engine_state(image):
 
 def test_a_byte_flipped_in_a_committed_record_is_reported_and_the_engine_goes_on(plain_image):
     with plain_image.mount() as e:
-        for i in range(10):
-            e.put(f"k{i}", bytes([i]) * 3000)
-        rec = payload_record(plain_image.path, 4)
-        flip(plain_image, rec.offset + fmt.HEADER_SIZE + 100)
+        rec = commit_ten_and_rot_the_fifth(plain_image, e)
         v = e.verify()
         assert v["findings"] == {"corruption": 1}
         assert v["first_finding"]["offset"] == rec.offset
@@ -94,10 +93,7 @@ def test_a_byte_flipped_in_a_committed_record_is_reported_and_the_engine_goes_on
 
 def test_with_parity_a_flipped_byte_is_reported_repairable_and_left_in_place(image):
     with image.mount() as e:
-        for i in range(10):
-            e.put(f"k{i}", bytes([i]) * 3000)
-        rec = payload_record(image.path, 4)
-        flip(image, rec.offset + fmt.HEADER_SIZE + 100)
+        commit_ten_and_rot_the_fifth(image, e)
         damaged = image.bytes()
         v = e.verify()
         assert v["findings"] == {"repairable-sector": 1}
