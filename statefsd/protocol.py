@@ -42,8 +42,8 @@ MAX_MGET_KEYS = 1024
 MGET_REPLY_BYTES = MAX_VALUE_BYTES
 
 # The biggest legitimate maps are a list page (4096 keys) and a one-shot txn
-# with every condition (128 ops of 7 objects, 1024 conditions of 5); about
-# three times that leaves room, while a frame of millions of tiny objects is
+# with every condition (128 ops of 7 objects, 1024 conditions of 5); more
+# than twice that leaves room, while a frame of millions of tiny objects is
 # refused before msgpack builds any of them.
 MAX_FRAME_OBJECTS = 4 * LIST_PAGE_KEYS
 
