@@ -5,8 +5,9 @@ pair travels on the wire (protocol error frames), is raised by the client
 library, and is the exit status of the ``statefs`` CLI. Numbers never change
 meaning once released; new errors get new numbers.
 
-fsck-statefs is the one exception: its exit status follows fsck(8)
-(see ``FsckExit``), because tools that call fsck expect that convention.
+fsck-statefs and ``statefs verify`` are the exceptions: their exit status
+follows fsck(8) (see ``FsckExit``), because tools that call fsck expect that
+convention.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def error_class(code: Code) -> type[StateFSError]:
 
 
 class FsckExit(enum.IntEnum):
-    """fsck(8) exit codes, used only by fsck-statefs (they are bit flags)."""
+    """fsck(8) exit codes, used only by fsck-statefs and `statefs verify`
+    (they are bit flags)."""
 
     CLEAN = 0
     CORRECTED = 1

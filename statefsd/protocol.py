@@ -82,6 +82,7 @@ OPS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "commit": (_EXPECT,),
     "abort": (),
     "compact": (),
+    "verify": (),
 }
 TXN_KINDS = ("put", "delete")
 

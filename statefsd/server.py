@@ -234,6 +234,9 @@ class Session:
     def op_compact(self, args: dict) -> dict:
         return {"compaction": self.engine.compact()}
 
+    def op_verify(self, args: dict) -> dict:
+        return {"verify": self.engine.verify()}
+
     def op_get(self, args: dict) -> dict:
         value, txn = self.engine.get_versioned(args["key"])
         return {"value": value, "txn": txn}

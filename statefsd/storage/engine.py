@@ -54,7 +54,7 @@ C6  Checkpoints: whether one is due is decided while holding the role, so
     checkpoint that fails never turns a durable commit into an error (it
     is audited, and retried CHECKPOINT_EVERY commits later).
 C7  Close refuses new commits first, then waits for a running compaction
-    (none can start after), then for the commits queued before it, and
+    or scrub (none can start after), then for the commits queued before it, and
     only then writes the final checkpoint and the clean-unmount superblock.
 C8  After a device error the engine is read-only for good: nobody knows
     what the page cache kept, so it stops writing rather than guess.
@@ -67,6 +67,15 @@ C9  Conditions (commit's ``expect``) are checked by the commit leader as
     request deferred to the next group is checked when it joins that one.
     Txn ids only grow and compaction gives every copy a new one, so a
     condition never holds for a key changed since it was read (no ABA).
+C10 Scrub (verify): compaction is held off for the whole scan (the
+    compaction lock; a compaction, background, `compact` or one a full
+    log asks for, waits for the scrub, and the scrub for a running one).
+    The log position and the superblock are then read together under the
+    writer role, held only for that read; the scan reads the active region
+    up to that position while commits append beyond it, and changes no
+    engine state. Without a compaction the region read is never reused, and
+    everything below the position was flushed (C2). Close stops a scrub
+    between two groups and waits for it (C7).
 """
 
 from __future__ import annotations
@@ -80,7 +89,7 @@ from statefsd.errors import (
     StateFSError, TooBig,
 )
 from statefsd.storage import format as fmt
-from statefsd.storage import image
+from statefsd.storage import image, scrub
 from statefsd.storage.blockdev import BlockDevice
 from statefsd.storage.compaction import Compactor
 from statefsd.storage.crypto import RecordCipher
@@ -432,6 +441,25 @@ class Engine:
     def compact(self) -> dict:
         """Rewrite the live state into the other log region (compaction.py)."""
         return self.compactor.run()
+
+    def verify(self) -> dict:
+        """Scrub the log online (scrub.py, rule C10): the verify map. What
+        the scan finds is in its ``findings``, never raised; an error here
+        means no verdict (the engine is closing, or a bug)."""
+        with self.compactor.held_off():
+            self._check_open()
+            with self.role.exclusive():
+                position, sb = self.log.position, self.log.sb
+            verdict = scrub.verify_log(self.device, sb, position, cipher=self.cipher,
+                                       device_key=self.signer.public_key if self.signer else None,
+                                       before_group=self._check_open)
+        self.audit("verify", **{k: v for k, v in verdict.items() if k != "first_finding"})
+        return verdict
+
+    def _check_open(self) -> None:
+        if self.role.closing:
+            raise ReadOnly(f"{self.device.path} is being unmounted; nothing was verified",
+                           hint="verify again once statefsd has restarted")
 
     def checkpoint(self) -> None:
         """Append a CHECKPOINT signed by the device key over the chain head."""

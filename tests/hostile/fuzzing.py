@@ -42,7 +42,7 @@ STATEFSD = Protocol(
          "list": {"prefix": "str", "after": "str", "limit": "int"},
          "txn": {"ops": "txnops", "expect": "expect"},
          "begin": {}, "txn_put": {"key": "key", "value": "bin"}, "txn_delete": {"key": "key"},
-         "commit": {"expect": "expect"}, "abort": {}, "compact": {}})
+         "commit": {"expect": "expect"}, "abort": {}, "compact": {}, "verify": {}})
 
 KEYSTORED = Protocol(
     name="keystored", max_frame=64 * 1024, head=("v",),
