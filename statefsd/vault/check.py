@@ -37,7 +37,7 @@ class Checker:
         started = time.time()
         snaps = self.vault.snapshots()
         for snap in snaps:
-            where = f"snapshot {snap['id'].hex()}"
+            where = f"snapshot {snap['id'].hex()[:8]}:"
             why = self.vault.verify_signature(snap)
             if why:
                 self._problem(where, why)

@@ -134,7 +134,10 @@ class ObjectStore:
         return found
 
     def read(self, oid: bytes, kind: int) -> bytes:
-        return next(self.read_many([(oid, kind)]))[1]
+        data = next(self.read_many([(oid, kind)]))[1]
+        if isinstance(data, StateFSError):
+            raise data
+        return data
 
     def read_many(self, wanted: list[tuple[bytes, int]]):
         """Yield (id, data) in order, each verified against its ID; a missing or

@@ -60,8 +60,8 @@ def test_a_chunk_swapped_for_another_is_caught_by_its_id(vault_env, tmp_path):
     vault_env.cli("init")
     snap = vault_env.cli("backup", src)["snapshot"]
     vault = vault_env.open()
-    a = _file_chunk(vault, snap, os.path.join(src, "file-001.txt"))
-    b = _file_chunk(vault, snap, os.path.join(src, "file-002.txt"))
+    a = _file_chunk(vault, snap, os.path.join(src, "file-004.txt"))
+    b = _file_chunk(vault, snap, os.path.join(src, "file-008.txt"))
     client = vault_env.client()
     client.put(rec.data_key(a), client.get(rec.data_key(b)))    # a valid sealed object, under the wrong name
     proc = vault_env.cli("check", "--read-data", check=False, json_out=False)
