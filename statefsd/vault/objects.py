@@ -338,18 +338,24 @@ class ObjectStore:
             for child in children:
                 ops += self._count_ops(child, *found[child], +1)
                 expect.append((rec.object_key(child), found[child][1]))
-            try:
-                self.kv.apply(ops, expect)
-            except Conflict:
-                self.stats.conflicts += 1
+            if not self._try_apply(ops, expect):
                 continue
-            self.stats.txns += 1
             self.stats.new_objects += 1
             self.stats.new_bytes += len(raw)
             self.stats.stored_bytes += len(sealed)
             return oid
         raise Conflict(f"node {oid.hex()[:16]}: other writers changed its children {CONFLICT_RETRIES} times in a row",
                        hint="run the command again")
+
+    def _try_apply(self, ops: list[tuple], expect: list[tuple[str, int]]) -> bool:
+        """One conditional transaction; False if a condition failed (read again, retry)."""
+        try:
+            self.kv.apply(ops, expect)
+        except Conflict:
+            self.stats.conflicts += 1
+            return False
+        self.stats.txns += 1
+        return True
 
     def _count_ops(self, oid: bytes, record: rec.ObjectRecord, txn: int, delta: int) -> list[tuple]:
         refs = record.refs + delta
@@ -424,13 +430,8 @@ class ObjectStore:
                 if child in kids:      # a child already gone cannot be counted down
                     ops += self._count_ops(child, *kids[child], -1)
                     expect.append((rec.object_key(child), kids[child][1]))
-            try:
-                self.kv.apply(ops, expect)
-            except Conflict:
-                self.stats.conflicts += 1
-                continue
-            self.stats.txns += 1
-            return len(data[0]) if data else 0
+            if self._try_apply(ops, expect):
+                return len(data[0]) if data else 0
         raise Conflict(f"object {oid.hex()[:16]} kept changing while prune tried to collect it",
                        hint="run prune again")
 

@@ -9,6 +9,14 @@ from statefsd.vault import tree
 from tests.vault.trees import make_tree
 
 
+def backed_up(vault_env, tmp_path):
+    """A vault with one snapshot of the test tree: (source dir, snapshot id, opened vault)."""
+    src = str(tmp_path / "src")
+    make_tree(src)
+    vault_env.cli("init")
+    return src, vault_env.cli("backup", src)["snapshot"], vault_env.open()
+
+
 def _file_chunk(vault, snap_id: str, path: str) -> bytes:
     snap = vault.find_snapshot(snap_id)
     entry = tree.find_entry(vault.objects(), snap["root"], os.fsencode(path.lstrip("/")))
@@ -27,11 +35,7 @@ def test_check_is_clean_on_a_healthy_vault_and_proves_every_chunk_with_read_data
 
 
 def test_a_tampered_chunk_is_found_by_check_and_restore_names_the_file_and_restores_the_rest(vault_env, tmp_path):
-    src = str(tmp_path / "src")
-    make_tree(src)
-    vault_env.cli("init")
-    snap = vault_env.cli("backup", src)["snapshot"]
-    vault = vault_env.open()
+    src, snap, vault = backed_up(vault_env, tmp_path)
     victim = os.path.join(src, "docs", "file-005.txt")
     cid = _file_chunk(vault, snap, victim)
     client = vault_env.client()
@@ -55,11 +59,7 @@ def test_a_tampered_chunk_is_found_by_check_and_restore_names_the_file_and_resto
 
 
 def test_a_chunk_swapped_for_another_is_caught_by_its_id(vault_env, tmp_path):
-    src = str(tmp_path / "src")
-    make_tree(src)
-    vault_env.cli("init")
-    snap = vault_env.cli("backup", src)["snapshot"]
-    vault = vault_env.open()
+    src, snap, vault = backed_up(vault_env, tmp_path)
     a = _file_chunk(vault, snap, os.path.join(src, "file-004.txt"))
     b = _file_chunk(vault, snap, os.path.join(src, "file-008.txt"))
     client = vault_env.client()
@@ -69,11 +69,7 @@ def test_a_chunk_swapped_for_another_is_caught_by_its_id(vault_env, tmp_path):
 
 
 def test_a_tampered_tree_node_is_found_by_check_without_read_data(vault_env, tmp_path):
-    src = str(tmp_path / "src")
-    make_tree(src)
-    vault_env.cli("init")
-    snap = vault_env.cli("backup", src)["snapshot"]
-    vault = vault_env.open()
+    src, snap, vault = backed_up(vault_env, tmp_path)
     docs = tree.find_entry(vault.objects(), vault.find_snapshot(snap)["root"],
                            os.fsencode(os.path.join(src, "docs").lstrip("/")))
     client = vault_env.client()
