@@ -25,6 +25,18 @@ PASSPHRASE = "correct horse battery staple"
 TEST_CHUNKER = {"min": 16 << 10, "avg": 64 << 10, "max": 256 << 10}
 
 
+_PEAK_RSS_WRAPPER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stdout.flush()
+print("\\npeak_rss_kib=%d" % usage.ru_maxrss, end="")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 @dataclass
 class VaultEnv:
     dir: str
@@ -49,17 +61,18 @@ class VaultEnv:
         return proc
 
     def cli_peak_rss(self, *args: str, **env: str) -> tuple[dict, int]:
-        """Run one vault command; its JSON result and its peak RSS in KiB."""
+        """Run one vault command; its JSON result and its peak RSS in KiB.
+
+        Linux keeps a process's peak RSS across exec, so a child forked from
+        this (large) test process would report the test's peak: a small
+        wrapper forks the command instead and reports the command's own."""
         argv = [sys.executable, "-m", "statefsd.cli", "vault", *args, "--json"]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, env=self.env(**env), stdout=out, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            err.seek(0)
-            if proc.returncode != 0:
-                raise AssertionError(f"statefs vault {' '.join(args)} exited {proc.returncode}: {err.read()}")
-            return json.loads(out.read()), usage.ru_maxrss
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *argv], env=self.env(**env),
+                              capture_output=True, text=True, timeout=600)
+        body, _, peak = proc.stdout.rpartition("\npeak_rss_kib=")
+        if proc.returncode != 0 or not peak:
+            raise AssertionError(f"statefs vault {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return json.loads(body), int(peak)
 
     def client(self) -> Client:
         return Client(self.socket)
