@@ -68,7 +68,7 @@ def test_a_chunk_swapped_for_another_is_caught_by_its_id(vault_env, tmp_path):
     assert proc.returncode == 4 and a.hex() in proc.stdout
 
 
-def test_a_tampered_tree_node_is_found_by_check_without_read_data(vault_env, tmp_path):
+def test_a_tampered_tree_node_is_found_by_check_and_restore_goes_on_with_the_other_directories(vault_env, tmp_path):
     src, snap, vault = backed_up(vault_env, tmp_path)
     docs = tree.find_entry(vault.objects(), vault.find_snapshot(snap)["root"],
                            os.fsencode(os.path.join(src, "docs").lstrip("/")))
@@ -78,6 +78,14 @@ def test_a_tampered_tree_node_is_found_by_check_without_read_data(vault_env, tmp
     client.put(rec.data_key(docs.content), bytes(sealed))
     proc = vault_env.cli("check", check=False, json_out=False)
     assert proc.returncode == 4 and "failed authentication" in proc.stdout
+    assert f"{snap[:8]}:{src}/docs" in proc.stdout
+
+    target = tmp_path / "out"
+    restored = vault_env.cli("restore", f"{snap}:{src}", "--target", str(target), check=False, json_out=False)
+    assert restored.returncode == 14 and "/docs/: damaged" in restored.stderr
+    assert not os.listdir(target / "src" / "docs")          # nothing below the damaged node is trusted
+    with open(target / "src" / "file-000.txt", "rb") as f:   # the rest of the tree is restored
+        assert f.read() == open(os.path.join(src, "file-000.txt"), "rb").read()
 
 
 def test_a_forged_snapshot_signature_is_reported(vault_env, tmp_path):
