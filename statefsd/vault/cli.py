@@ -23,7 +23,15 @@ import json
 import os
 import sys
 
-from statefsd.errors import FsckExit, InvalidArgument, KeyUnavailable, StateFSError, UsageError
+from statefsd.errors import Code, FsckExit, InvalidArgument, KeyUnavailable, StateFSError, UsageError
+
+
+# What to do next when statefsd's answer is about the image as a whole.
+VAULT_HINTS = {
+    Code.ENOSPC: "the vault's image is full; what this run stored is kept for a re-run. Free space with "
+                 "`statefs vault forget --keep-... --prune` (or `statefs vault prune` after a failed backup), "
+                 "or copy the vault to a larger image",
+}
 
 
 class _FsckParser(argparse.ArgumentParser):
@@ -93,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[command](args)
     except StateFSError as exc:
-        print(f"statefs vault {command}: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr)
+        hint = VAULT_HINTS.get(exc.code, exc.hint)
+        print(f"statefs vault {command}: {exc.code.name}: {exc.message} ({hint})", file=sys.stderr)
         return int(FsckExit.OPERATIONAL) if command == "check" else int(exc.code)
     except (KeyboardInterrupt, BrokenPipeError):
         raise
@@ -292,7 +301,6 @@ def cmd_restore(args) -> int:
         text += f"; NOT restored: {len(result['damaged'])} damaged, {len(result['failed'])} failed"
     _emit(args, result, text)
     if result["damaged"]:
-        from statefsd.errors import Code
         return int(Code.EINTEGRITY)
     return 0 if not result["failed"] else int(InvalidArgument.code)
 

@@ -93,3 +93,4 @@ def test_backup_without_keystored_says_how_to_sign(vault_env, tmp_path):
     assert proc.returncode == 20 and "STATEFS_KEYSTORE_SOCKET" in proc.stderr
 
 
+
