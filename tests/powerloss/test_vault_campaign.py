@@ -40,6 +40,12 @@ def test_every_cut_of_a_forget_and_a_prune_keeps_the_retained_snapshot_and_a_rer
     assert result.counts["re-runs of forget"] >= 1 and result.counts["re-runs of prune"] > 5
 
 
+def test_a_vault_that_shows_a_snapshot_before_counting_its_root_is_caught():
+    result = quick_run("vault-backup", 1, "vault-split-snapshot")
+    caught = Counter(inv for _, inv, _ in result.violations)
+    assert {14, 15} <= set(caught), dict(caught)
+
+
 def test_a_snapshot_acknowledged_on_a_lying_disk_and_lost_is_caught_by_the_vault_check_too():
     result = quick_run("vault-backup", 1, "lying-disk")
     caught = Counter(inv for _, inv, _ in result.violations)
