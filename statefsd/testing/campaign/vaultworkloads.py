@@ -78,7 +78,7 @@ class Quiet(Progress):
 
 
 def first_tree(rng) -> Manifest:
-    """A few dozen files (three of them cut into several chunks), a symlink, an empty file."""
+    """Two dozen files (three of them cut into several chunks), a symlink, an empty file."""
     tree: Manifest = {d: ("d", 0o755, BASE_MTIME) for d in DIRS}
     for i in range(24):
         size = rng.randrange(24 << 10, 72 << 10) if i % 8 == 3 else rng.randrange(40, 6000)
@@ -134,7 +134,7 @@ def lay_out(tree: Manifest, real_root: str) -> None:
 class Snap:
     key: str
     version: int
-    record: bytes               # the value its backup's last commit wrote
+    record: bytes               # the snapshot record its backup committed
     submit: int
     ack: int
     tombstone: bytes | None = None
