@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import stat
+
+from statefsd.testing.vaultkv import snapshot_of  # noqa: F401  (the tests compare trees with it)
 
 
 def make_tree(root: str, *, seed: int = 1, files: int = 40, big: int = 1, big_size: int = 3 << 20) -> None:
@@ -25,21 +26,3 @@ def make_tree(root: str, *, seed: int = 1, files: int = 40, big: int = 1, big_si
     os.chmod(os.path.join(root, "docs", "file-001.txt"), 0o640)
     os.chmod(os.path.join(root, "docs", "deep"), 0o750)
     os.utime(os.path.join(root, "file-000.txt"), ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
-
-
-def snapshot_of(root: str) -> dict[str, tuple]:
-    """Everything restore promises to bring back, per relative path."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            rel = os.path.relpath(path, root)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", os.readlink(path), st.st_mtime_ns)
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_mtime_ns, f.read())
-    return out

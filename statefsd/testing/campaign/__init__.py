@@ -6,6 +6,8 @@ Modules, in the order data flows through them:
 * ``variants``  deliberately broken systems that the campaign must catch;
 * ``session``   a workload's recorded view of the store (txns with submit/ack trace positions);
 * ``workloads`` seeded workloads, registered as plug-ins;
+* ``vaultworkloads`` the file vault's workloads (through ``statefsd.testing.vaultkv``)
+  and its invariants (13)-(17) on every first cut;
 * ``outcomes``  which power-cut outcomes to try at a crash point;
 * ``timeline``  invariants (1)-(3): the recovered state is an allowed prefix;
 * ``records``   invariants (8) and (10): txn ids and nonces never reused;

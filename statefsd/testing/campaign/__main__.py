@@ -183,6 +183,11 @@ def report(results: list[Result], wall: float) -> int:
     by_inv = Counter(inv for _, inv, _ in violations)
     print(f"{first:,} states after one cut, {second:,} after a second cut during recovery; "
           f"wall {wall:.1f} s, worker cpu {cpu:.1f} s")
+    counts = Counter()
+    for r in results:
+        counts.update(r.counts)
+    if counts:
+        print("vault checks: " + "; ".join(f"{name} {n:,}" for name, n in sorted(counts.items())))
     if violations:
         print("violations by invariant: " + ", ".join(f"({k}) {n}" for k, n in sorted(by_inv.items())))
         for code, inv, message in violations[:SHOWN_VIOLATIONS]:

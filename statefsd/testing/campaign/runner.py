@@ -58,6 +58,7 @@ class Result:
     violations: list[tuple[str, int, str]] = field(default_factory=list)   # (code, invariant, message)
     note: str = ""
     error: str = ""             # the campaign itself failed on this run (a harness bug, not a verdict)
+    counts: dict[str, int] = field(default_factory=dict)   # an application check's own tallies
 
 
 def mix(*parts) -> int:
@@ -85,7 +86,7 @@ def run_task(task: Task) -> Result:
     for v in History().check(index):
         result.violations.append((base.text(), v.invariant, f"during the workload: {v.message}"))
 
-    for point in run.trace.crash_points():
+    for point in run.trace.crash_points(run.start):
         history = History().then(index, point.index, "workload")
         seed = mix(task.workload, task.seed, point.index)
         outcomes = list(distinct_outcomes(point, limit=st.limit, extra=st.extra, seed=seed))
@@ -93,13 +94,23 @@ def run_task(task: Task) -> Result:
         for n, (outcome, device) in enumerate(outcomes):
             code = replace(base, index=point.index, outcome=outcome.encode())
             rec = checker.recover(device, run.timeline, point.index, history, code.text())
+            rec.violations += _application(run, checker, device, rec, point.index)
             result.states += 1
             result.violations += [(code.text(), v.invariant, v.message) for v in rec.violations]
             if n == second and rec.trace is not None:
                 result.second += _second_cuts(checker, code, rec, history, st, result)
+    if run.extra_check is not None:
+        result.counts = run.extra_check.counts()
     result.seconds = time.perf_counter() - started
     result.cpu_seconds = time.process_time() - cpu
     return result
+
+
+def _application(run: Run, checker: Checker, device, rec: Recovered, cut: int) -> list:
+    """An application's invariants on the recovered image of a first cut (vault workloads)."""
+    if run.extra_check is None or rec.trace is None:
+        return []
+    return run.extra_check.check(checker.system, device, rec.state, cut)
 
 
 def _second_cuts(checker: Checker, code: Code, rec: Recovered, history: History, st: Settings,
@@ -133,8 +144,9 @@ def reproduce(code: Code, log) -> list:
     log(f"cut after op #{code.index} ({len(point.pending)} unflushed writes: "
         f"{', '.join(f'{w.offset}+{w.length}' for w in point.pending) or 'none'}), outcome {code.outcome}")
     history = History().then(index, code.index, "workload")
-    rec = checker.recover(point.device(code.outcome), run.timeline, code.index, history, code.first_cut().text())
-    violations += rec.violations
+    device = point.device(code.outcome)
+    rec = checker.recover(device, run.timeline, code.index, history, code.first_cut().text())
+    violations += rec.violations + _application(run, checker, device, rec, code.index)
     if code.second is not None:
         if rec.trace is None or rec.timeline is None:
             log("the first recovery failed before its trace was complete; no second cut")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from statefsd.storage.engine import Engine, Mutation
-from statefsd.errors import NoSpace
+from statefsd.errors import Conflict, NoSpace
 from statefsd.testing.simdev import SimulatedDevice, Trace
 
 from statefsd.testing.campaign.systems import DeviceProxy, FixedSigner, System
@@ -86,6 +86,8 @@ class Run:
     encrypted: bool
     notes: list[str] = field(default_factory=list)
     signer: FixedSigner | None = None
+    start: int = 0                      # first crash point (a workload's setup may be left uncut)
+    extra_check: object | None = None   # checks of an application on the store (vaultcheck.VaultPlan)
 
 
 class Session:
@@ -101,6 +103,9 @@ class Session:
         self.txns: list[Txn] = []
         self.rejected = 0
         self.abandoned = 0
+        self.conflicts = 0
+        self.start = 0
+        self.extra_check = None
         self._serial = 0
         self.engine: Engine = system.mount(self.gate, signer=signer)
 
@@ -118,14 +123,18 @@ class Session:
 
     # -- operations --------------------------------------------------------------------------------
 
-    def commit(self, mutations: list[Mutation]) -> int | None:
-        """Commit and record; None if the engine refused it for lack of space (nothing written)."""
+    def commit(self, mutations: list[Mutation], expect=()) -> int | None:
+        """Commit and record; None if the engine refused it for lack of space (nothing written).
+        A transaction whose ``expect`` conditions fail raises Conflict (nothing written)."""
         submit = self.ops()
         try:
-            txn_id = self.engine.commit(mutations)
+            txn_id = self.engine.commit(mutations, expect)
         except NoSpace:
             self.rejected += 1
             return None
+        except Conflict:
+            self.conflicts += 1
+            raise
         self._record(txn_id, mutations, submit, self.ops())
         return txn_id
 
@@ -201,9 +210,9 @@ class Session:
         self.engine.close()
         self.engine = self.system.mount(self.gate, signer=self.signer)
 
-    def maintain(self, step: Callable[[Engine], object]) -> None:
-        """A step that must not change the logical state (e.g. compaction, once it exists)."""
-        step(self.engine)
+    def maintain(self, step: Callable[[Engine], object]):
+        """A step that must not change the logical state (e.g. compaction); returns its result."""
+        return step(self.engine)
 
     def compact_during(self, batches: list[list[Mutation]]) -> None:
         """Compact, and commit each batch while the compaction copies its snapshot.
@@ -265,9 +274,10 @@ class Session:
 
     def finish(self) -> Run:
         self.engine.close()
-        return Run(self.device.trace, Timeline({}, self.txns), self.salt, self.encrypted,
-                   [f"{len(self.txns)} txns, {self.rejected} refused (ENOSPC), {self.abandoned} abandoned"],
-                   self.signer)
+        notes = [f"{len(self.txns)} txns, {self.rejected} refused (ENOSPC), {self.abandoned} abandoned"
+                 + (f", {self.conflicts} conflicts (ECONFLICT, nothing written)" if self.conflicts else "")]
+        return Run(self.device.trace, Timeline({}, self.txns), self.salt, self.encrypted, notes,
+                   self.signer, self.start, self.extra_check)
 
     def _record(self, txn_id: int, mutations: list[Mutation], submit: int, ack: int) -> None:
         writes = tuple((m.path, DELETED if m.kind == "delete" else bytes(m.value)) for m in mutations)

@@ -97,6 +97,7 @@ class System:
     name = "engine"
     engine_class = Engine
     description = "the real StateFS engine"
+    vault_kv: type | None = None    # the vault workloads' KV adapter; None: vaultkv.EngineKV
 
     def wrap(self, device: BlockDevice) -> BlockDevice:
         return device

@@ -14,6 +14,10 @@ unchanged in the same process):
 * ``txn-id-reuse``: a mount continues from the highest txn id in the log,
   ignoring the reservation, so the id of a lost transaction is used again
   (8), and with encryption its nonces too (10).
+* ``vault-split-snapshot``: the engine is the real one, but the vault's
+  adapter commits a snapshot record apart from, and before, the count of its
+  root, so a cut between the two leaves a visible snapshot whose root counts
+  no reference (vault workloads: (14), (15)).
 
 ``rebind`` copies a function with some of its module globals replaced; the
 copy is used only by the variant, the module keeps its own.
@@ -30,6 +34,7 @@ from statefsd.storage.engine import Engine
 from statefsd.storage.replay import Entry, Replayer
 
 from statefsd.testing.campaign.systems import DeviceProxy, System
+from statefsd.testing.vaultkv import SplitSnapshotKV
 
 
 def rebind(fn: types.FunctionType, **names) -> types.FunctionType:
@@ -155,6 +160,16 @@ class TxnIdReuseSystem(System):
     engine_class = _ReusingEngine
 
 
+# -- a vault whose snapshot is visible before its root is counted -----------------------------------
+
+
+class SplitSnapshotSystem(System):
+    name = "vault-split-snapshot"
+    description = "the vault commits a snapshot record before, and apart from, its root's count"
+    vault_kv = SplitSnapshotKV
+
+
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (System, LyingDiskSystem, NoCrcSystem, VisibleBeforeCommitSystem, TxnIdReuseSystem)
+    cls.name: cls for cls in (System, LyingDiskSystem, NoCrcSystem, VisibleBeforeCommitSystem, TxnIdReuseSystem,
+                              SplitSnapshotSystem)
 }

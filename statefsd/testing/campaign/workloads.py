@@ -193,3 +193,7 @@ def compaction_large_values(s: Session) -> None:
                       for i in (1, 2, 3)]
                      + [[Mutation("delete", KEYS[0]), Mutation("put", KEYS[1], s.value(500))]])
     s.put("big/2", 100)
+
+
+# The vault's workloads register themselves with the decorator above.
+from statefsd.testing.campaign import vaultworkloads  # noqa: E402,F401
