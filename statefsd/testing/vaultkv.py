@@ -65,6 +65,14 @@ class EngineKV:
     def verify(self) -> dict:
         raise NotImplementedError("the campaign checks the log itself (invariant 5)")
 
+    def clone(self) -> None:
+        """No second connection: the campaign records commits in one order,
+        so the vault writes them in line (the same bytes every run)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
 
 def mutation(op: tuple) -> Mutation:
     if op[0] == "put":

@@ -103,8 +103,10 @@ class ObjectStore:
     def __init__(self, kv: kvmod.KV, keys: VaultKeys, session: bytes = bytes(rec.SESSION_ID_BYTES), *,
                  pipelined: bool = False) -> None:
         self.kv = kv
-        # New data is written by a second connection while this one reads and chunks on.
-        self.writer = BackgroundWriter(kv.clone()) if pipelined else None
+        # New data is written by a second connection while this one reads and
+        # chunks on (a KV without a second connection writes in line).
+        second = kv.clone() if pipelined else None
+        self.writer = BackgroundWriter(second) if second is not None else None
         self.inflight: set[bytes] = set()
         self.keys = keys
         self.session = session
