@@ -109,11 +109,11 @@ def make_v2(root: str, seed: int) -> dict:
         changed += len(insert)
     first = os.path.join(large_dir, sorted(os.listdir(large_dir))[0])
     size = os.path.getsize(first)
-    span = min(OVERWRITE, size // 4)
+    overwrite = min(OVERWRITE, size // 4)
     with open(first, "r+b") as f:
         f.seek(size * 3 // 4)
-        f.write(rng.randbytes(span))
-    changed += span
+        f.write(rng.randbytes(overwrite))
+    changed += overwrite
 
     small = _small_files(root)
     edits = min(EDITS, max(1, len(small) // 5))
@@ -134,7 +134,7 @@ def make_v2(root: str, seed: int) -> dict:
         data = _small_content(rng, pool, 100_000 + j, j % 2 == 0)
         _write(root, os.path.join("new", f"n{j:02d}.{'txt' if j % 2 == 0 else 'bin'}"), data)
         changed += len(data)
-    return {"large_inserts": LARGE_FILES, "overwrite_bytes": span, "edited": edits, "deleted": deletes,
+    return {"large_inserts": LARGE_FILES, "overwrite_bytes": overwrite, "edited": edits, "deleted": deletes,
             "added": ADDS, "changed_bytes": changed, "bytes": tree_bytes(root)}
 
 
