@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,31 +39,31 @@ class ToolFailed(Exception):
     pass
 
 
+RUSAGE_EXEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rusage_exec.py")
+
+
 def run_measured(argv: list[str], *, env: dict, cwd: str, timeout: float = 3600.0) -> dict:
-    """Run one tool command; its wall seconds, peak RSS (wait4 rusage) and
-    output. Raises ToolFailed with the tail of its stderr on a non-zero exit."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        began = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
-        deadline = began + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.005)
-        seconds = time.monotonic() - began
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    """Run one tool command; its wall seconds, peak RSS (its own wait4
+    rusage, through rusage_exec.py) and output. Raises ToolFailed with the
+    tail of its stderr on a non-zero exit."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as usage:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", RUSAGE_EXEC, usage.name, *argv], stdout=out,
+                                stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
-    if proc.returncode != 0:
-        raise ToolFailed(f"{' '.join([os.path.basename(argv[0]), *argv[1:6]])} exited with {proc.returncode}"
-                         f" after {seconds:.1f}s: {stderr.strip()[-1500:] or stdout.strip()[-1500:]}")
-    return {"seconds": seconds, "rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout, "stderr": stderr}
+        measured = json.loads(usage.read() or b"{}")
+    if proc.returncode != 0 or not measured:
+        raise ToolFailed(f"{' '.join([os.path.basename(argv[0]), *argv[1:6]])} exited with {proc.returncode}: "
+                         f"{stderr.strip()[-1500:] or stdout.strip()[-1500:]}")
+    return {"seconds": measured["seconds"], "rss_bytes": measured["maxrss_kib"] * 1024,
+            "stdout": stdout, "stderr": stderr}
 
 
 def dir_bytes(path: str) -> dict:
@@ -378,8 +379,10 @@ def vault(lab: Lab, p: Params, progress) -> dict:
             "stored_bytes: restic and borg the bytes of every file in the repository (du_bytes beside it counts "
             "allocated blocks); StateFS log_used after `compact` (live_bytes and the image's allocated blocks beside "
             "it; the image file is written with zeros up front, so all its blocks are allocated)",
-            "StateFS peak_rss_bytes = the vault CLI's peak + statefsd's VmHWM (keystored not counted)",
-            "each backup and restore is one process's wall time, start-up and key derivation included",
+            "peak RSS: each tool process's own ru_maxrss (forked from a small wrapper, floor ~8 MiB); StateFS "
+            "peak_rss_bytes = the vault CLI's peak + statefsd's VmHWM (keystored not counted)",
+            "each backup and restore is one process's wall time (fork to exit), start-up and key derivation "
+            "included",
         ],
         **({"errors": errors} if errors else {}),
     }

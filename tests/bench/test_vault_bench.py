@@ -91,3 +91,16 @@ def test_the_restore_check_names_a_flipped_byte_and_a_missing_file(tmp_path):
     os.unlink(os.path.join(restored, names[-1]))
     assert vault_data.differences(source, restored) == [f"missing from the restore: {names[-1]}",
                                                         f"different bytes: {names[0]}"]
+
+
+def test_a_tool_s_peak_rss_is_its_own_not_the_bench_process_s(tmp_path):
+    from bench.vault import run_measured
+    ballast = bytearray(256 << 20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # resident: the bench's own peak is now above 256 MiB
+    small = run_measured(["true"], env=dict(os.environ), cwd=str(tmp_path))
+    big = run_measured(["python3", "-c", "b = bytearray(96 << 20); b[::4096] = b'x' * len(b[::4096])"],
+                       env=dict(os.environ), cwd=str(tmp_path))
+    del ballast
+    assert small["rss_bytes"] < 32 << 20
+    assert 96 << 20 < big["rss_bytes"] < 160 << 20
