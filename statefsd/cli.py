@@ -8,6 +8,7 @@
     statefs [--socket PATH] txn [FILE|-]     (JSON, see TXN_HELP)           [--json | -v]
     statefs [--socket PATH] stat [KEY] [--json]   (a key's stat, or the daemon's info)
     statefs [--socket PATH] compact
+    statefs [--socket PATH] verify [--json]   (exit 0 clean, 4 problems found, 8 not verified)
 
 Writes are quiet on success, as Unix tools are: ``--json`` prints
 ``{"txn": ID}``, ``-v`` a line saying what was done. The socket comes from
@@ -27,7 +28,10 @@ import os
 import stat
 import sys
 
-from statefsd.errors import DeviceIOError, InternalError, InvalidArgument, StateFSError, UsageError
+from statefsd.errors import (
+    DeviceIOError, FsckExit, InternalError, InvalidArgument, StateFSError, UsageError,
+)
+from statefsd.vault import cli as vault_cli
 
 
 TXN_HELP = """\
@@ -40,6 +44,9 @@ The transaction is one JSON object; its ops apply all together or not at all:
   "value"      the value as UTF-8 text
   "value_b64"  the value as base64, for bytes that are not text
   a put has exactly one of the two; a delete of a missing key is not an error.
+  "expect"     optional: [{"key": "net/ip", "txn": 41}, ...] commits only if
+               each key was last written by that txn ('statefs stat KEY';
+               0: the key is absent), else nothing is written: ECONFLICT, exit 27.
 Limits: 128 ops and 16 MiB of values per transaction, 8 MiB per value,
 512 bytes per key (docs/statefs.md).
 
@@ -113,11 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw fields as JSON")
 
     sub.add_parser("compact", parents=[common], help="compact the log now")
+
+    p = sub.add_parser("verify", parents=[common], help="scrub the mounted log online (fsck-style exit status)",
+                       description="Re-read the mounted log up to now and check every record, the hash "
+                                   "chain and every signed checkpoint, while statefsd keeps serving.",
+                       epilog="exit status (as fsck(8)): 0 clean, 4 problems found (see findings), "
+                              "8 not verified (statefsd unreachable, or it is shutting down)")
+    p.add_argument("--json", action="store_true", help="print the verify map as JSON")
+    vault_cli.add_parser(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        vault_cli.refuse_extra(args, extra)    # `vault check` answers usage errors as fsck(8) does
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except StateFSError as exc:
@@ -453,9 +472,49 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            verdict = client.verify()
+    except StateFSError as exc:
+        _fail(exc)
+        return FsckExit.OPERATIONAL
+    print(json.dumps(verdict, indent=2, sort_keys=True) if args.json else _verify_text(verdict))
+    return FsckExit.UNCORRECTED if verdict.get("findings") else FsckExit.CLEAN
+
+
+def _verify_text(v: dict) -> str:
+    """The verify map in words (the JSON form has the protocol's names)."""
+    signed = (f"{v['verified_checkpoints']} of {v['checkpoints']} signatures verified"
+              if v["verified_checkpoints"] or not v["checkpoints"] else
+              f"{v['checkpoints']} found, signatures not checked (statefsd runs without --keystore-socket)")
+    last = f", the last at byte {v['last_checkpoint_offset']}" if v["last_checkpoint_offset"] >= 0 else ""
+    lines = [
+        f"verified:      {_human(v['scanned_bytes'])} of log (epoch {v['log_epoch']}) up to byte "
+        f"{v['position']} in {v['seconds']} s, while statefsd kept serving",
+        f"records:       {v['records']} ({v['committed_txns']} committed transactions)",
+        f"chain head:    {v['chain_head'] or '-'} "
+        f"({'matches' if v['chain_head_matches'] else 'does NOT match'} the daemon's)",
+        f"checkpoints:   {signed}{last}",
+    ]
+    findings, first = v.get("findings") or {}, v.get("first_finding")
+    if not findings:
+        lines.append("findings:      none")
+        return "\n".join(lines)
+    lines.append("findings:      " + ", ".join(f"{kind} {n}" for kind, n in sorted(findings.items())))
+    if first:
+        lines.append(f"first:         {first['kind']} at byte offset {first['offset']}: {first['reason']}")
+    if set(findings) == {"repairable-sector"}:
+        lines.append("next:          restart statefsd: a read-write mount writes the rebuilt sectors back")
+    else:
+        lines.append("next:          stop statefsd and run fsck-statefs on the image; it says what "
+                     "--repair can do")
+    return "\n".join(lines)
+
+
 def cmd_txn(args: argparse.Namespace) -> int:
     raw = sys.stdin.buffer.read() if args.file == "-" else _read_file(args.file)
-    ops = parse_txn_json(raw)
+    ops, expect = parse_txn_json(raw)
     with _client(args) as client:
         with client.transaction() as txn:
             for kind, key, value in ops:
@@ -463,15 +522,16 @@ def cmd_txn(args: argparse.Namespace) -> int:
                     txn.put(key, value)
                 else:
                     txn.delete(key)
+            txn.commit(expect=expect)
     return _report_write(args, txn.txn_id, f"applied {len(ops)} ops")
 
 
 TXN_FORMAT_HINT = "the format is in 'statefs txn --help'"
 
 
-def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
-    """The txn command's JSON document -> [(kind, key, value)]; EINVAL naming
-    the first problem."""
+def parse_txn_json(raw: bytes) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, int]]]:
+    """The txn command's JSON document -> ([(kind, key, value)], [(key, txn)]);
+    EINVAL naming the first problem."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -506,7 +566,20 @@ def parse_txn_json(raw: bytes) -> list[tuple[str, str, bytes]]:
             except (binascii.Error, TypeError, ValueError):
                 raise InvalidArgument(f'{where} "value_b64" is not valid base64', hint=TXN_FORMAT_HINT) from None
         ops.append(("put", key, value))
-    return ops
+    return ops, _txn_expect(doc.get("expect", []))
+
+
+def _txn_expect(expect: object) -> list[tuple[str, int]]:
+    if not isinstance(expect, list):
+        raise InvalidArgument('"expect" must be an array of {"key": ..., "txn": ...}', hint=TXN_FORMAT_HINT)
+    conditions = []
+    for i, condition in enumerate(expect):
+        if (not isinstance(condition, dict) or not isinstance(condition.get("key"), str)
+                or type(condition.get("txn")) is not int):
+            raise InvalidArgument(f'expect[{i}] must be an object with a string "key" and an integer "txn"',
+                                  hint=TXN_FORMAT_HINT)
+        conditions.append((condition["key"], condition["txn"]))
+    return conditions
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -529,6 +602,7 @@ def _read_file(path: str) -> bytes:
 COMMANDS = {
     "mkfs": cmd_mkfs, "put": cmd_put, "get": cmd_get, "rm": cmd_rm,
     "ls": cmd_ls, "txn": cmd_txn, "stat": cmd_stat, "compact": cmd_compact,
+    "verify": cmd_verify, "vault": vault_cli.run,
 }
 
 

@@ -5,8 +5,9 @@ pair travels on the wire (protocol error frames), is raised by the client
 library, and is the exit status of the ``statefs`` CLI. Numbers never change
 meaning once released; new errors get new numbers.
 
-fsck-statefs is the one exception: its exit status follows fsck(8)
-(see ``FsckExit``), because tools that call fsck expect that convention.
+fsck-statefs and ``statefs verify`` are the exceptions: their exit status
+follows fsck(8) (see ``FsckExit``), because tools that call fsck expect that
+convention.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Code(enum.IntEnum):
     EACCES = 24         # caller not allowed (keystored access control)
     ETXN = 25           # transaction misuse (unknown txn, commit after abort)
     EPASSPHRASE = 26    # wrong or missing passphrase for a sealed key file
+    ECONFLICT = 27      # a condition of a transaction no longer held: nothing was written
     EINTERNAL = 99      # a bug: please report it with the audit journal
 
 
@@ -59,6 +61,7 @@ HINTS: dict[Code, str] = {
     Code.EACCES: "ask the administrator to allow this uid and label in keystored",
     Code.ETXN: "begin a new transaction",
     Code.EPASSPHRASE: "supply the right passphrase (STATEFS_KEY_PASSPHRASE)",
+    Code.ECONFLICT: "read the keys again and retry the transaction with their new txn ids",
     Code.EINTERNAL: "please report this bug with the audit journal",
 }
 
@@ -121,6 +124,7 @@ EntropyNotReady = _make("EntropyNotReady", Code.EENTROPY, "Kernel entropy is not
 AccessDenied = _make("AccessDenied", Code.EACCES, "The caller is not allowed.")
 TransactionError = _make("TransactionError", Code.ETXN, "Transaction misuse.")
 WrongPassphrase = _make("WrongPassphrase", Code.EPASSPHRASE, "Wrong or missing passphrase.")
+Conflict = _make("Conflict", Code.ECONFLICT, "A condition of the transaction no longer holds.")
 InternalError = _make("InternalError", Code.EINTERNAL, "A bug.")
 
 _BY_CODE: dict[Code, type[StateFSError]] = {
@@ -129,7 +133,7 @@ _BY_CODE: dict[Code, type[StateFSError]] = {
         UsageError, InvalidArgument, NotFound, TooBig, NoSpace, IntegrityError, CorruptImage,
         FormatError, Busy, ProtocolError, ReadOnly, KeyUnavailable, ConnectionFailed,
         DeviceIOError, EntropyNotReady, AccessDenied, TransactionError, WrongPassphrase,
-        InternalError,
+        Conflict, InternalError,
     )
 }
 
@@ -139,7 +143,8 @@ def error_class(code: Code) -> type[StateFSError]:
 
 
 class FsckExit(enum.IntEnum):
-    """fsck(8) exit codes, used only by fsck-statefs (they are bit flags)."""
+    """fsck(8) exit codes, used only by fsck-statefs and `statefs verify`
+    (they are bit flags)."""
 
     CLEAN = 0
     CORRECTED = 1

@@ -40,3 +40,6 @@ class KeystoreSigner:
 
     def sign(self, label: str, message: bytes) -> bytes:
         return self._client.sign(label, message)
+
+    def derive(self, label: str, context: bytes, length: int = 32) -> bytes:
+        return self._client.derive(label, context, length)

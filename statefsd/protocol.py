@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from statefsd.errors import ProtocolError, StateFSError
+from statefsd.errors import InvalidArgument, ProtocolError, StateFSError, TooBig
 from statefsd.shared import unixrpc
-from statefsd.storage.format import MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+from statefsd.storage.format import (
+    MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_CONDITIONS, MAX_TXN_OPS, MAX_VALUE_BYTES,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -32,9 +34,17 @@ MAX_FRAME = MAX_VALUE_BYTES + (64 << 10)
 LIST_PAGE_KEYS = 4096
 LIST_PAGE_BYTES = 1 << 20
 
+# mget asks for at most this many keys; its answer stops before the value
+# that would take its values past MGET_REPLY_BYTES (the first value is
+# always sent), so the answer fits a frame: one value's worth of bytes plus
+# at most 1024 entries of 16 bytes of msgpack around them.
+MAX_MGET_KEYS = 1024
+MGET_REPLY_BYTES = MAX_VALUE_BYTES
+
 # The biggest legitimate maps are a list page (4096 keys) and a one-shot txn
-# (128 ops of 7 objects); four times that leaves room, while a frame of
-# millions of tiny objects is refused before msgpack builds any of them.
+# with every condition (128 ops of 7 objects, 1024 conditions of 5); more
+# than twice that leaves room, while a frame of millions of tiny objects is
+# refused before msgpack builds any of them.
 MAX_FRAME_OBJECTS = 4 * LIST_PAGE_KEYS
 
 # The limits of docs/protocol.md, "Limits". Connections: every uid that may
@@ -55,21 +65,24 @@ MAX_REQUEST_ID = (1 << 64) - 1
 # Fields each op needs beyond v/id/op: name -> (type, required).
 _KEY = ("key", str, True)
 _VALUE = ("value", bytes, True)
+_EXPECT = ("expect", list, False)
 OPS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "hello": (),
     "info": (),
     "get": (_KEY,),
+    "mget": (("keys", list, True),),
     "stat": (_KEY,),
     "put": (_KEY, _VALUE),
     "delete": (_KEY,),
     "list": (("prefix", str, False), ("after", str, False), ("limit", int, False)),
-    "txn": (("ops", list, True),),
+    "txn": (("ops", list, True), _EXPECT),
     "begin": (),
     "txn_put": (_KEY, _VALUE),
     "txn_delete": (_KEY,),
-    "commit": (),
+    "commit": (_EXPECT,),
     "abort": (),
     "compact": (),
+    "verify": (),
 }
 TXN_KINDS = ("put", "delete")
 
@@ -79,6 +92,8 @@ CAPS = {
     "max_value_bytes": MAX_VALUE_BYTES,
     "max_txn_ops": MAX_TXN_OPS,
     "max_txn_bytes": MAX_TXN_BYTES,
+    "max_txn_conditions": MAX_TXN_CONDITIONS,
+    "max_mget_keys": MAX_MGET_KEYS,
 }
 
 
@@ -134,7 +149,31 @@ def parse_request(message: dict) -> Request:
         args[name] = _typed(op, name, message[name], kind)
     if op == "txn":
         args["ops"] = [_txn_op(i, item) for i, item in enumerate(args["ops"])]
+    if "expect" in args:
+        args["expect"] = [_condition(i, item) for i, item in enumerate(args["expect"])]
+    if op == "mget":
+        args["keys"] = _mget_keys(args["keys"])
     return Request(rid, op, args)
+
+
+def _condition(index: int, item: Any) -> tuple[str, int]:
+    """One element of ``expect``: -> (key, txn id); its values are checked
+    by the engine (a valid key, txn >= 0, how many)."""
+    where = f"expect[{index}]"
+    if not isinstance(item, dict):
+        raise ProtocolError(f"{where} must be a map {{\"key\": str, \"txn\": int}}, got {type(item).__name__}")
+    return _typed(where, "key", item.get("key"), str), _typed(where, "txn", item.get("txn"), int)
+
+
+def _mget_keys(keys: list) -> list[str]:
+    if not keys:
+        raise InvalidArgument("mget needs at least one key", hint=f"send 1 to {MAX_MGET_KEYS} keys")
+    if len(keys) > MAX_MGET_KEYS:
+        raise TooBig(f"mget of {len(keys)} keys exceeds the limit of {MAX_MGET_KEYS} per request",
+                     hint="split the keys over several requests (the Python client does)")
+    for i, key in enumerate(keys):
+        _typed("mget", f"keys[{i}]", key, str)
+    return keys
 
 
 def _txn_op(index: int, item: Any) -> tuple[str, str, bytes]:

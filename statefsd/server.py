@@ -29,7 +29,7 @@ log = logging.getLogger("statefsd.server")
 
 # Errors a client causes all the time; everything else is worth an audit line
 # (the engine adds its own lines for integrity failures and a full log).
-_QUIET = {Code.ENOTFOUND, Code.ETXN}
+_QUIET = {Code.ENOTFOUND, Code.ETXN, Code.ECONFLICT}
 
 
 def encryption_mode(info: dict) -> str:
@@ -234,8 +234,16 @@ class Session:
     def op_compact(self, args: dict) -> dict:
         return {"compaction": self.engine.compact()}
 
+    def op_verify(self, args: dict) -> dict:
+        return {"verify": self.engine.verify()}
+
     def op_get(self, args: dict) -> dict:
-        return {"value": self.engine.get(args["key"])}
+        value, txn = self.engine.get_versioned(args["key"])
+        return {"value": value, "txn": txn}
+
+    def op_mget(self, args: dict) -> dict:
+        found = self.engine.get_many(args["keys"], max_bytes=protocol.MGET_REPLY_BYTES)
+        return {"values": [list(pair) if pair is not None else None for pair in found]}
 
     def op_stat(self, args: dict) -> dict:
         return {"stat": self.engine.stat(args["key"])}
@@ -263,9 +271,10 @@ class Session:
 
     def op_txn(self, args: dict) -> dict:
         mutations = [Mutation(kind, key, value) for kind, key, value in args["ops"]]
-        if not mutations:
+        expect = args.get("expect", ())
+        if not mutations and not expect:
             return {"txn": None}
-        return {"txn": self.engine.commit(mutations)}
+        return {"txn": self.engine.commit(mutations, expect)}
 
     def op_begin(self, args: dict) -> dict:
         if self.txn is not None:
@@ -297,10 +306,11 @@ class Session:
         if self.txn is None:
             raise TransactionError("no open transaction to commit; send begin first")
         txn, self.txn = self.txn, None
+        expect = args.get("expect", ())
         try:
-            if not txn.mutations:
+            if not txn.mutations and not expect:
                 return {"txn": None}
-            return {"txn": self.engine.commit(txn.mutations)}
+            return {"txn": self.engine.commit(txn.mutations, expect)}
         finally:
             txn.release()
 

@@ -9,6 +9,7 @@ superblock is switched.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -65,12 +66,23 @@ class Compactor:
             self._thread.start()
 
     def stop(self) -> None:
-        """No background compaction starts from now on; one running ends first."""
+        """No background compaction starts from now on; one running ends
+        first, and so does a foreground one or a scrub holding compaction off."""
         with self._thread_lock:
             self._stopped = True
             thread = self._thread
         if thread is not None:
             thread.join()
+        with self._running:
+            pass
+
+    @contextlib.contextmanager
+    def held_off(self):
+        """No compaction runs while this is held (an online scrub reads the
+        active region, which the compaction after next would reuse); waits
+        for one that is running. Commits go on (engine.py, rule C10)."""
+        with self._running:
+            yield
 
     def _background(self) -> None:
         try:

@@ -54,10 +54,28 @@ C6  Checkpoints: whether one is due is decided while holding the role, so
     checkpoint that fails never turns a durable commit into an error (it
     is audited, and retried CHECKPOINT_EVERY commits later).
 C7  Close refuses new commits first, then waits for a running compaction
-    (none can start after), then for the commits queued before it, and
+    or scrub (none can start after), then for the commits queued before it, and
     only then writes the final checkpoint and the clean-unmount superblock.
 C8  After a device error the engine is read-only for good: nobody knows
     what the page cache kept, so it stops writing rather than guess.
+C9  Conditions (commit's ``expect``) are checked by the commit leader as
+    each request joins its group, in queue order: against the index (only
+    the role holder changes it, C1) plus the keys written by the requests
+    accepted before it in the same group (txn ids are given out in group
+    order, so theirs are known). A request whose condition fails gets
+    Conflict and writes nothing; the rest of its group is unaffected. A
+    request deferred to the next group is checked when it joins that one.
+    Txn ids only grow and compaction gives every copy a new one, so a
+    condition never holds for a key changed since it was read (no ABA).
+C10 Scrub (verify): compaction is held off for the whole scan (the
+    compaction lock; a compaction, background, `compact` or one a full
+    log asks for, waits for the scrub, and the scrub for a running one).
+    The log position and the superblock are then read together under the
+    writer role, held only for that read; the scan reads the active region
+    up to that position while commits append beyond it, and changes no
+    engine state. Without a compaction the region read is never reused, and
+    everything below the position was flushed (C2). Close stops a scrub
+    between two groups and waits for it (C7).
 """
 
 from __future__ import annotations
@@ -67,15 +85,15 @@ import sys
 from typing import Callable, NamedTuple
 
 from statefsd.errors import (
-    CorruptImage, DeviceIOError, InvalidArgument, NoSpace, NotFound, ReadOnly,
+    Conflict, CorruptImage, DeviceIOError, InvalidArgument, NoSpace, NotFound, ReadOnly,
     StateFSError, TooBig,
 )
 from statefsd.storage import format as fmt
-from statefsd.storage import image
+from statefsd.storage import image, scrub
 from statefsd.storage.blockdev import BlockDevice
 from statefsd.storage.compaction import Compactor
 from statefsd.storage.crypto import RecordCipher
-from statefsd.storage.groupcommit import Request, WriterRole
+from statefsd.storage.groupcommit import Condition, Request, WriterRole
 from statefsd.storage.image import KeyProvider, Signer
 from statefsd.storage.logwriter import LogPosition, LogWriter
 from statefsd.storage.replay import Entry, ReplayResult, replay
@@ -142,6 +160,42 @@ def validate_mutations(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
     if problem:
         raise (TooBig if ops else InvalidArgument)(problem)
     return ops
+
+
+def validate_conditions(expect) -> tuple[Condition, ...]:
+    """``expect`` ((key, txn id) pairs; txn 0: the key must be absent) as
+    checked conditions, at most MAX_TXN_CONDITIONS of them."""
+    pairs = list(expect)
+    if len(pairs) > fmt.MAX_TXN_CONDITIONS:
+        raise TooBig(f"{len(pairs)} conditions exceed the limit of {fmt.MAX_TXN_CONDITIONS} per transaction",
+                     hint="split the transaction, or condition it on fewer keys")
+    conditions = []
+    for n, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            what = f"{len(pair)} items" if isinstance(pair, (tuple, list)) else type(pair).__name__
+            raise InvalidArgument(f"condition {n} must be a (key, txn id) pair, got {what}")
+        path, txn_id = pair
+        try:
+            raw = validate_path(path)
+        except StateFSError as exc:
+            raise type(exc)(f"condition {n}: {exc.message}", **exc.details) from None
+        if not isinstance(txn_id, int) or isinstance(txn_id, bool) or txn_id < 0:
+            shown = txn_id if type(txn_id) is int else type(txn_id).__name__
+            raise InvalidArgument(f"condition {n} on key {path!r}: the expected txn id must be an integer "
+                                  f">= 0 (0: the key must be absent), got {shown}")
+        conditions.append(Condition(path, raw, txn_id))
+    return tuple(conditions)
+
+
+def _changed(condition: Condition, now: int | None) -> Conflict | None:
+    """Conflict when ``condition`` does not hold for a key whose current
+    txn id is ``now`` (None: absent)."""
+    if now == (condition.txn_id or None):
+        return None
+    expected = f"txn {condition.txn_id}" if condition.txn_id else "it absent"
+    found = f"it is now txn {now}" if condition.txn_id and now else \
+        f"it exists (txn {now})" if now else "it is absent"
+    return Conflict(f"key {condition.path!r} changed: expected {expected}, {found}; nothing was written")
 
 
 def _no_audit(event: str, **fields) -> None:
@@ -300,7 +354,33 @@ class Engine:
         return raw, entry
 
     def get(self, path: str) -> bytes:
-        return self.values.read(*self._entry(path))
+        return self.get_versioned(path)[0]
+
+    def get_versioned(self, path: str) -> tuple[bytes, int]:
+        """The value and the txn id that wrote it (what a condition expects)."""
+        return self._versioned(*self._entry(path))
+
+    def get_many(self, paths: list[str], max_bytes: int | None = None) -> list[tuple[bytes, int] | None]:
+        """(value, txn id) per path in order, None for a missing key. With
+        ``max_bytes`` the list stops before the value that would take its
+        values past it (the first value is always given), so it may be
+        shorter than ``paths``. Each key is read as it is reached: not a
+        snapshot of all of them at one instant."""
+        found: list[tuple[bytes, int] | None] = []
+        total = 0
+        for raw in [validate_path(path) for path in paths]:
+            entry = self.index.get(raw)
+            if entry is None:
+                found.append(None)
+                continue
+            if max_bytes is not None and total and total + entry.size > max_bytes:
+                break
+            total += entry.size
+            found.append(self._versioned(raw, entry))
+        return found
+
+    def _versioned(self, raw: bytes, entry: Entry) -> tuple[bytes, int]:
+        return self.values.read(raw, entry), entry.txn_id
 
     def stat(self, path: str) -> dict:
         _, entry = self._entry(path)
@@ -333,18 +413,25 @@ class Engine:
         self._entry(path)  # NotFound for a single delete of a missing key
         return self.commit([Mutation("delete", path)])
 
-    def commit(self, mutations: list[Mutation]) -> int:
+    def commit(self, mutations: list[Mutation], expect=()) -> int:
         """Apply all mutations atomically; returns the txn id once durable.
-        A full log is compacted once before ENOSPC is returned; the log is
-        also compacted after a commit when compaction is due."""
+        ``expect``: (key, txn id) pairs that must all still hold when the
+        transaction is written (txn 0: the key is absent), else Conflict
+        and nothing is written (rule C9). A full log is compacted once
+        before ENOSPC is returned; the log is also compacted after a commit
+        when compaction is due."""
         self._check_writable()
+        conditions = validate_conditions(expect)
+        if conditions and not mutations:
+            raise InvalidArgument("a transaction with conditions needs at least one put or delete; "
+                                  "nothing was checked")
         ops = validate_mutations(mutations)
         try:
-            txn_id = self._commit_ops(ops)
+            txn_id = self._commit_ops(ops, conditions)
         except NoSpace:
             if not self.compactor.make_room(self.log.txn_bytes(ops)):
                 raise
-            txn_id = self._commit_ops(ops)
+            txn_id = self._commit_ops(ops, conditions)
         if self.compactor.due():
             self.compactor.start_in_background()
         elif self.signer is not None and self.log.unsigned_commits >= self._checkpoint_due:
@@ -354,6 +441,25 @@ class Engine:
     def compact(self) -> dict:
         """Rewrite the live state into the other log region (compaction.py)."""
         return self.compactor.run()
+
+    def verify(self) -> dict:
+        """Scrub the log online (scrub.py, rule C10): the verify map. What
+        the scan finds is in its ``findings``, never raised; an error here
+        means no verdict (the engine is closing, or a bug)."""
+        with self.compactor.held_off():
+            self._check_open()
+            with self.role.exclusive():
+                position, sb = self.log.position, self.log.sb
+            verdict = scrub.verify_log(self.device, sb, position, cipher=self.cipher,
+                                       device_key=self.signer.public_key if self.signer else None,
+                                       before_group=self._check_open)
+        self.audit("verify", **{k: v for k, v in verdict.items() if k != "first_finding"})
+        return verdict
+
+    def _check_open(self) -> None:
+        if self.role.closing:
+            raise ReadOnly(f"{self.device.path} is being unmounted; nothing was verified",
+                           hint="verify again once statefsd has restarted")
 
     def checkpoint(self) -> None:
         """Append a CHECKPOINT signed by the device key over the chain head."""
@@ -387,8 +493,8 @@ class Engine:
         if self.read_only:
             raise ReadOnly(f"{self.device.path} is mounted read-only")
 
-    def _commit_ops(self, ops: list[tuple[fmt.Op, bytes]]) -> int:
-        req = Request(ops)
+    def _commit_ops(self, ops: list[tuple[fmt.Op, bytes]], conditions: tuple[Condition, ...] = ()) -> int:
+        req = Request(ops, conditions)
         self.role.commit(req, self._write_group)
         if req.error is not None:
             raise req.error
@@ -396,8 +502,9 @@ class Engine:
 
     def _write_group(self, batch: list[Request]) -> list[Request]:
         """Leader only (C1): write every request that fits as one group, one
-        flush. Returns the requests left for the next group (a group holds
-        at most MAX_GROUP_BYTES)."""
+        flush, after checking each one's conditions (C9). Returns the
+        requests left for the next group (a group holds at most
+        MAX_GROUP_BYTES)."""
         log = self.log
         if self.failure is not None:
             self.fail(batch, self.failure)
@@ -405,17 +512,25 @@ class Engine:
         accepted: list[Request] = []
         start = pos = log.position.offset
         deferred: list[Request] = []
+        written: dict[bytes, int | None] = {}   # key -> txn id it gets in this group (None: deleted)
         for n, req in enumerate(batch):
             size = log.txn_bytes(req.ops)
             if accepted and pos + size - start > fmt.MAX_GROUP_BYTES:
                 deferred = batch[n:]
                 break
+            conflict = self._conflict(req, written)
+            if conflict is not None:
+                req.error = conflict
+                req.done = True
+                continue
             if not log.group_fits(pos + size, all(op.kind == fmt.OP_DELETE for op, _ in req.ops)):
                 left = log.region_end - start
                 req.error = NoSpace(f"{self.device.path}: log full ({left} bytes left, transaction needs {size})")
                 self.audit("enospc", needed=size, left=left)
                 req.done = True
                 continue
+            txn_id = log.position.next_txn + len(accepted)   # ids go out in group order
+            written.update((op.path, None if op.kind == fmt.OP_DELETE else txn_id) for op, _ in req.ops)
             accepted.append(req)
             pos += size
         if not accepted:
@@ -437,6 +552,20 @@ class Engine:
             req.txn_id = txn_id
             req.done = True
         return deferred
+
+    def _conflict(self, req: Request, written: dict[bytes, int | None]) -> Conflict | None:
+        """The first of ``req``'s conditions that does not hold against the
+        index plus the keys ``written`` earlier in this group (C9)."""
+        for condition in req.expect:
+            if condition.raw in written:
+                now = written[condition.raw]
+            else:
+                entry = self.index.get(condition.raw)
+                now = entry.txn_id if entry is not None else None
+            conflict = _changed(condition, now)
+            if conflict is not None:
+                return conflict
+        return None
 
     def fail(self, requests: list[Request], exc: StateFSError) -> None:
         """A write or flush failed (C8): fail ``requests`` and write no more."""

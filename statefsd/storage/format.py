@@ -81,6 +81,7 @@ SEAL_OVERHEAD = 16                # AEAD tag appended to a sealed payload
 MAX_PAYLOAD = 128 << 10           # any record payload (PREPARE is the largest)
 TXN_RESERVE_BATCH = 4096          # txn ids reserved per superblock write
 MAX_GROUP_BYTES = 32 << 20        # data bytes of one write group (one device write)
+MAX_TXN_CONDITIONS = 1024         # conditions (expected txn ids) per transaction: checked, never stored
 
 # Record types. 0x16.. are reserved for later minor versions.
 PREPARE = 0x10

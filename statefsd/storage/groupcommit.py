@@ -12,19 +12,29 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from statefsd.errors import ReadOnly, StateFSError
 from statefsd.storage import format as fmt
 
 
+class Condition(NamedTuple):
+    """A key must still have been last written by ``txn_id`` (0: be absent)
+    when its transaction is written."""
+
+    path: str
+    raw: bytes
+    txn_id: int
+
+
 class Request:
     """One transaction waiting for a group."""
 
-    __slots__ = ("ops", "done", "txn_id", "error")
+    __slots__ = ("ops", "expect", "done", "txn_id", "error")
 
-    def __init__(self, ops: list[tuple[fmt.Op, bytes]]) -> None:
+    def __init__(self, ops: list[tuple[fmt.Op, bytes]], expect: tuple[Condition, ...] = ()) -> None:
         self.ops = ops
+        self.expect = expect
         self.done = False
         self.txn_id = 0
         self.error: StateFSError | None = None

@@ -229,11 +229,16 @@ def _read_group(window: _Window, start: int, sb: fmt.Superblock,
     return records, _Stop(pos, "")
 
 
-def scan_groups(device: BlockDevice, sb: fmt.Superblock) -> Iterator[list[Record] | ScanEnd]:
+def scan_groups(device: BlockDevice, sb: fmt.Superblock, *,
+                upto: int | None = None) -> Iterator[list[Record] | ScanEnd]:
     """Yield each complete group (a list of records) in log order, then one
-    ScanEnd describing the end of the log."""
+    ScanEnd describing the end of the log. With ``upto`` (a log position a
+    writer published) nothing at or past it is read: the walk treats it as
+    the end of the region, so a scrub ignores what commits append meanwhile."""
     start, length = sb.active_extent
-    window = _Window(device, start, start + length)
+    if upto is not None and not start <= upto <= start + length:
+        raise ValueError(f"scan limit {upto} outside the active region [{start}, {start + length}]")
+    window = _Window(device, start, start + length if upto is None else upto)
     parity = sb.redundancy == fmt.REDUNDANCY_PARITY
     cur = _Cursor()
     group_start = start

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError
@@ -80,6 +81,7 @@ class ReplayResult:
     unverified_chunks: int = 0  # sealed chunks not authenticated (no key given)
     checkpoints: int = 0        # CHECKPOINT records whose chain head matched
     verified_checkpoints: int = 0   # ... and whose signature verified under the device key
+    last_checkpoint: int = -1   # offset of the last CHECKPOINT whose chain head matched (-1: none)
 
     @property
     def corruption(self) -> list[Finding]:
@@ -105,6 +107,7 @@ class Replayer:
         self.device_key = device_key    # Ed25519 public key checkpoints must verify under
         self.checkpoints = 0
         self.verified_checkpoints = 0
+        self.last_checkpoint = -1
         self.unverified_chunks = 0
         self.index: dict[bytes, Entry] = {}
         self.chain = sb.chain_base
@@ -145,7 +148,7 @@ class Replayer:
                                          f"past the durable floor that cannot be told from one"))
         return ReplayResult(self.index, end, self.chain, self.max_txn_id, self.committed,
                             self.records, self.findings, self.unverified_chunks, self.checkpoints,
-                            self.verified_checkpoints)
+                            self.verified_checkpoints, self.last_checkpoint)
 
     # -- record handlers ----------------------------------------------------
 
@@ -274,6 +277,7 @@ class Replayer:
         if body.chain_head != self.chain:
             return self.corrupt(rec, "checkpoint does not match the hash chain: history was rewritten")
         self.checkpoints += 1
+        self.last_checkpoint = rec.offset
         if self.device_key is None:
             return
         if body.public_key != self.device_key:
@@ -308,15 +312,20 @@ _HANDLERS = {
 }
 
 
-def replay(device, sb: fmt.Superblock, cipher=None, device_key: bytes | None = None) -> ReplayResult:
+def replay(device, sb: fmt.Superblock, cipher=None, device_key: bytes | None = None, *,
+           upto: int | None = None, before_group: Callable[[], None] | None = None) -> ReplayResult:
     """Scan the active region and rebuild the committed state. With a
     cipher, every sealed chunk is authenticated; without, it is counted as
     unverified. With the device's public key, every checkpoint signature is
-    verified too."""
+    verified too. ``upto`` ends the scan at that log position (an online
+    scrub, logscan.scan_groups); ``before_group`` runs before each group is
+    applied and may raise to abandon the scan (the engine is closing)."""
     r = Replayer(sb, cipher, device_key)
-    for item in scan_groups(device, sb):
+    for item in scan_groups(device, sb, upto=upto):
         if isinstance(item, ScanEnd):
             return r.finish(item)
+        if before_group is not None:
+            before_group()
         for rec in item:
             r.apply(rec)
     raise AssertionError("scan_groups always ends with a ScanEnd")  # pragma: no cover

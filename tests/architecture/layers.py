@@ -29,6 +29,7 @@ CLIENT = "statefsd.client"
 DAEMON_SIDE = ("statefsd.server", "statefsd.daemon", "statefsd.cli", "statefsd.__main__")
 FSCK = "fsck_statefs"
 TESTING = "statefsd.testing"
+VAULT = "statefsd.vault"
 
 # Source module prefix -> the module prefixes it may import. The longest
 # matching prefix decides; a module always may import its own prefix. Every
@@ -43,7 +44,8 @@ RULES: dict[str, tuple[str, ...]] = {
     KEYSTORE: (ERRORS, SHARED, STORAGE, KEYSTORED),
     PROTOCOL: (ERRORS, SHARED, STORAGE + ".format", PROTOCOL),
     CLIENT: (ERRORS, SHARED, STORAGE + ".format", PROTOCOL),
-    **{m: (ERRORS, SHARED, STORAGE, PROTOCOL, CLIENT, KEYSTORE, *DAEMON_SIDE) for m in DAEMON_SIDE},
+    VAULT: (ERRORS, SHARED, CLIENT, KEYSTORE, VAULT),
+    **{m: (ERRORS, SHARED, STORAGE, PROTOCOL, CLIENT, KEYSTORE, VAULT, *DAEMON_SIDE) for m in DAEMON_SIDE},
     FSCK: (ERRORS, SHARED, STORAGE, KEYSTORE, FSCK),
     TESTING: PRODUCT,
 }

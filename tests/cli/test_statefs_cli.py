@@ -343,6 +343,17 @@ def test_txn_with_one_oversize_key_applies_nothing_and_exits_etoobig(sock):
     assert statefs("ls", "atomic/", socket=sock).stdout == b""
 
 
+def test_txn_with_expect_commits_while_the_key_is_unchanged_and_exits_27_once_it_changed(sock):
+    txn = json.loads(statefs("put", "cas/k", "1", "--json", socket=sock).stdout)["txn"]
+    doc = json.dumps({"ops": [{"op": "put", "key": "cas/k", "value": "2"}],
+                      "expect": [{"key": "cas/k", "txn": txn}, {"key": "cas/none", "txn": 0}]}).encode()
+    assert statefs("txn", "-", socket=sock, input=doc).returncode == 0
+    result = statefs("txn", "-", socket=sock, input=doc)   # the same condition again: cas/k changed
+    assert_fails(result, 27, f"key 'cas/k' changed: expected txn {txn}, it is now txn ")
+    assert result.returncode == Code.ECONFLICT
+    assert statefs("get", "cas/k", socket=sock).stdout == b"2"
+
+
 def test_a_513_byte_key_is_etoobig_asking_for_a_shorter_key_not_a_split_value(sock):
     result = statefs("put", "k" * (MAX_KEY_BYTES + 1), "v", socket=sock)
     assert_fails(result, Code.ETOOBIG, f"key of {MAX_KEY_BYTES + 1} bytes exceeds the limit of {MAX_KEY_BYTES}")
@@ -355,6 +366,9 @@ def test_a_513_byte_key_is_etoobig_asking_for_a_shorter_key_not_a_split_value(so
     (b'[{"op": "put"}]', '{"ops": [...]}'),
     (b'{"ops": [{"op": "rename", "key": "a"}]}', "ops[0]"),
     (b'{"ops": [{"op": "put", "key": "a", "value_b64": "***"}]}', "not valid base64"),
+    (b'{"ops": [{"op": "put", "key": "a", "value": "1"}], "expect": {"a": 1}}', '"expect" must be an array'),
+    (b'{"ops": [{"op": "put", "key": "a", "value": "1"}], "expect": [{"key": "a", "txn": "1"}]}',
+     'expect[0] must be an object with a string "key" and an integer "txn"'),
 ])
 def test_malformed_txn_json_is_einval_naming_the_problem(sock, doc, fragment):
     result = statefs("txn", "-", socket=sock, input=doc)

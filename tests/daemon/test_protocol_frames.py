@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from statefsd import protocol
-from statefsd.errors import Code, NotFound, ProtocolError, StateFSError, TooBig
+from statefsd.errors import Code, Conflict, NotFound, ProtocolError, StateFSError, TooBig
 from statefsd.shared import unixrpc
 from statefsd.storage.format import MAX_VALUE_BYTES
 
@@ -107,3 +107,11 @@ def test_client_side_check_raises_the_matching_error_class():
     with pytest.raises(ProtocolError):
         protocol.check_response(protocol.ok_response(5), 4)
     assert protocol.check_response(protocol.ok_response(4, txn=3), 4)["txn"] == 3
+
+
+def test_a_conflict_travels_as_code_27_and_comes_back_as_the_conflict_class():
+    response = protocol.error_response(6, Conflict("key 'a' changed: expected txn 5, it is now txn 9"))
+    assert response["error"]["code"] == 27 and response["error"]["name"] == "ECONFLICT"
+    with pytest.raises(Conflict) as err:
+        protocol.check_response(response, 6)
+    assert err.value.code == Code.ECONFLICT and err.value.hint.startswith("read the keys again")

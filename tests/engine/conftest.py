@@ -6,6 +6,16 @@ from statefsd.storage import format as fmt
 
 from statefsd.storage.blockdev import FileDevice, create_image
 from statefsd.storage.engine import Engine
+from statefsd.storage.image import read_superblock_slot
+from statefsd.storage.logscan import ScanEnd, scan_groups
+
+
+def committed_records(path):
+    """Every record of the complete groups of the image's active log, read
+    from the file without a lock (a running statefsd may hold it)."""
+    with FileDevice(str(path), read_only=True, lock=False) as dev:
+        sb = read_superblock_slot(dev)[0]
+        return [rec for group in scan_groups(dev, sb) if not isinstance(group, ScanEnd) for rec in group]
 
 
 class Image:

@@ -30,18 +30,19 @@ class Protocol:
 
     name: str
     max_frame: int
-    ops: dict[str, dict[str, str]]     # op -> field -> kind ("str", "bin", "int", "array", "key")
+    ops: dict[str, dict[str, str]]     # op -> field -> kind ("str", "bin", "int", "key", "keys", ...)
     head: tuple[str, ...]              # fields every request carries ("v", "id")
     key_prefix: str = "fz"             # keys the fuzzer may write: never the normal client's
 
 
 STATEFSD = Protocol(
     name="statefsd", max_frame=8 * 1024 * 1024 + 64 * 1024, head=("v", "id"),
-    ops={"hello": {}, "info": {}, "get": {"key": "key"}, "stat": {"key": "key"},
+    ops={"hello": {}, "info": {}, "get": {"key": "key"}, "mget": {"keys": "keys"}, "stat": {"key": "key"},
          "put": {"key": "key", "value": "bin"}, "delete": {"key": "key"},
-         "list": {"prefix": "str", "after": "str", "limit": "int"}, "txn": {"ops": "txnops"},
+         "list": {"prefix": "str", "after": "str", "limit": "int"},
+         "txn": {"ops": "txnops", "expect": "expect"},
          "begin": {}, "txn_put": {"key": "key", "value": "bin"}, "txn_delete": {"key": "key"},
-         "commit": {}, "abort": {}, "compact": {}})
+         "commit": {"expect": "expect"}, "abort": {}, "compact": {}, "verify": {}})
 
 KEYSTORED = Protocol(
     name="keystored", max_frame=64 * 1024, head=("v",),
@@ -171,6 +172,13 @@ def _field_value(rng: random.Random, proto: Protocol, kind: str) -> object:
         return [{"op": rng.choice(["put", "delete", "get", 7]),
                  "key": _field_value(rng, proto, "key"),
                  "value": rng.randbytes(rng.randrange(0, 40))} for _ in range(rng.randrange(0, 6))]
+    if kind == "keys":
+        return [_field_value(rng, proto, "key") for _ in range(rng.choice([0, 1, 3, 40, 1024, 1025]))]
+    if kind == "expect":
+        return [{"key": _field_value(rng, proto, "key"),
+                 "txn": rng.choice([0, 0, 1, 7, -1, 2**64 - 1, True, None, "1"])}
+                if rng.random() < 0.9 else scalar(rng)
+                for _ in range(rng.choice([0, 1, 2, 5, 1024, 1025]))]
     return scalar(rng)
 
 

@@ -51,7 +51,7 @@ def test_demo_output_is_clean_commands_and_values_each_on_their_own_line(demo_di
     result = demo(env_extra={"STATEFS_DEMO_DIR": demo_dir})
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert not re.search(r"^\+ ", out, re.M), out            # no set -x artifacts
+    assert not re.search(r"^\+ \S", out, re.M), out          # no set -x artifacts ("+  PATH" is vault diff's)
     assert "setuptools" not in out + result.stderr and "Traceback" not in out + result.stderr
     lines = out.splitlines()
     assert "$ statefs put config/motd \"hello from StateFS\"" in lines
@@ -59,3 +59,7 @@ def test_demo_output_is_clean_commands_and_values_each_on_their_own_line(demo_di
     assert lines[lines.index("$ statefs get net/ip") + 1] == "10.0.0.2"
     assert "next txn id:" in out and "next_txn_id" not in out
     assert lines[-1].startswith(f"statefsd keeps running on {demo_dir}/statefs.sock")
+    # The vault round trip: two snapshots, their diff, a byte-identical restore, a clean check.
+    assert f"M  {demo_dir}/vault/src/DESIGN.md" in lines and f"+  {demo_dir}/vault/src/new-file.txt" in lines
+    assert "restored tree is identical" in lines
+    assert lines[lines.index("$ statefs vault check --read-data") + 1].endswith("no problems")

@@ -94,10 +94,10 @@ class NoCrcSystem(System):
 # -- visible before COMMIT --------------------------------------------------------------------------
 
 
-def _scan_streaming(device, sb):
+def _scan_streaming(device, sb, *, upto=None):
     """Like logscan.scan_groups, but hands out each record as soon as it is read."""
     start, length = sb.active_extent
-    window = logscan._Window(device, start, start + length)
+    window = logscan._Window(device, start, start + length if upto is None else upto)
     cur = logscan._Cursor()
     pos = group_start = start
     group_seq = 0
