@@ -6,9 +6,10 @@ chunk size, on the backup bench's own data (bench/vault_data.py).
 
 Chunker: pyfastcdc, keyed gear table (``seed``), normalized chunking 1,
 min = avg/4, max = avg*4 capped at 8 MiB - 64 KiB (one StateFS value holds a
-sealed chunk). Stored bytes model what the vault writes per new object:
-Padmé(4 + length) (at least 512) + 24-byte nonce + 16-byte tag, plus
-OBJECT_OVERHEAD for its o/ and z/ records and the StateFS record headers.
+sealed chunk). Stored bytes model what the vault writes per new object: its
+sealed data as the vault sizes it (records.stored_size: Padmé(4 + length), at
+least 512, + 24-byte nonce + 16-byte tag), plus OBJECT_OVERHEAD for its o/
+and z/ records and the StateFS record headers.
 A file of more than one chunk also needs chunk-list nodes (ENTRY_BYTES per
 chunk, fan-out 60); when a file changes, all of its nodes are counted as new
 (an upper bound: an insert shifts which chunks each node groups). Directory
@@ -25,33 +26,18 @@ import sys
 import tempfile
 import time
 
-import blake3
 from pyfastcdc import FastCDC
 
 from bench import vault_data
+from statefsd.vault import records as rec
 
 KIB, MIB = 1 << 10, 1 << 20
 AVERAGES = (64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 * MIB, 2 * MIB)
 MAX_CHUNK = 8 * MIB - 64 * KIB
 OBJECT_OVERHEAD = 250          # o/ + z/ records and the StateFS record headers, per object
-SEAL_BYTES = 24 + 16           # XChaCha20-Poly1305 nonce and tag
-LENGTH_PREFIX = 4
-MIN_PADDED = 512
 ENTRY_BYTES = 41               # msgpack [bin 32-byte id, uint size] in a chunk-list node
-FANOUT = 60
 CHUNKER_SEED = 0x5EED_0F_C0FFEE & ((1 << 63) - 1)
 ID_KEY = bytes(range(32))
-
-
-def padme(length: int) -> int:
-    """Padmé: round up so at most about log2(log2 L) low bits vary, leaking
-    O(log log L) bits of a length; never below MIN_PADDED."""
-    if length <= MIN_PADDED:
-        return MIN_PADDED
-    e = length.bit_length() - 1
-    s = e.bit_length()
-    mask = (1 << (e - s)) - 1
-    return (length + mask) & ~mask
 
 
 def chunker(avg: int) -> FastCDC:
@@ -61,7 +47,7 @@ def chunker(avg: int) -> FastCDC:
 
 def object_bytes(length: int) -> int:
     """What one new object of ``length`` plaintext bytes costs on the image."""
-    return padme(LENGTH_PREFIX + length) + SEAL_BYTES + OBJECT_OVERHEAD
+    return rec.stored_size(length) + OBJECT_OVERHEAD
 
 
 def node_bytes(chunks: int) -> tuple[int, int]:
@@ -71,9 +57,9 @@ def node_bytes(chunks: int) -> tuple[int, int]:
     nodes = stored = 0
     level = chunks
     while level > 1:
-        count = -(-level // FANOUT)
+        count = -(-level // rec.FANOUT)
         for i in range(count):
-            entries = min(FANOUT, level - i * FANOUT)
+            entries = min(rec.FANOUT, level - i * rec.FANOUT)
             stored += object_bytes(8 + entries * ENTRY_BYTES)
         nodes += count
         level = count
@@ -89,7 +75,7 @@ def index(root: str, cdc: FastCDC) -> tuple[dict[str, list[tuple[bytes, int]]], 
         began = time.perf_counter()
         chunks = list(cdc.cut_file(path)) if os.path.getsize(path) else []
         cut = time.perf_counter()
-        out[rel] = [(blake3.blake3(c.data, key=ID_KEY).digest(), c.length) for c in chunks]
+        out[rel] = [(rec.object_id(ID_KEY, rec.KIND_CHUNK, c.data), c.length) for c in chunks]
         done = time.perf_counter()
         cut_s += cut - began
         all_s += done - began

@@ -28,7 +28,7 @@ def test_vault_bench_at_a_tiny_size_reports_every_figure_and_byte_identical_rest
     out = tmp_path / "bench.json"
     run = subprocess.run([os.path.join(REPO, "scripts", "bench"), "--quick", "--only", "v", "--vault-mb", "4",
                           "--json", str(out), "--dir", str(tmp_path)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(out.read_text())
     v = doc["figures"]["v_vault"]

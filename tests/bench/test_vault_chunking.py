@@ -34,8 +34,9 @@ def test_chunking_curve_reports_every_average_with_its_bounds_and_a_recommendati
     assert sorted(os.listdir(tmp_path)) == ["curve.json"]  # the generated tree is removed
 
 
-def test_a_sealed_chunk_costs_its_padme_size_plus_nonce_tag_and_records():
-    # Padmé keeps ~log2(log2 L) significant low bits: 1,000,000 -> 1,015,808 (E=19, S=5: 14 low bits zeroed).
-    assert vault_chunking.padme(1_000_000) == 1_015_808
-    assert vault_chunking.padme(100) == 512 and vault_chunking.padme(513) == 544  # E=9, S=4: 5 bits
+def test_a_new_chunk_costs_what_the_vault_stores_for_it_plus_its_records():
+    # Padmé keeps ~log2(log2 L) significant low bits: 1,000,000 -> 1,015,808 (E=19, S=5: 14 low bits zeroed);
+    # the vault seals 4 + length bytes, padded, with a 24-byte nonce and a 16-byte tag.
     assert vault_chunking.object_bytes(1_000_000 - 4) == 1_015_808 + 40 + vault_chunking.OBJECT_OVERHEAD
+    assert vault_chunking.object_bytes(100) == 512 + 40 + vault_chunking.OBJECT_OVERHEAD
+    assert vault_chunking.object_bytes(509) == 544 + 40 + vault_chunking.OBJECT_OVERHEAD  # 513: E=9, S=4, 5 bits
