@@ -18,52 +18,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 from bench import procs, vault_data
 from bench.lab import Lab
 from bench.params import Params
-from bench.procs import REPO, child_env
+from bench.procs import REPO, ToolFailed, child_env, run_measured
 from statefsd.client import Client
 
 SEED = 1
 PASSPHRASE = "statefs-bench-passphrase"
 MB = 1_000_000
-
-
-class ToolFailed(Exception):
-    pass
-
-
-RUSAGE_EXEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rusage_exec.py")
-
-
-def run_measured(argv: list[str], *, env: dict, cwd: str, timeout: float = 3600.0) -> dict:
-    """Run one tool command; its wall seconds, peak RSS (its own wait4
-    rusage, through rusage_exec.py) and output. Raises ToolFailed with the
-    tail of its stderr on a non-zero exit."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            tempfile.NamedTemporaryFile(suffix=".json") as usage:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", RUSAGE_EXEC, usage.name, *argv], stdout=out,
-                                stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
-        measured = json.loads(usage.read() or b"{}")
-    if proc.returncode != 0 or not measured:
-        raise ToolFailed(f"{' '.join([os.path.basename(argv[0]), *argv[1:6]])} exited with {proc.returncode}: "
-                         f"{stderr.strip()[-1500:] or stdout.strip()[-1500:]}")
-    return {"seconds": measured["seconds"], "rss_bytes": measured["maxrss_kib"] * 1024,
-            "stdout": stdout, "stderr": stderr}
 
 
 def dir_bytes(path: str) -> dict:
