@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from statefsd.storage.blockdev import FileDevice, create_image
@@ -96,3 +98,35 @@ def statefsd(image: str, socket_path: str, *, keystore: str | None = None,
 def keystored(state_dir: str, socket_path: str) -> Process:
     return Process(["-m", "keystored", "--state-dir", state_dir, "--socket", socket_path],
                    socket_path + ".log", "keystored: ready")
+
+
+class ToolFailed(Exception):
+    """A measured command exited with a non-zero status."""
+
+
+RUSAGE_EXEC = os.path.join(REPO, "bench", "rusage_exec.py")
+
+
+def run_measured(argv: list[str], *, env: dict, cwd: str, timeout: float = 3600.0) -> dict:
+    """Run one command; its wall seconds, its peak RSS (its own wait4
+    rusage, through rusage_exec.py: a child of this process would report
+    this process's peak) and its output. Raises ToolFailed with the tail of
+    its stderr on a non-zero exit."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as usage:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", RUSAGE_EXEC, usage.name, *argv], stdout=out,
+                                stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+        measured = json.loads(usage.read() or b"{}")
+    if proc.returncode != 0 or not measured:
+        raise ToolFailed(f"{' '.join([os.path.basename(argv[0]), *argv[1:6]])} exited with {proc.returncode}: "
+                         f"{stderr.strip()[-1500:] or stdout.strip()[-1500:]}")
+    return {"seconds": measured["seconds"], "rss_bytes": measured["maxrss_kib"] * 1024,
+            "stdout": stdout, "stderr": stderr}

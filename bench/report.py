@@ -19,6 +19,19 @@ TARGETS = {
     "compaction_p99_vs_idle": ("<=", 3.0, "(g) probe p99 during compaction / idle p99"),
     "redundancy_single_client": (">=", 0.9, "(a) 1 client, 100 B: parity on / redundancy off txn/s"),
     "redundancy_bulk": (">=", 0.9, "(d) 1 MiB values: parity on / redundancy off MB/s"),
+    "vault_first_backup_vs_restic": (">=", 2.0, "(v) first backup MB/s: StateFS vault / restic"),
+    "vault_second_backup_vs_restic": ("<=", 0.5, "(v) second backup seconds: StateFS vault / restic"),
+    "vault_stored_vs_restic": ("<=", 1.0, "(v) stored bytes after both versions: StateFS vault / restic"),
+    "vault_restore_vs_restic": (">=", 2.0, "(v) restore MB/s: StateFS vault / restic"),
+    "vault_peak_rss_vs_restic": ("<=", 1.0, "(v) peak RSS: vault CLI + statefsd / restic"),
+}
+# ratio name: the (v) figure it divides, StateFS vault over restic
+VAULT_RATIOS = {
+    "vault_first_backup_vs_restic": "first_backup_mb_per_s",
+    "vault_second_backup_vs_restic": "second_backup_s",
+    "vault_stored_vs_restic": "stored_bytes",
+    "vault_restore_vs_restic": "restore_mb_per_s",
+    "vault_peak_rss_vs_restic": "peak_rss_bytes",
 }
 _OPS = {">=": operator.ge, "<=": operator.le}
 
@@ -41,8 +54,9 @@ def _div(a, b):
 def ratios(figures: dict) -> dict:
     a, b = figures.get("a_single_client"), figures.get("b_concurrent_clients")
     d, e = figures.get("d_bulk_1mib"), figures.get("e_mount")
-    g = figures.get("g_compaction")
+    g, v = figures.get("g_compaction"), figures.get("v_vault")
     rows = _dig(e, "histories") or []
+    vault = {name: _div(_dig(v, "statefs", field), _dig(v, "restic", field)) for name, field in VAULT_RATIOS.items()}
     return {
         "single_client_vs_sqlite": _div(_dig(a, "statefs", "100", "txn_per_s"), _dig(a, "sqlite", "100", "txn_per_s")),
         "clients16_vs_sqlite": _div(_dig(b, "statefs", "100", "txn_per_s"), _dig(b, "sqlite", "100", "txn_per_s")),
@@ -58,6 +72,7 @@ def ratios(figures: dict) -> dict:
         "redundancy_single_client": _div(_dig(a, "statefs", "100", "txn_per_s"),
                                          _dig(a, "statefs_no_redundancy", "100", "txn_per_s")),
         "redundancy_bulk": _div(_dig(d, "statefs", "mb_per_s"), _dig(d, "statefs_no_redundancy", "mb_per_s")),
+        **vault,
     }
 
 
@@ -128,6 +143,9 @@ def render(doc: dict, console: Console) -> None:
     t.add_row("probe p99 during compaction (us)", _n(g.get("p99_during_compaction_us")))
     t.add_row(f"statefsd RSS at {_n(h.get('keys'))} keys (MiB)", _n(h.get("rss_mib"), 2))
     console.print(t)
+    v = figures.get("v_vault")
+    if v and "error" not in v:
+        _vault_table(v, console)
     for key, fig in figures.items():
         if isinstance(fig, dict) and "error" in fig:
             console.print(f"[red]{key} failed: {fig['error']}[/red]")
@@ -138,3 +156,30 @@ def render(doc: dict, console: Console) -> None:
         met = "-" if r["met"] is None else ("[green]met[/green]" if r["met"] else "[red]missed[/red]")
         t.add_row(name, _n(r["value"], 3), f"{r['op']} {r['target']}", met)
     console.print(t)
+
+
+def _vault_table(v: dict, console: Console) -> None:
+    t = Table(title=f"(v) backup tools on {v['data']['v1']['bytes'] / 1e6:,.0f} MB "
+                    f"({v['data']['v1']['files']:,} files), then version 2")
+    for col in ("tool", "1st backup MB/s", "2nd backup s", "stored MiB", "restore MB/s", "peak RSS MiB",
+                "identical"):
+        t.add_column(col, justify="left" if col == "tool" else "right")
+    mib = 1 << 20
+    for tool in ("restic", "borg", "statefs"):
+        r = v.get(tool) or {}
+        if "skipped" in r or "error" in r:
+            t.add_row(tool, *["-"] * 6)
+            continue
+        t.add_row(tool, _n(r.get("first_backup_mb_per_s")), _n(r.get("second_backup_s"), 2),
+                  _n(r["stored_bytes"] / mib if r.get("stored_bytes") else None, 2), _n(r.get("restore_mb_per_s")),
+                  _n(r["peak_rss_bytes"] / mib if r.get("peak_rss_bytes") else None),
+                  {True: "yes", False: "[red]NO[/red]"}.get(r.get("restore_identical"), "-"))
+    console.print(t)
+    for tool in ("restic", "borg", "statefs"):
+        r = v.get(tool) or {}
+        if "skipped" in r:
+            console.print(f"  [yellow]{tool} skipped: {r['skipped']}[/yellow]")
+        elif "error" in r:
+            console.print(f"  [red]{tool} failed: {r['error']}[/red]")
+    for note in v.get("notes", []):
+        console.print(f"  note: {note}")

@@ -25,18 +25,6 @@ PASSPHRASE = "correct horse battery staple"
 TEST_CHUNKER = {"min": 16 << 10, "avg": 64 << 10, "max": 256 << 10}
 
 
-_PEAK_RSS_WRAPPER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-sys.stdout.flush()
-print("\\npeak_rss_kib=%d" % usage.ru_maxrss, end="")
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 @dataclass
 class VaultEnv:
     dir: str
@@ -67,12 +55,11 @@ class VaultEnv:
         this (large) test process would report the test's peak: a small
         wrapper forks the command instead and reports the command's own."""
         argv = [sys.executable, "-m", "statefsd.cli", "vault", *args, "--json"]
-        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *argv], env=self.env(**env),
-                              capture_output=True, text=True, timeout=600)
-        body, _, peak = proc.stdout.rpartition("\npeak_rss_kib=")
-        if proc.returncode != 0 or not peak:
-            raise AssertionError(f"statefs vault {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-        return json.loads(body), int(peak)
+        try:
+            run = procs.run_measured(argv, env=self.env(**env), cwd=str(REPO), timeout=600)
+        except procs.ToolFailed as exc:
+            raise AssertionError(f"statefs vault {' '.join(args)}: {exc}") from None
+        return json.loads(run["stdout"]), run["rss_bytes"] // 1024
 
     def client(self) -> Client:
         return Client(self.socket)
