@@ -100,14 +100,16 @@ def _open_master(kv: kvmod.KV, vault_id: bytes, secret: Secret, device: Device |
         raw = _slot(kv, vkeys.RECOVERY_SLOT, "no recovery secret was ever exported for this vault")
         return vkeys.open_slot(vault_id, vkeys.RECOVERY_SLOT, vkeys.read_slot(raw, vkeys.RECOVERY_SLOT),
                                vkeys.recovery_kek(vault_id, secret.recovery))
-    if secret.passphrase:
-        raw = _slot(kv, vkeys.PASSPHRASE_SLOT, "the vault has no passphrase slot")
-        return vkeys.open_passphrase_slot(vault_id, raw, secret.passphrase)
     if device is not None:
+        # A joined device opens its own slot first: no Argon2id (64 MiB, a
+        # fifth of a second) on every command of a device that holds the key.
         slot = vkeys.device_slot_name(device.id)
         got = kvmod.get(kv, rec.keyslot_key(slot))
         if got is not None:
             return vkeys.open_slot(vault_id, slot, vkeys.read_slot(got[0], slot), device.wrap_key(vault_id))
+    if secret.passphrase:
+        raw = _slot(kv, vkeys.PASSPHRASE_SLOT, "the vault has no passphrase slot")
+        return vkeys.open_passphrase_slot(vault_id, raw, secret.passphrase)
     raise KeyUnavailable("no way to open the vault was given",
                          hint="set $STATEFS_VAULT_PASSPHRASE, pass --passphrase-file or --recovery-file, "
                               "or run on a device that joined the vault (with $STATEFS_KEYSTORE_SOCKET)")
