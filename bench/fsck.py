@@ -1,4 +1,5 @@
-"""Workload (f): fsck scan rate over an image full of records."""
+"""Workload (f): fsck scan rate over an image full of records, once with
+4 KiB values and once with 100-byte ones (where per-record work dominates)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from statefsd.storage.blockdev import FileDevice
 from statefsd.storage.engine import Engine, Mutation
 from statefsd.errors import NoSpace
 
-VALUE_BYTES = 4096
+RECORD_SIZES = (4096, 100)
 PUTS_PER_TXN = 100
 
 
@@ -26,12 +27,12 @@ def fsck_available() -> bool:
         return False
 
 
-def fill_image(image: str, size: int) -> dict:
-    """Format ``image`` and commit distinct 4 KiB values until the log is
-    full (distinct keys: nothing is garbage, so the engine never compacts)."""
+def fill_image(image: str, size: int, value_bytes: int) -> dict:
+    """Format ``image`` and commit distinct values until the log is full
+    (distinct keys: nothing is garbage, so the engine never compacts)."""
     fresh_image(image, size)
     engine = Engine.mount(FileDevice(image))
-    value = bytes(range(256)) * (VALUE_BYTES // 256)
+    value = (bytes(range(256)) * (-(-value_bytes // 256)))[:value_bytes]
     txns = 0
     try:
         while True:
@@ -48,13 +49,19 @@ def fill_image(image: str, size: int) -> dict:
 
 
 def fsck_rate(lab: Lab, p: Params, progress) -> dict:
+    """One scan per record size, keyed by the value size ("4096", "100")."""
     if not fsck_available():
-        return {"mb_per_s": None, "note": "fsck_statefs is not importable (no fsck_statefs/__main__.py "
-                                          "in this tree); scan rate not measured"}
+        return {"note": "fsck_statefs is not importable (no fsck_statefs/__main__.py "
+                        "in this tree); scan rate not measured"}
+    return {str(size): _scan(lab, p, size, progress) for size in RECORD_SIZES}
+
+
+def _scan(lab: Lab, p: Params, value_bytes: int, progress) -> dict:
     image = lab.path("fsck.img")
-    progress("fsck: filling image")
-    filled = fill_image(image, p.fsck_image)
-    progress("fsck: scanning")
+    progress(f"fsck: filling image with {value_bytes} B values")
+    image_bytes = p.fsck_image if value_bytes >= 4096 else p.fsck_small_image
+    filled = fill_image(image, image_bytes, value_bytes)
+    progress(f"fsck: scanning {value_bytes} B records")
     startup = min(_timed([sys.executable, "-m", "fsck_statefs", "--help"])[0] for _ in range(2))
     elapsed, run = _timed([sys.executable, "-m", "fsck_statefs", image, "--json"])
     try:
@@ -67,9 +74,9 @@ def fsck_rate(lab: Lab, p: Params, progress) -> dict:
     else:
         rate, source = filled["log_used"] / max(elapsed - startup, 1e-6) / 1e6, "log bytes / (wall - start-up)"
     return {
-        "image_bytes": p.fsck_image, "filled": filled, "exit_code": run.returncode,
+        "value_bytes": value_bytes, "image_bytes": image_bytes, "filled": filled, "exit_code": run.returncode,
         "wall_seconds": round(elapsed, 4), "startup_seconds": round(startup, 4),
-        "wall_mb_per_s": round(p.fsck_image / elapsed / 1e6, 2) if ok else None,
+        "wall_mb_per_s": round(image_bytes / elapsed / 1e6, 2) if ok else None,
         "scan": scan, "mb_per_s": round(rate, 2) if ok else None, "mb_per_s_source": source,
         "stderr_tail": run.stderr.decode("utf-8", "replace")[-400:] if not ok else "",
     }

@@ -16,7 +16,8 @@ class Params:
     throughput_image: int       # StateFS image for (a)-(d); big enough never to compact
     mount_histories: tuple[int, ...]
     mount_build_budget: float   # seconds the largest history may take to build (e)
-    fsck_image: int
+    fsck_image: int             # image filled with 4 KiB values for (f)
+    fsck_small_image: int       # image filled with 100-byte values for (f)
     compaction_image: int
     compaction_live_keys: int   # 4 KiB values live during (g)
     compaction_rounds: int      # compactions to sit through in (g)
@@ -26,14 +27,14 @@ class Params:
 
 QUICK = Params(
     name="quick", duration=0.25, rounds=1, clients=16, keyspace=100, bulk_count=6, throughput_image=64 << 20,
-    mount_histories=(1_000, 10_000), mount_build_budget=20.0, fsck_image=16 << 20,
+    mount_histories=(1_000, 10_000), mount_build_budget=20.0, fsck_image=16 << 20, fsck_small_image=4 << 20,
     compaction_image=16 << 20, compaction_live_keys=256, compaction_rounds=1, memory_keys=5_000,
     vault_bytes=8_000_000,
 )
 
 FULL = Params(
     name="full", duration=1.0, rounds=3, clients=16, keyspace=1000, bulk_count=96, throughput_image=1 << 30,
-    mount_histories=(1_000, 100_000, 1_000_000), mount_build_budget=180.0, fsck_image=64 << 20,
-    compaction_image=128 << 20, compaction_live_keys=2048, compaction_rounds=5, memory_keys=100_000,
+    mount_histories=(1_000, 100_000, 1_000_000), mount_build_budget=180.0, fsck_image=64 << 20, fsck_small_image=64 << 20,
+    compaction_image=128 << 20, compaction_live_keys=2048, compaction_rounds=5, memory_keys=1_000_000,
     vault_bytes=500_000_000,
 )

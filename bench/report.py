@@ -9,16 +9,26 @@ from rich.table import Table
 
 # name: (comparison, threshold, what it compares)
 TARGETS = {
+    "single_client_vs_flush_limit": (">=", 0.8, "(a) 1 client, 100 B: StateFS txn/s / single 512 B O_DSYNC "
+                                               "writes per s"),
     "single_client_vs_sqlite": (">=", 1.5, "(a) 1 client, 100 B: StateFS txn/s / SQLite txn/s"),
     "clients16_vs_sqlite": (">=", 5.0, "(b) 16 clients, 100 B: StateFS txn/s / SQLite txn/s"),
+    "clients16_p99_vs_sqlite": ("<=", 2.0, "(b) 16 clients, 100 B: StateFS p99 / SQLite p99"),
+    "encrypted_vs_plain_100": (">=", 0.9, "(b) 16 clients, 100 B: encrypted txn/s / plain txn/s"),
     "encrypted_vs_plain_4k": (">=", 0.9, "(b) 16 clients, 4 KiB: encrypted txn/s / plain txn/s"),
+    "batch100_vs_sqlite": (">=", 1.5, "(c) 1 client, 100 puts per txn, 100 B: StateFS puts/s / SQLite puts/s"),
+    "bulk_plain_vs_disk": (">=", 0.6, "(d) 1 MiB values: plain MB/s / disk write+fsync MB/s"),
     "bulk_encrypted_vs_disk": (">=", 0.5, "(d) 1 MiB values: encrypted MB/s / disk write+fsync MB/s"),
+    "mount_1m_before_compaction_s": ("<=", 3.0, "(e) mount before compaction, largest history (1M txns in "
+                                                "the full run), seconds"),
     "mount_1m_vs_1k_after_compaction": ("<=", 1.5, "(e) mount after compaction: largest history / 1k"),
-    "fsck_mb_per_s": (">=", 300.0, "(f) fsck scan rate, MB/s"),
+    "fsck_mb_per_s": (">=", 300.0, "(f) fsck scan rate, 4 KiB records, MB/s"),
+    "fsck_mb_per_s_100b": (">=", 300.0, "(f) fsck scan rate, 100 B records, MB/s"),
     "compaction_write_amp": ("<=", 1.2, "(g) bytes compaction wrote / live bytes"),
     "compaction_p99_vs_idle": ("<=", 3.0, "(g) probe p99 during compaction / idle p99"),
     "redundancy_single_client": (">=", 0.9, "(a) 1 client, 100 B: parity on / redundancy off txn/s"),
     "redundancy_bulk": (">=", 0.9, "(d) 1 MiB values: parity on / redundancy off MB/s"),
+    "statefsd_bytes_per_key": ("<=", 150.0, "(h) statefsd RSS growth per key (1M keys in the full run), bytes"),
     "vault_first_backup_vs_restic": (">=", 2.0, "(v) first backup MB/s: StateFS vault / restic"),
     "vault_second_backup_vs_restic": ("<=", 0.5, "(v) second backup seconds: StateFS vault / restic"),
     "vault_stored_vs_restic": ("<=", 1.0, "(v) stored bytes after both versions: StateFS vault / restic"),
@@ -53,25 +63,35 @@ def _div(a, b):
 
 def ratios(figures: dict) -> dict:
     a, b = figures.get("a_single_client"), figures.get("b_concurrent_clients")
-    d, e = figures.get("d_bulk_1mib"), figures.get("e_mount")
+    c, d, e = figures.get("c_100_puts_per_txn"), figures.get("d_bulk_1mib"), figures.get("e_mount")
     g, v = figures.get("g_compaction"), figures.get("v_vault")
     rows = _dig(e, "histories") or []
     vault = {name: _div(_dig(v, "statefs", field), _dig(v, "restic", field)) for name, field in VAULT_RATIOS.items()}
     return {
+        "single_client_vs_flush_limit": _div(_dig(a, "statefs", "100", "txn_per_s"),
+                                             _dig(a, "disk_dsync_write", "100", "txn_per_s")),
         "single_client_vs_sqlite": _div(_dig(a, "statefs", "100", "txn_per_s"), _dig(a, "sqlite", "100", "txn_per_s")),
         "clients16_vs_sqlite": _div(_dig(b, "statefs", "100", "txn_per_s"), _dig(b, "sqlite", "100", "txn_per_s")),
+        "clients16_p99_vs_sqlite": _div(_dig(b, "statefs", "100", "p99_us"), _dig(b, "sqlite", "100", "p99_us")),
+        "encrypted_vs_plain_100": _div(_dig(b, "statefs_encrypted", "100", "txn_per_s"),
+                                       _dig(b, "statefs", "100", "txn_per_s")),
         "encrypted_vs_plain_4k": _div(_dig(b, "statefs_encrypted", "4096", "txn_per_s"),
                                       _dig(b, "statefs", "4096", "txn_per_s")),
+        "batch100_vs_sqlite": _div(_dig(c, "statefs", "100", "puts_per_s"), _dig(c, "sqlite", "100", "puts_per_s")),
+        "bulk_plain_vs_disk": _div(_dig(d, "statefs", "mb_per_s"), _dig(d, "disk_write_fsync", "mb_per_s")),
         "bulk_encrypted_vs_disk": _div(_dig(d, "statefs_encrypted", "mb_per_s"),
                                        _dig(d, "disk_write_fsync", "mb_per_s")),
+        "mount_1m_before_compaction_s": _dig(rows, -1, "mount_before_s"),
         "mount_1m_vs_1k_after_compaction": _div(_dig(rows, -1, "mount_after_s"), _dig(rows, 0, "mount_after_s"))
         if len(rows) > 1 else None,
-        "fsck_mb_per_s": _dig(figures, "f_fsck", "mb_per_s"),
+        "fsck_mb_per_s": _dig(figures, "f_fsck", "4096", "mb_per_s"),
+        "fsck_mb_per_s_100b": _dig(figures, "f_fsck", "100", "mb_per_s"),
         "compaction_write_amp": _dig(g, "write_amplification"),
         "compaction_p99_vs_idle": _dig(g, "p99_during_vs_idle"),
         "redundancy_single_client": _div(_dig(a, "statefs", "100", "txn_per_s"),
                                          _dig(a, "statefs_no_redundancy", "100", "txn_per_s")),
         "redundancy_bulk": _div(_dig(d, "statefs", "mb_per_s"), _dig(d, "statefs_no_redundancy", "mb_per_s")),
+        "statefsd_bytes_per_key": _dig(figures, "h_memory", "bytes_per_key"),
         **vault,
     }
 
@@ -136,12 +156,16 @@ def render(doc: dict, console: Console) -> None:
     t.add_column("figure")
     t.add_column("value", justify="right")
     f, g, h = figures.get("f_fsck") or {}, figures.get("g_compaction") or {}, figures.get("h_memory") or {}
-    t.add_row("fsck scan MB/s", _n(f.get("mb_per_s")) if f.get("mb_per_s") is not None else f.get("note", "-"))
+    for size in ("4096", "100"):
+        r = f.get(size) or {}
+        t.add_row(f"fsck scan MB/s, {size} B records",
+                  _n(r.get("mb_per_s")) if r.get("mb_per_s") is not None else r.get("note", f.get("note", "-")))
     t.add_row("compactions observed", _n(g.get("compactions")))
     t.add_row("compaction write amplification", _n(g.get("write_amplification"), 3))
     t.add_row("probe p99 idle (us)", _n(g.get("p99_idle_us")))
     t.add_row("probe p99 during compaction (us)", _n(g.get("p99_during_compaction_us")))
     t.add_row(f"statefsd RSS at {_n(h.get('keys'))} keys (MiB)", _n(h.get("rss_mib"), 2))
+    t.add_row("statefsd RSS growth per key (bytes)", _n(h.get("bytes_per_key")))
     console.print(t)
     v = figures.get("v_vault")
     if v and "error" not in v:

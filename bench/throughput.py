@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from array import array
@@ -31,8 +32,47 @@ def _peer(spec, **kw) -> dict:
     return measure(spec, **kw)
 
 
+def dsync_writes(path: str, *, value_size: int, duration: float, **_ignored) -> dict:
+    """The flush limit of one durable commit at a time: back-to-back single
+    O_DIRECT|O_DSYNC writes of ``value_size`` rounded up to 512 bytes into
+    pre-written space (one device round trip each, no file-system
+    metadata), for ``duration`` seconds. Reported in the throughput
+    tables' shape (one write = one "txn")."""
+    from statefsd.storage.blockdev import create_image
+
+    size = -(-value_size // 512) * 512
+    span = 16 * MIB
+    if not os.path.exists(path) or os.path.getsize(path) != span:
+        create_image(path, span)
+    buf = mmap.mmap(-1, max(size, mmap.PAGESIZE))  # page aligned, as O_DIRECT wants
+    buf[:size] = os.urandom(size)
+    view = memoryview(buf)[:size]
+    lats = array("d")
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
+    try:
+        offset, began = 0, time.monotonic()
+        end = began + duration
+        while True:
+            t0 = time.monotonic()
+            if t0 >= end:
+                break
+            os.pwritev(fd, [view], offset)
+            lats.append(time.monotonic() - t0)
+            offset = (offset + size) % span
+        elapsed = time.monotonic() - began
+    finally:
+        os.close(fd)
+        view.release()
+        buf.close()
+    ordered = sorted(lats)
+    rate = len(lats) / elapsed
+    return {"clients": 1, "value_bytes": size, "puts_per_txn": 1, "txns": len(lats), "seconds": round(elapsed, 4),
+            "txn_per_s": round(rate, 2), "puts_per_s": round(rate, 2), "mb_per_s": round(rate * size / 1e6, 3),
+            "p50_us": round(percentile(ordered, 0.5) * 1e6, 1), "p99_us": round(percentile(ordered, 0.99) * 1e6, 1)}
+
+
 def _matrix(lab: Lab, p: Params, *, clients: int, puts_per_txn: int, encrypted_too: bool,
-            progress, unprotected_too: bool = False) -> dict:
+            progress, unprotected_too: bool = False, flush_limit_too: bool = False) -> dict:
     """Every store at every size, in p.rounds rounds that interleave the
     stores: the disk's speed drifts on a shared machine, and interleaving
     spreads that drift over all stores instead of landing on one."""
@@ -43,11 +83,15 @@ def _matrix(lab: Lab, p: Params, *, clients: int, puts_per_txn: int, encrypted_t
         "statefs_no_redundancy": lambda kw: _statefs(lab, p, redundancy="off", **kw),
         "sqlite": lambda kw: _peer(SQLiteSpec(lab.path("bench.sqlite")), **kw),
         "lmdb": lambda kw: _peer(LMDBSpec(lab.path("bench.lmdb")), **kw),
+        # What one durable write at a time can reach on this disk, in the same rounds.
+        "disk_dsync_write": lambda kw: dsync_writes(lab.path("dsync.raw"), **kw),
     }
     if not encrypted_too:
         del runners["statefs_encrypted"]
     if not unprotected_too:
         del runners["statefs_no_redundancy"]
+    if not flush_limit_too:
+        del runners["disk_dsync_write"]
     out: dict = {store: {} for store in runners}
     for size in SIZES:
         kw = dict(clients=clients, value_size=size, puts_per_txn=puts_per_txn, duration=p.duration,
@@ -72,9 +116,10 @@ def _median_round(results: list[dict]) -> dict:
 
 
 def single_client(lab: Lab, p: Params, progress) -> dict:
-    """(a) one client, one put per transaction."""
+    """(a) one client, one put per transaction; the disk's flush limit
+    (single O_DSYNC writes of the value's size) in the same rounds."""
     return _matrix(lab, p, clients=1, puts_per_txn=1, encrypted_too=False, progress=progress,
-                   unprotected_too=True)
+                   unprotected_too=True, flush_limit_too=True)
 
 
 def many_clients(lab: Lab, p: Params, progress) -> dict:

@@ -54,6 +54,7 @@ from statefsd.errors import Busy, DeviceIOError, InvalidArgument, ProtocolError,
 
 LENGTH = struct.Struct(">I")
 _READ_BUFFER = 1 << 16
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # An error message or hint is cut to this many characters (an error frame
@@ -238,13 +239,24 @@ class FrameReader:
         timeout says. A server passes its endpoint's deadlines: then a frame
         must be complete ``frame_deadline`` seconds after its first byte,
         however the peer spaces its bytes, and the wait for the next frame
-        to start ends after ``idle_deadline`` seconds (None: never)."""
+        to start ends after ``idle_deadline`` seconds (None: never).
+
+        A reader with deadlines owns the socket's receive timeout: the
+        socket stays blocking and the kernel's SO_RCVTIMEO carries the
+        deadline, so a request costs one recv (no poll, no switching the
+        socket between blocking and timeout mode around every frame). Only
+        a frame that needs more than one recv sets it to what is left of
+        the frame deadline, and back to the idle deadline after."""
         self._sock = sock
         self._endpoint = endpoint
         self._frame_deadline = frame_deadline
         self._idle_deadline = idle_deadline
         self._timed = frame_deadline is not None or idle_deadline is not None
         self._pending = bytearray()
+        self._receive_timeout: float | None = None   # SO_RCVTIMEO now (None: none)
+        if self._timed:
+            sock.settimeout(None)
+            self._set_receive_timeout(idle_deadline)
 
     def read(self) -> bytes | bytearray | None:
         """The next frame's body; None on a clean end of stream between frames.
@@ -257,14 +269,11 @@ class FrameReader:
         for the socket's own timeout TimeoutError (all OSError: the connection
         is gone).
         """
-        previous = self._sock.gettimeout()
         try:
             if not self._pending:
-                if self._timed:
-                    self._sock.settimeout(self._idle_deadline if self._idle_deadline is not None else previous)
                 try:
                     chunk = self._sock.recv(_READ_BUFFER)
-                except TimeoutError:
+                except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO expiring is EAGAIN
                     if self._idle_deadline is not None:
                         raise IdleTimeout(f"no frame started within {self._idle_deadline:g} s") from None
                     raise
@@ -284,8 +293,11 @@ class FrameReader:
             del self._pending[:LENGTH.size]
             return self._body(length, deadline)
         finally:
-            if self._timed:
-                self._sock.settimeout(previous)
+            if self._timed and self._receive_timeout != self._idle_deadline:
+                try:
+                    self._set_receive_timeout(self._idle_deadline)
+                except OSError:
+                    pass  # the connection is gone; its next recv says so
 
     def _body(self, length: int, deadline: float | None) -> bytes | bytearray:
         if len(self._pending) >= length:
@@ -303,7 +315,7 @@ class FrameReader:
             self._set_timeout(deadline)
             try:
                 n = self._sock.recv_into(view[got:])
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 self._late(deadline)
                 raise
             if not n:
@@ -315,7 +327,7 @@ class FrameReader:
         self._set_timeout(deadline)
         try:
             return self._sock.recv(max(size, _READ_BUFFER))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             self._late(deadline)
             raise
 
@@ -324,7 +336,12 @@ class FrameReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._late(deadline)
-            self._sock.settimeout(left)
+            self._set_receive_timeout(left)
+
+    def _set_receive_timeout(self, seconds: float | None) -> None:
+        whole, micro = (0, 0) if seconds is None else divmod(max(round(seconds * 1e6), 1), 1_000_000)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micro))
+        self._receive_timeout = seconds
 
     def _late(self, deadline: float | None) -> None:
         if deadline is not None:

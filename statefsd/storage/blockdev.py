@@ -8,6 +8,11 @@ Contract every device keeps (the engine relies on nothing else):
   the next ``flush()``: a power cut may drop, tear or garble it.
 * ``flush()`` returns only when every earlier write is durable.
 * ``read(offset, length)`` sees every earlier write, flushed or not.
+* ``write_durable(offset, data)`` is ``write`` then ``flush`` in one call:
+  a power cut during it may drop, tear or garble ``data`` (as between a
+  write and its flush), and on return ``data`` and every earlier write are
+  durable. Wrappers that override ``write`` or ``flush`` inherit the
+  default, which calls exactly those two.
 
 ``FileDevice`` serves image files and raw block devices (/dev/vda). The
 simulated device with a volatile write cache lives in ``simdev``.
@@ -25,6 +30,8 @@ import threading
 from statefsd.errors import Busy, DeviceIOError, InvalidArgument
 
 SECTOR = 512
+# Per-write O_DSYNC (Linux 4.7+); None where os lacks it.
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", None)
 
 
 class BlockDevice:
@@ -41,6 +48,10 @@ class BlockDevice:
 
     def flush(self) -> None:
         raise NotImplementedError
+
+    def write_durable(self, offset: int, data: bytes) -> None:
+        self.write(offset, data)
+        self.flush()
 
     def close(self) -> None:
         pass
@@ -71,6 +82,11 @@ class FileDevice(BlockDevice):
     online compaction). Where O_DIRECT is not supported (tmpfs), all I/O is
     buffered and ``direct`` is False.
 
+    ``write_durable`` is one ``pwritev(..., RWF_DSYNC)`` (one device round
+    trip: FUA where the disk has it, else the kernel's flush right after)
+    when no earlier write is still unflushed; RWF_DSYNC makes only its own
+    write durable, so after an unflushed write it is write then fdatasync.
+
     ``lock=True`` takes an exclusive, non-blocking flock so that one process
     owns the image; a second gets :class:`Busy` with a clear message.
     """
@@ -97,6 +113,10 @@ class FileDevice(BlockDevice):
             raise DeviceIOError(f"{path}: cannot open: {exc.strerror}") from None
         self.wfd = self.fd
         self.direct = False
+        # Set after every plain write, cleared just before each flush: a
+        # write that lands while a flush runs keeps it set.
+        self._unflushed = False
+        self._dsync = _RWF_DSYNC is not None
         try:
             if lock:
                 self._lock()
@@ -152,7 +172,20 @@ class FileDevice(BlockDevice):
     def write(self, offset: int, data: bytes) -> None:
         self._check_write(offset, len(data))
         if self.direct:
-            return self._write_direct(offset, data)
+            self._write_direct(offset, data)
+        else:
+            self._write_buffered(offset, data)
+        self._unflushed = True
+
+    def write_durable(self, offset: int, data: bytes) -> None:
+        if not self.direct or self._unflushed or not self._dsync:
+            return super().write_durable(offset, data)
+        self._check_write(offset, len(data))
+        self._write_direct(offset, data, _RWF_DSYNC)
+        if not self._dsync:  # the flag was refused: the write went out plain
+            self.flush()
+
+    def _write_buffered(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -180,13 +213,22 @@ class FileDevice(BlockDevice):
             data += bytes(length - len(data))
         return data
 
-    def _write_direct(self, offset: int, data: bytes) -> None:
+    def _write_direct(self, offset: int, data: bytes, flags: int = 0) -> None:
         buf = self._aligned_buffer(len(data))
         buf[:len(data)] = data
         view = memoryview(buf)[:len(data)]
         try:
             while view:
-                done = os.pwritev(self.wfd, [view], offset)
+                try:
+                    done = os.pwritev(self.wfd, [view], offset, flags)
+                except OSError as exc:
+                    if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    # A kernel or file system without per-write flags:
+                    # plain writes and a flush, now and from now on.
+                    self._dsync = False
+                    flags = 0
+                    continue
                 if done % SECTOR:
                     raise OSError(errno.EIO, "short direct write")
                 view = view[done:]
@@ -197,9 +239,11 @@ class FileDevice(BlockDevice):
             view.release()
 
     def flush(self) -> None:
+        self._unflushed = False
         try:
             os.fdatasync(self.wfd)
         except OSError as exc:
+            self._unflushed = True  # nothing is known durable after a failed flush
             raise DeviceIOError(f"{self.path}: flush: {exc.strerror}") from None
 
     def close(self) -> None:

@@ -2,7 +2,11 @@
 
 Any number of threads commit at once: the first to find the role free
 becomes the leader, takes every queued transaction, writes them as one
-group with one flush, and wakes the followers with their results. Work that
+group with one flush, and wakes the followers with their results. Each
+waiting commit sleeps on a lock of its own, so a finished group wakes its
+own requests and the next leader only, not every thread that is waiting
+(with a shared condition each group woke them all, and most went straight
+back to sleep: a wake-up storm per group under many clients). Work that
 needs the log to itself (compaction's snapshot and switch, a checkpoint)
 takes the role exclusively; while it waits, no new leader starts, so a
 stream of commits cannot starve it. The rules are numbered in engine.py.
@@ -30,7 +34,7 @@ class Condition(NamedTuple):
 class Request:
     """One transaction waiting for a group."""
 
-    __slots__ = ("ops", "expect", "done", "txn_id", "error")
+    __slots__ = ("ops", "expect", "done", "txn_id", "error", "wake")
 
     def __init__(self, ops: list[tuple[fmt.Op, bytes]], expect: tuple[Condition, ...] = ()) -> None:
         self.ops = ops
@@ -38,6 +42,7 @@ class Request:
         self.done = False
         self.txn_id = 0
         self.error: StateFSError | None = None
+        self.wake: threading.Lock | None = None   # held while its thread sleeps; released to wake it
 
 
 WriteGroup = Callable[[list[Request]], list[Request]]
@@ -50,6 +55,7 @@ class WriterRole:
         self._queue: list[Request] = []
         self._held = False
         self._exclusive_waiters = 0
+        self._cv_waiters = 0      # threads in exclusive() or last_hold() waiting on the condition
         self.closing = False   # no new commits; set once, by close
 
     @property
@@ -66,7 +72,7 @@ class WriterRole:
             self._queue.append(req)
             while not req.done:
                 if self._held or self._exclusive_waiters:
-                    self._cv.wait()
+                    self._sleep(req)
                     continue
                 batch, self._queue = self._queue, []
                 self._held = True
@@ -78,7 +84,42 @@ class WriterRole:
                     self._cv.acquire()
                     self._queue[:0] = deferred
                     self._held = False
-                    self._cv.notify_all()
+                    for done in batch:   # done, or deferred (then they check again)
+                        self._wake(done)
+                    self._hand_on()
+
+    def _sleep(self, req: Request) -> None:
+        """With the condition's lock held: sleep until a leader wakes ``req``
+        (written, or first in the queue with the role free)."""
+        wake = req.wake = threading.Lock()
+        wake.acquire()
+        self._cv.release()
+        try:
+            wake.acquire()
+        finally:
+            self._cv.acquire()
+            req.wake = None
+
+    @staticmethod
+    def _wake(req: Request) -> None:
+        if req.wake is not None:
+            req.wake.release()
+            req.wake = None
+
+    def _hand_on(self) -> None:
+        """The role was just freed (condition's lock held): wake exclusive
+        and closing waiters, else the first queued commit to lead (C4)."""
+        if self._cv_waiters:
+            self._cv.notify_all()
+        if self._queue and not self._exclusive_waiters:
+            self._wake(self._queue[0])
+
+    def _wait(self) -> None:
+        self._cv_waiters += 1
+        try:
+            self._cv.wait()
+        finally:
+            self._cv_waiters -= 1
 
     @contextlib.contextmanager
     def exclusive(self):
@@ -86,7 +127,7 @@ class WriterRole:
         with self._cv:
             self._exclusive_waiters += 1
             while self._held:
-                self._cv.wait()
+                self._wait()
             self._exclusive_waiters -= 1
             self._held = True
         try:
@@ -106,7 +147,7 @@ class WriterRole:
     def release(self) -> None:
         with self._cv:
             self._held = False
-            self._cv.notify_all()
+            self._hand_on()
 
     def begin_close(self) -> bool:
         """Refuse new commits from now on; False if already closing."""
@@ -121,7 +162,7 @@ class WriterRole:
         """Hold the role once every commit queued before close is written."""
         with self._cv:
             while self._held or self._queue or self._exclusive_waiters:
-                self._cv.wait()
+                self._wait()
             self._held = True
         try:
             yield

@@ -278,7 +278,6 @@ class LogWriter:
 
     def _write_and_flush(self, offset: int, blob: bytes) -> None:
         try:
-            self.device.write(offset, blob)
-            self.device.flush()
+            self.device.write_durable(offset, blob)
         except OSError as exc:
             raise DeviceIOError(f"{self.device.path}: {exc}") from None

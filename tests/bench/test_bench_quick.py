@@ -10,11 +10,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 FIGURES = ["a_single_client", "b_concurrent_clients", "c_100_puts_per_txn", "d_bulk_1mib",
            "e_mount", "f_fsck", "g_compaction", "h_memory", "v_vault"]
-RATIOS = ["single_client_vs_sqlite", "clients16_vs_sqlite", "encrypted_vs_plain_4k", "bulk_encrypted_vs_disk",
-          "mount_1m_vs_1k_after_compaction", "fsck_mb_per_s", "compaction_write_amp", "compaction_p99_vs_idle",
-          "redundancy_single_client", "redundancy_bulk", "vault_first_backup_vs_restic",
-          "vault_second_backup_vs_restic", "vault_stored_vs_restic", "vault_restore_vs_restic",
-          "vault_peak_rss_vs_restic"]
+RATIOS = ["single_client_vs_flush_limit", "single_client_vs_sqlite", "clients16_vs_sqlite",
+          "clients16_p99_vs_sqlite", "encrypted_vs_plain_100", "encrypted_vs_plain_4k", "batch100_vs_sqlite",
+          "bulk_plain_vs_disk", "bulk_encrypted_vs_disk", "mount_1m_before_compaction_s",
+          "mount_1m_vs_1k_after_compaction", "fsck_mb_per_s", "fsck_mb_per_s_100b", "compaction_write_amp",
+          "compaction_p99_vs_idle", "redundancy_single_client", "redundancy_bulk", "statefsd_bytes_per_key",
+          "vault_first_backup_vs_restic", "vault_second_backup_vs_restic", "vault_stored_vs_restic",
+          "vault_restore_vs_restic", "vault_peak_rss_vs_restic"]
 
 
 def _positive(value) -> bool:
@@ -30,7 +32,8 @@ def test_quick_bench_reports_every_figure_and_ratio_with_positive_numbers(tmp_pa
     figures = doc["figures"]
 
     assert sorted(figures) == sorted(FIGURES)
-    assert set(figures["a_single_client"]) == {"statefs", "statefs_no_redundancy", "sqlite", "lmdb"}
+    assert set(figures["a_single_client"]) == {"statefs", "statefs_no_redundancy", "sqlite", "lmdb",
+                                               "disk_dsync_write"}
     assert set(figures["c_100_puts_per_txn"]) == {"statefs", "sqlite", "lmdb"}
     assert set(figures["b_concurrent_clients"]) == {"statefs", "statefs_encrypted", "sqlite", "lmdb"}
     for key in ("a_single_client", "b_concurrent_clients", "c_100_puts_per_txn"):
@@ -53,12 +56,13 @@ def test_quick_bench_reports_every_figure_and_ratio_with_positive_numbers(tmp_pa
     for field in ("write_amplification", "p99_idle_us", "p99_during_compaction_us"):
         assert _positive(g[field]), field
     assert _positive(figures["h_memory"]["rss_bytes"]) and figures["h_memory"]["keys"] >= 5000
+    assert doc["ratios"]["mount_1m_before_compaction_s"] == mount[-1]["mount_before_s"]
 
     assert sorted(doc["ratios"]) == sorted(RATIOS)
     assert sorted(doc["targets"]) == sorted(RATIOS)
     for name in RATIOS:
         value = doc["ratios"][name]
-        if name == "fsck_mb_per_s" and value is None:
+        if name.startswith("fsck_mb_per_s") and value is None:
             assert figures["f_fsck"]["note"], "a missing fsck figure must say why"
             continue
         if name.startswith("vault_") and value is None:
