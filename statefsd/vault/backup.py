@@ -199,6 +199,10 @@ class Backup:
                 if name not in present and not self._excluded(path + b"/" + name):
                     self._deleted(path + b"/" + name, gone)
         self.stats.dirs += 1
+        if parent_tree is not None and entries == list(old.values()):
+            # Unchanged since the parent snapshot: its tree is stored and counted
+            # already; the new parent node counts one more reference to it.
+            return parent_tree
         return self._store_directory(path, entries)
 
     def _entry(self, path: bytes, name: bytes, old: rec.Entry | None, spec: _PathNode | None) -> rec.Entry | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from statefsd.errors import InvalidArgument, NotFound, StateFSError
@@ -117,9 +118,9 @@ class Restore:
         damaged = None
         written = 0
         try:
-            for batch in _batches(chunks, RESTORE_BATCH):
-                got = prefetched if prefetched is not None else dict(
-                    self.store.read_many([(cid, rec.KIND_CHUNK) for cid, _ in batch]))
+            batches = ((batch, prefetched) for batch in _batches(chunks, RESTORE_BATCH)) \
+                if prefetched is not None else self._read_ahead(_batches(chunks, RESTORE_BATCH))
+            for batch, got in batches:
                 for cid, size in batch:
                     data = got.get(cid)
                     if isinstance(data, StateFSError) or data is None or len(data) != size:
@@ -150,6 +151,21 @@ class Restore:
         self.stats.damaged.append(what)
         where = f" (chunk {what['chunk'][:16]} at byte {what['offset']})" if "chunk" in what else ""
         self.progress.warn(f"{what['path']}: damaged{where}: {what['error']}; not restored")
+
+    def _read_ahead(self, batches):
+        """(batch, its verified chunks), the next batch fetched and verified
+        while this one is written: two batches in memory at most."""
+        def fetch(batch):
+            return dict(self.store.read_many([(cid, rec.KIND_CHUNK) for cid, _ in batch]))
+        with ThreadPoolExecutor(1, thread_name_prefix="vault-restore") as pool:
+            ahead = None
+            for batch in batches:
+                future = pool.submit(fetch, batch)
+                if ahead is not None:
+                    yield ahead[0], ahead[1].result()
+                ahead = (batch, future)
+            if ahead is not None:
+                yield ahead[0], ahead[1].result()
 
     def _symlink(self, entry: rec.Entry, path: bytes) -> None:
         self._replace(path, lambda tmp: os.symlink(entry.target, tmp), entry)
