@@ -29,8 +29,13 @@ class SlowReads(DeviceProxy):
 
     slow = False
 
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.reading = threading.Event()     # set once a slow read has begun
+
     def read(self, offset, length):
         if self.slow is True or self.slow is threading.current_thread():
+            self.reading.set()
             time.sleep(0.3)
         return self.inner.read(offset, length)
 
@@ -141,7 +146,7 @@ def test_close_stops_a_running_verify_and_waits_for_it(tmp_path):
 
     t = threading.Thread(target=verify)
     t.start()
-    time.sleep(0.1)
+    assert slow.reading.wait(30)   # the scan is under way (a fixed sleep raced a slow thread start)
     e.close()
     assert not t.is_alive()   # close waited for it
     assert errors and "unmounted" in errors[0].message
