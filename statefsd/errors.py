@@ -38,6 +38,8 @@ class Code(enum.IntEnum):
     ETXN = 25           # transaction misuse (unknown txn, commit after abort)
     EPASSPHRASE = 26    # wrong or missing passphrase for a sealed key file
     ECONFLICT = 27      # a condition of a transaction no longer held: nothing was written
+    EPEER = 28          # a replication peer or remote cannot be reached or refused the transfer
+    EROLLBACK = 29      # a signed copy is newer than, or diverges from, this device's history
     EINTERNAL = 99      # a bug: please report it with the audit journal
 
 
@@ -62,6 +64,8 @@ HINTS: dict[Code, str] = {
     Code.ETXN: "begin a new transaction",
     Code.EPASSPHRASE: "supply the right passphrase (STATEFS_KEY_PASSPHRASE)",
     Code.ECONFLICT: "read the keys again and retry the transaction with their new txn ids",
+    Code.EPEER: "check that the peer or remote is up and reachable ('statefs replicate status'); nothing local was lost",
+    Code.EROLLBACK: "do not write to this image: compare it with 'statefs replicate status' and restore from the newest copy",
     Code.EINTERNAL: "please report this bug with the audit journal",
 }
 
@@ -125,6 +129,8 @@ AccessDenied = _make("AccessDenied", Code.EACCES, "The caller is not allowed.")
 TransactionError = _make("TransactionError", Code.ETXN, "Transaction misuse.")
 WrongPassphrase = _make("WrongPassphrase", Code.EPASSPHRASE, "Wrong or missing passphrase.")
 Conflict = _make("Conflict", Code.ECONFLICT, "A condition of the transaction no longer holds.")
+PeerUnavailable = _make("PeerUnavailable", Code.EPEER, "A replication peer or remote failed.")
+RolledBack = _make("RolledBack", Code.EROLLBACK, "A signed copy is newer than or diverges from this history.")
 InternalError = _make("InternalError", Code.EINTERNAL, "A bug.")
 
 _BY_CODE: dict[Code, type[StateFSError]] = {
@@ -133,7 +139,7 @@ _BY_CODE: dict[Code, type[StateFSError]] = {
         UsageError, InvalidArgument, NotFound, TooBig, NoSpace, IntegrityError, CorruptImage,
         FormatError, Busy, ProtocolError, ReadOnly, KeyUnavailable, ConnectionFailed,
         DeviceIOError, EntropyNotReady, AccessDenied, TransactionError, WrongPassphrase,
-        Conflict, InternalError,
+        Conflict, PeerUnavailable, RolledBack, InternalError,
     )
 }
 

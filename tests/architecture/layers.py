@@ -30,6 +30,7 @@ DAEMON_SIDE = ("statefsd.server", "statefsd.daemon", "statefsd.cli", "statefsd._
 FSCK = "fsck_statefs"
 TESTING = "statefsd.testing"
 VAULT = "statefsd.vault"
+REPLICA = "statefsd.replica"
 
 # Source module prefix -> the module prefixes it may import. The longest
 # matching prefix decides; a module always may import its own prefix. Every
@@ -45,7 +46,8 @@ RULES: dict[str, tuple[str, ...]] = {
     PROTOCOL: (ERRORS, SHARED, STORAGE + ".format", PROTOCOL),
     CLIENT: (ERRORS, SHARED, STORAGE + ".format", PROTOCOL),
     VAULT: (ERRORS, SHARED, CLIENT, KEYSTORE, VAULT),
-    **{m: (ERRORS, SHARED, STORAGE, PROTOCOL, CLIENT, KEYSTORE, VAULT, *DAEMON_SIDE) for m in DAEMON_SIDE},
+    REPLICA: (ERRORS, SHARED, STORAGE, CLIENT, KEYSTORE, VAULT, REPLICA),
+    **{m: (ERRORS, SHARED, STORAGE, PROTOCOL, CLIENT, KEYSTORE, VAULT, REPLICA, *DAEMON_SIDE) for m in DAEMON_SIDE},
     FSCK: (ERRORS, SHARED, STORAGE, KEYSTORE, FSCK),
     TESTING: PRODUCT,
 }
