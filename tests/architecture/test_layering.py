@@ -121,7 +121,7 @@ def test_the_daemon_may_load_the_selftest_only_inside_main(tmp_path):
 
 
 def test_a_module_outside_every_layer_is_reported(tmp_path):
-    root = fake_tree(tmp_path, {"statefsd/replica.py": ""})
+    root = fake_tree(tmp_path, {"statefsd/mirror.py": ""})
     assert layers.breaches(root) == [
-        'statefsd/replica.py:1: statefsd.replica belongs to no layer: give it a rule in '
+        'statefsd/mirror.py:1: statefsd.mirror belongs to no layer: give it a rule in '
         'tests/architecture/layers.py and a line in docs/DESIGN.md ("Layers")']
