@@ -158,7 +158,8 @@ def _check_group(group: Group, replayer: Replayer, page: "_PageBuilder", from_cu
         at = replayer.open.prepare.offset
         raise CorruptImage(f"transaction at byte offset {at} runs past the end of its write group, which "
                            f"the writer never does", offset=at, hint="run fsck-statefs on the image")
-    if from_cursor and page.group_txns < page.skip:
+    if from_cursor and page.skip and page.group_txns <= page.skip:
+        # A page ends inside a group only before one of its transactions.
         raise _misfit(f"it skips {page.skip} transactions of a group that holds {page.group_txns}")
 
 

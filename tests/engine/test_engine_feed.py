@@ -206,6 +206,7 @@ def forged(cursor: bytes, field: int, value) -> bytes:
     ("chain", lambda c: forged(c, 6, lambda v: bytes(32))),
     ("txn id never given out", lambda c: forged(c, 7, lambda v: v + 10_000)),
     ("skip", lambda c: forged(c, 8, lambda v: v + 5)),
+    ("skip of a whole group", lambda c: forged(c, 8, lambda v: v + 1)),
 ])
 def test_a_garbled_cursor_is_refused_with_the_way_back_to_the_base(image, name, garble):
     with image.mount() as e:
