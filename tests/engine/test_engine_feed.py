@@ -3,7 +3,6 @@ resumable by cursor (rule C11), on real image files."""
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 
@@ -13,48 +12,12 @@ from statefsd.errors import CorruptImage, IntegrityError, InvalidArgument, ReadO
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
 from statefsd.storage.engine import Engine, Mutation
-from statefsd.storage.feed import CURSOR_BYTES, FROM_BASE
+from statefsd.storage.feed import CURSOR_BYTES, FROM_BASE, Cursor
 from statefsd.testing.campaign.systems import DeviceProxy, FixedSigner
-from tests.engine.conftest import Image, committed_records
+from tests.engine.conftest import Consumer, Image, committed_records, forged_cursor
 from tests.engine.test_engine_concurrency import run_threads
 
 KEY = bytes(range(32))
-
-
-class Consumer:
-    """What a replica does with feed pages: drop everything on reset, apply
-    each transaction's changes in order."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, bytes] = {}
-        self.cursor: bytes | None = None
-        self.last = 0
-        self.txns: list[tuple[int, bytes, list]] = []
-        self.pages: list[dict] = []
-
-    def apply(self, page: dict) -> None:
-        self.pages.append(page)
-        if page["reset"]:
-            self.state.clear()
-        for txn_id, chain, changes in page["txns"]:
-            self.txns.append((txn_id, chain, changes))
-            for key, value in changes:
-                if value is None:
-                    self.state.pop(key, None)
-                else:
-                    self.state[key] = value
-            self.last = txn_id
-        self.cursor = page["cursor"]
-
-    def catch_up(self, engine, max_bytes: int = 8 << 20) -> int:
-        """Feed until ``more`` is False; the number of pages it took."""
-        pages = 0
-        while True:
-            page = engine.feed(self.last if self.cursor else 0, self.cursor, max_bytes)
-            self.apply(page)
-            pages += 1
-            if not page["more"]:
-                return pages
 
 
 def engine_state(engine) -> dict[str, bytes]:
@@ -187,26 +150,24 @@ def test_an_emptied_store_compacted_feeds_a_reset_with_no_transactions(image):
         assert page["reset"] and page["txns"] == [] and page["max_txn"] == 0 and not page["more"]
 
 
-def forged(cursor: bytes, field: int, value) -> bytes:
-    fields = list(struct.unpack(">BIQQQQ32sQI", cursor))
-    fields[field] = value(fields[field])
-    return struct.pack(">BIQQQQ32sQI", *fields)
+def offset_of(cursor: bytes) -> int:
+    return Cursor.unpack(cursor).point.offset
 
 
 @pytest.mark.parametrize("name, garble", [
     ("short", lambda c: c[:-1]),
     ("long", lambda c: c + b"\0"),
-    ("version", lambda c: forged(c, 0, lambda v: v + 1)),
-    ("offset off the group grid", lambda c: forged(c, 2, lambda v: v + 512)),
-    ("offset past the log", lambda c: forged(c, 2, lambda v: v + (1 << 20))),
-    ("offset before the region", lambda c: forged(c, 2, lambda v: 0)),
-    ("seq", lambda c: forged(c, 3, lambda v: v + 1)),
-    ("group", lambda c: forged(c, 4, lambda v: v + 1)),
-    ("group zero", lambda c: forged(c, 4, lambda v: 0)),
-    ("chain", lambda c: forged(c, 6, lambda v: bytes(32))),
-    ("txn id never given out", lambda c: forged(c, 7, lambda v: v + 10_000)),
-    ("skip", lambda c: forged(c, 8, lambda v: v + 5)),
-    ("skip of a whole group", lambda c: forged(c, 8, lambda v: v + 1)),
+    ("version", lambda c: forged_cursor(c, version=c[0] + 1)),
+    ("offset off the group grid", lambda c: forged_cursor(c, offset=offset_of(c) + 512)),
+    ("offset past the log", lambda c: forged_cursor(c, offset=offset_of(c) + (1 << 20))),
+    ("offset before the region", lambda c: forged_cursor(c, offset=0)),
+    ("seq", lambda c: forged_cursor(c, next_seq=Cursor.unpack(c).point.next_seq + 1)),
+    ("group", lambda c: forged_cursor(c, next_group=Cursor.unpack(c).point.next_group + 1)),
+    ("group zero", lambda c: forged_cursor(c, next_group=0)),
+    ("chain", lambda c: forged_cursor(c, chain=bytes(32))),
+    ("txn id never given out", lambda c: forged_cursor(c, max_txn=10_000)),
+    ("skip", lambda c: forged_cursor(c, skip=5)),
+    ("skip of a whole group", lambda c: forged_cursor(c, skip=1)),
 ])
 def test_a_garbled_cursor_is_refused_with_the_way_back_to_the_base(image, name, garble):
     with image.mount() as e:
@@ -225,7 +186,7 @@ def test_a_cursor_at_the_end_with_a_forged_chain_is_refused(image):
         e.put("a", b"1")
         end = e.feed()["cursor"]
         with pytest.raises(InvalidArgument, match="chain"):
-            e.feed(1, forged(end, 6, lambda v: bytes(32)))
+            e.feed(1, forged_cursor(end, chain=bytes(32)))
 
 
 def test_after_without_a_cursor_is_refused(image):
