@@ -78,9 +78,10 @@ class Compactor:
 
     @contextlib.contextmanager
     def held_off(self):
-        """No compaction runs while this is held (an online scrub reads the
-        active region, which the compaction after next would reuse); waits
-        for one that is running. Commits go on (engine.py, rule C10)."""
+        """No compaction runs while this is held (an online scrub or a feed
+        page reads the active region, which the compaction after next would
+        reuse); waits for one that is running. Commits go on (engine.py,
+        rules C10 and C11)."""
         with self._running:
             yield
 
