@@ -197,3 +197,21 @@ def test_a_wrong_passphrase_opens_nothing_and_writes_no_image(replica_env, tmp_p
     out = env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "n.img"), check=False,
                   json_out=False, STATEFS_VAULT_PASSPHRASE="not it", STATEFS_KEYSTORE_SOCKET=None)
     assert out.returncode == Code.EPASSPHRASE and not (tmp_path / "n.img").exists()
+
+
+def test_a_vault_snapshot_names_the_point_to_restore(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.txt").write_text("version one\n")
+    first = env.cli("vault", "backup", str(files))["snapshot"]
+    with env.client() as c:
+        at_first = {k: v for k, v in served_state(c).items() if not k.startswith("vault/session/")}
+    (files / "a.txt").write_text("version two\n")
+    env.cli("vault", "backup", str(files))
+    env.cli("replicate", "push")
+    result = env.cli("restore", "--from", str(env.outbox), "--at", first[:8], "--image", str(tmp_path / "n.img"))
+    assert result["txn"] > 0
+    restored = {k: v for k, v in image_state(str(tmp_path / "n.img")).items() if not k.startswith("vault/session/")}
+    assert restored == at_first
