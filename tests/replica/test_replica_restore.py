@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +218,33 @@ def test_a_vault_snapshot_names_the_point_to_restore(replica_env, tmp_path):
     assert result["txn"] > 0
     restored = {k: v for k, v in image_state(str(tmp_path / "n.img")).items() if not k.startswith("vault/session/")}
     assert restored == at_first
+
+
+def test_replicate_run_pushes_soon_after_each_commit(replica_env):
+    env = replica_env
+    set_up(env)
+    runner = subprocess.Popen([sys.executable, "-m", "statefsd.cli", "replicate", "run", "--interval", "0.2"],
+                              env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        heads = lambda: sorted((env.outbox / "head").glob("*.sfh")) if (env.outbox / "head").is_dir() else []
+        assert wait_for(lambda: len(heads()) == 1, 30), runner.stderr.read() if runner.poll() is not None else ""
+        with env.client() as c:
+            c.put("app/late", CANARY)
+            txn = c.info()["next_txn_id"] - 1
+        assert wait_for(lambda: len(heads()) == 2, 30)
+        newest = rfmt.decode_head_file(heads()[-1].read_bytes(), "head/" + heads()[-1].name)
+        assert newest.counter == 2
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
+    result = env.cli("restore", "--from", str(env.outbox), "--at", str(txn), "--image", str(env.dir / "n.img"))
+    assert image_state(str(env.dir / "n.img"))["app/late"] == CANARY and result["txn"] == txn
+
+
+def wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
