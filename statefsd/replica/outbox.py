@@ -15,6 +15,7 @@ head recorded, was rolled back or replaced, and the push refuses
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ def _write_head(outbox: Path, vault, keys: rfmt.ReplicaKeys, counter: int, state
     body = rfmt.encode_head_body(head)
     signature = vault.device.signer.sign(rfmt.HEAD_SIGN_LABEL, rfmt.head_signing_bytes(body))
     atomic_write(outbox, rfmt.head_name(signer, counter), rfmt.encode_head_file(body, signature))
+    _log_head(outbox, counter, state)
     for name in gone:       # only after a signed head says so
         try:
             (outbox / name).unlink()
@@ -244,6 +246,34 @@ def _write_head(outbox: Path, vault, keys: rfmt.ReplicaKeys, counter: int, state
     result.heads_written += 1
     result.retired += gone
     return counter
+
+
+HEAD_LOG = "heads.jsonl"
+
+
+def _log_head(outbox: Path, counter: int, state: rfmt.HeadState) -> None:
+    """Which txn each head reached, beside the outbox (never replicated):
+    status turns a copy's head counter into transactions behind."""
+    line = json.dumps({"counter": counter, "last_txn": state.last_txn, "time_ns": state.time_ns})
+    with open(outbox.parent / HEAD_LOG, "a") as f:
+        f.write(line + "\n")
+
+
+def head_txns(outbox: Path) -> dict[int, int]:
+    """Head counter -> the txn it reached, from the head log (lines that do
+    not parse, e.g. one cut by a crash, are skipped)."""
+    found: dict[int, int] = {}
+    try:
+        lines = (outbox.parent / HEAD_LOG).read_text().splitlines()
+    except FileNotFoundError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            found[int(entry["counter"])] = int(entry["last_txn"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 def _retire_generations(state: rfmt.HeadState, segments: list[rfmt.SegmentEntry], policy: Policy) -> list[str]:
