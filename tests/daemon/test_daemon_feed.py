@@ -14,7 +14,7 @@ import pytest
 from bench import procs
 from statefsd.client import Client
 from statefsd.errors import Code, InvalidArgument, StateFSError
-from statefsd.protocol import MAX_FRAME, PROTOCOL_VERSION
+from statefsd.protocol import MAX_FRAME
 from statefsd.storage.feed import FROM_BASE
 from tests.daemon.harness import RawConnection, make_image
 from tests.engine.conftest import Consumer, forged_cursor
