@@ -145,7 +145,7 @@ def test_a_feed_while_another_client_commits_never_returns_part_of_a_transaction
     consumer = Consumer()
     try:
         with daemon.client() as c:
-            deadline = time.monotonic() + 1.5
+            deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 consumer.page(c, 300)
     finally:
