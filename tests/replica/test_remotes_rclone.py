@@ -1,0 +1,256 @@
+"""Remotes through rclone, against real ``rclone serve sftp`` (key
+authentication both ways) and ``rclone serve webdav`` on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from statefsd.errors import Code, InvalidArgument, NoSpace, NotFound, PeerUnavailable
+from statefsd.replica import remotes
+from statefsd.replica.rclone import Rclone, classify, redact
+from tests.replica.rclone_fixtures import (  # noqa: F401  (pytest fixtures)
+    any_server, kill_rclone_children, rclone, rclone_binary, sftp_server, small_filesystem, start_sftp,
+    start_webdav, webdav_server, write_ssh_key,
+)
+
+DEVICE = "0123456789abcdef"
+
+
+def make_outbox(root: Path, segments: int = 3, *, seg_bytes: int = 64 << 10, counter: int = 1) -> Path:
+    """A directory with the outbox layout: key file, segments, one head."""
+    (root / "seg").mkdir(parents=True, exist_ok=True)
+    (root / "head").mkdir(exist_ok=True)
+    (root / "keys.sfk").write_bytes(os.urandom(300))
+    for _ in range(segments):
+        add_segment(root, seg_bytes)
+    add_head(root, counter)
+    return root
+
+
+def add_segment(root: Path, size: int = 64 << 10) -> str:
+    rel = f"seg/{os.urandom(16).hex()}.sfs"
+    (root / rel).write_bytes(os.urandom(size))
+    return rel
+
+
+def add_head(root: Path, counter: int) -> str:
+    rel = f"head/{DEVICE}-{counter:016x}.sfh"
+    (root / rel).write_bytes(os.urandom(200))
+    return rel
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under root."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_push_leaves_a_byte_identical_copy_on_the_remote(any_server, rclone, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox")
+    report = remotes.push(rclone, outbox, any_server.spec())
+    assert tree(any_server.root / "backup") == tree(outbox)
+    assert sorted(report.uploaded) == sorted(tree(outbox))
+    assert report.head_counter == 1
+    assert sorted(f.path for f in rclone.list(any_server.spec())) == sorted(tree(outbox))
+
+
+def test_a_second_push_uploads_only_the_new_files(any_server, rclone, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox")
+    remote = any_server.spec()
+    remotes.push(rclone, outbox, remote)
+    before = {p: (any_server.root / "backup" / p).stat().st_mtime_ns for p in tree(outbox)}
+    time.sleep(0.05)
+    new = [add_segment(outbox), add_head(outbox, 2)]
+    report = remotes.push(rclone, outbox, remote)
+    assert report.uploaded == new, "the key file and the old segments and head are not sent again"
+    assert report.head_counter == 2
+    assert tree(any_server.root / "backup") == tree(outbox)
+    assert {p: (any_server.root / "backup" / p).stat().st_mtime_ns for p in before} == before
+    assert remotes.push(rclone, outbox, remote).uploaded == []
+
+
+def test_a_changed_key_file_is_sent_again(sftp_server, rclone, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox")
+    remotes.push(rclone, outbox, sftp_server.spec())
+    (outbox / "keys.sfk").write_bytes(os.urandom(300))   # same size, new content
+    assert remotes.push(rclone, outbox, sftp_server.spec()).uploaded == ["keys.sfk"]
+    assert tree(sftp_server.root / "backup") == tree(outbox)
+
+
+def test_an_interrupted_push_resumes_and_ends_byte_identical(any_server, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox", segments=1)
+    big = add_segment(outbox, 6 << 20)
+    config = tmp_path / "state" / "rclone.conf"
+    slow = Rclone(rclone_binary(), config, retries=1, low_level_retries=1, extra_args=["--bwlimit", "2M"])
+    remote = any_server.spec()
+    failure: list[BaseException] = []
+
+    def run_push():
+        try:
+            remotes.push(slow, outbox, remote)
+        except BaseException as exc:   # noqa: BLE001  (reported to the test thread)
+            failure.append(exc)
+
+    pusher = threading.Thread(target=run_push)
+    pusher.start()
+    seg_dir = any_server.root / "backup" / "seg"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:   # wait until the big segment is partly on the server
+        if seg_dir.exists() and any(p.name.startswith(Path(big).name) and p.stat().st_size >= 1 << 20
+                                    for p in seg_dir.iterdir()):
+            break
+        time.sleep(0.02)
+    assert kill_rclone_children(config) == 1
+    pusher.join(timeout=30)
+    assert len(failure) == 1 and isinstance(failure[0], PeerUnavailable), failure
+    assert "again" in failure[0].hint
+    assert not (any_server.root / "backup" / "head").exists(), "no head before its segments"
+    held = (any_server.root / "backup" / big)
+    # WebDAV writes the upload under its final name; SFTP under a .partial name.
+    assert not held.exists() or held.stat().st_size < (6 << 20)
+
+    fast = Rclone(rclone_binary(), config, retries=1, low_level_retries=1)
+    report = remotes.push(fast, outbox, remote)
+    assert big in report.uploaded
+    assert tree(any_server.root / "backup") == tree(outbox), "no partial file is left behind"
+
+
+def test_an_unreachable_remote_gives_EPEER_with_a_hint_and_leaves_the_outbox_untouched(sftp_server, rclone,
+                                                                                        tmp_path):
+    outbox = make_outbox(tmp_path / "outbox")
+    before = tree(outbox)
+    sftp_server.stop()
+    with pytest.raises(PeerUnavailable) as err:
+        remotes.push(rclone, outbox, sftp_server.spec())
+    assert err.value.code == Code.EPEER
+    assert f"port={sftp_server.served.port}" in err.value.message and "connection refused" in err.value.message
+    assert "reachable" in err.value.hint
+    assert tree(outbox) == before
+
+
+@contextmanager
+def full_server(start, tmp_path):
+    """A server on a 2 MiB tmpfs and an outbox with a 3 MiB segment: its disk
+    really fills during the push."""
+    with small_filesystem(tmp_path / "small", "2m") as small:
+        server = start(rclone_binary(), tmp_path / "server", small)
+        try:
+            outbox = make_outbox(tmp_path / "outbox", segments=1)
+            add_segment(outbox, 3 << 20)
+            yield server, outbox
+        finally:
+            server.stop()
+
+
+def test_a_full_remote_gives_ENOSPC_and_loses_nothing_locally(rclone, tmp_path):
+    with full_server(start_sftp, tmp_path) as (server, outbox):
+        before = tree(outbox)
+        with pytest.raises(NoSpace) as err:
+            remotes.push(rclone, outbox, server.spec())
+        assert err.value.code == Code.ENOSPC
+        # rclone's SFTP client reports the server's ENOSPC, or only a broken stream (with
+        # concurrent writes); then the remote's free space, asked over SFTP, tells.
+        assert "is full" in err.value.message
+        assert "no space left on device" in err.value.message or "bytes still to upload" in err.value.message
+        assert f"port={server.served.port}" in err.value.hint and "untouched" in err.value.hint
+        assert tree(outbox) == before
+        assert not (server.root / "backup" / "head").exists(), "no head names segments the remote lacks"
+
+
+def test_a_full_webdav_server_that_answers_405_is_reported_as_maybe_full(rclone, tmp_path):
+    with full_server(start_webdav, tmp_path) as (server, outbox):
+        before = tree(outbox)
+        with pytest.raises(PeerUnavailable) as err:
+            remotes.push(rclone, outbox, server.spec())
+        assert "may be full" in err.value.message and "free space" in err.value.hint
+        assert tree(outbox) == before
+
+
+def test_a_wrong_host_key_is_refused_and_the_remote_is_not_added(sftp_server, rclone, tmp_path):
+    impostor = write_ssh_key(tmp_path / "impostor_key")
+    pinned = tmp_path / "other_known_hosts"
+    pinned.write_text(f"[127.0.0.1]:{sftp_server.served.port} {impostor}\n")
+    state = tmp_path / "state"
+    with pytest.raises(PeerUnavailable) as err:
+        remotes.add_remote(rclone, "box", sftp_server.spec(known_hosts=pinned), state)
+    assert "host key" in err.value.message and "known_hosts_file" in err.value.hint
+    assert remotes.remote_names(state) == []
+
+
+def test_a_client_key_the_server_does_not_know_is_refused(sftp_server, rclone, tmp_path):
+    write_ssh_key(tmp_path / "stranger_key")
+    with pytest.raises(PeerUnavailable) as err:
+        rclone.check_reachable(sftp_server.spec(key=tmp_path / "stranger_key"))
+    assert "refused our credentials" in err.value.message and "authorized_keys" in err.value.hint
+
+
+def test_pull_brings_back_byte_identical_files_and_only_replica_files(any_server, rclone, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox", segments=4)
+    remotes.push(rclone, outbox, any_server.spec())
+    (any_server.root / "backup" / "seg" / "stray.sfs.1234abcd.partial").write_bytes(b"half")
+    fetched = remotes.pull(rclone, any_server.spec(), tmp_path / "restore")
+    assert sorted(fetched) == sorted(tree(outbox))
+    assert tree(tmp_path / "restore") == tree(outbox)
+    assert remotes.pull(rclone, any_server.spec(), tmp_path / "restore") == []
+
+
+def test_an_added_remote_is_addressed_by_name_for_push_status_and_removal(webdav_server, rclone, tmp_path):
+    state = tmp_path / "state"
+    remote = remotes.add_remote(rclone, "share", webdav_server.spec("statefs"), state)
+    assert remote == "share:" and remotes.remote_names(state) == ["share"]
+    assert (state / "rclone.conf").stat().st_mode & 0o077 == 0, "the config holds credentials"
+    assert webdav_server.obscured_password not in str(remotes.remote_status(rclone, remote))
+    outbox = make_outbox(tmp_path / "outbox", segments=2, counter=7)
+    remotes.push(rclone, outbox, remote, state_dir=state)
+    status = remotes.remote_status(rclone, remote, state_dir=state)
+    assert status["reachable"] and status["head_counter"] == 7
+    assert status["files"] == 4 and status["segments"] == 2 and status["heads"] == 1
+    assert status["bytes"] == sum(p.stat().st_size for p in outbox.rglob("*") if p.is_file())
+    assert status["last_push"]["head_counter"] == 7 and time.time() - status["last_push"]["time"] < 60
+    assert tree(webdav_server.root / "statefs") == tree(outbox)
+    with pytest.raises(InvalidArgument):
+        remotes.add_remote(rclone, "share", webdav_server.spec("other"), state)
+    remotes.remove_remote("share", state)
+    assert remotes.remote_names(state) == []
+    with pytest.raises(NotFound):
+        remotes.remove_remote("share", state)
+
+
+def test_status_of_an_unreachable_remote_says_why_instead_of_raising(sftp_server, rclone):
+    sftp_server.stop()
+    status = remotes.remote_status(rclone, sftp_server.spec())
+    assert not status["reachable"] and status["code"] == "EPEER" and "connection refused" in status["error"]
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "a:b", "x" * 64, "../etc"])
+def test_a_bad_remote_name_is_refused_before_anything_runs(name, tmp_path):
+    never = Rclone("/nonexistent/rclone", tmp_path / "rclone.conf")
+    with pytest.raises(InvalidArgument) as err:
+        remotes.add_remote(never, name, ":sftp,host=h:p", tmp_path)
+    assert "letters, digits" in err.value.hint
+
+
+@pytest.mark.parametrize("spec", ["", "nocolon", ":sftp,host=h", "unknown:path"])
+def test_a_malformed_spec_is_refused_with_the_forms_that_work(spec, tmp_path):
+    never = Rclone("/nonexistent/rclone", tmp_path / "rclone.conf")
+    with pytest.raises(InvalidArgument) as err:
+        remotes.add_remote(never, "box", spec, tmp_path)
+    assert ":sftp,host=" in err.value.hint or "path" in err.value.hint
+
+
+def test_rclone_messages_map_to_stable_codes_and_never_show_a_password():
+    remote = ":webdav,url='http://h:1',user=u,pass=SECRETOBSCURED:x"
+    full = classify(1, "ERROR : x: Failed to copy: 507 Insufficient Storage", remote, "uploading to")
+    assert full.code == Code.ENOSPC and "SECRETOBSCURED" not in full.message + full.hint
+    assert classify(2, "Error: unknown flag", remote, "listing").code == Code.EINVAL
+    assert classify(-9, "", remote, "uploading to").code == Code.EPEER
+    escaped = 'CRITICAL: Propfind "http/h%3A1%2Cpass%3DSECRETOBSCURED%3Ax": unsupported protocol scheme ""'
+    assert "SECRETOBSCURED" not in str(classify(1, escaped, remote, "listing"))
+    assert redact("pass='a,b'") == "pass=***"
