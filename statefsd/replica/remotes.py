@@ -118,26 +118,87 @@ def check_name(name: str) -> None:
                               hint="use 1-63 letters, digits, '-' or '_', starting with a letter or digit")
 
 
+def parse_connection_string(spec: str) -> tuple[str, dict[str, str], str]:
+    """``:backend,key=value,...:path`` -> (backend, options, path). Values
+    holding ',' or ':' are quoted with ' or " (a doubled quote inside stands
+    for one), as rclone reads them."""
+    if not spec.startswith(":"):
+        raise InvalidArgument(f"{redact(spec)!r} is not a connection string", hint=_SPEC_FORMS)
+    pos, n = 1, len(spec)
+    parts: list[str] = []
+    current = ""
+    while pos < n:
+        ch = spec[pos]
+        if ch in "'\"" and current.endswith("="):
+            end = pos + 1
+            value = ""
+            while True:
+                close = spec.find(ch, end)
+                if close < 0:
+                    raise InvalidArgument(f"unclosed quote in {redact(spec)!r}", hint=_SPEC_FORMS)
+                value += spec[end:close]
+                if spec.startswith(ch, close + 1):   # doubled quote
+                    value += ch
+                    end = close + 2
+                    continue
+                pos = close + 1
+                break
+            current += value
+            continue
+        if ch in ",:":
+            parts.append(current)
+            current = ""
+            if ch == ":":
+                backend, options = parts[0], {}
+                for item in parts[1:]:
+                    key, eq, value = item.partition("=")
+                    options[key.strip()] = value if eq else "true"
+                if not backend:
+                    break
+                return backend, options, spec[pos + 1:]
+            pos += 1
+            continue
+        current += ch
+        pos += 1
+    raise InvalidArgument(f"remote spec {redact(spec)!r} has no backend or no ':path' part",
+                          hint="end the connection string with ':path' (':' alone for the top directory); "
+                               + _SPEC_FORMS)
+
+
+_SPEC_FORMS = ("give 'section:path' (a section of StateFS's rclone.conf) or a connection string "
+               "':sftp,host=HOST,user=USER,key_file=KEY,known_hosts_file=KNOWN_HOSTS:path' "
+               "(quote values holding ':' or ',')")
+
+
 def check_spec(spec: str, state_dir: str | os.PathLike) -> None:
     """A spec is ``:backend,option=value,...:path`` or ``section:path``
-    with the section in StateFS's rclone.conf."""
+    with the section in StateFS's rclone.conf. An SFTP remote must
+    authenticate both ways: a client key, and the server's host key pinned
+    in a known_hosts file (without one rclone accepts any host key)."""
     if not spec or "\n" in spec or "\r" in spec:
-        raise InvalidArgument("the remote spec is empty or spans lines",
-                              hint="give one rclone remote, e.g. ':sftp,host=HOST,user=USER,key_file=KEY,"
-                                   "known_hosts_file=KNOWN:path'")
+        raise InvalidArgument("the remote spec is empty or spans lines", hint=_SPEC_FORMS)
     if spec.startswith(":"):
-        if ":" not in spec[1:]:
-            raise InvalidArgument(f"remote spec {redact(spec)!r} has no path part",
-                                  hint="end the connection string with ':path' (':' for the top directory)")
-        return
-    section, sep, _ = spec.partition(":")
-    if not sep or not section:
-        raise InvalidArgument(f"remote spec {redact(spec)!r} is not an rclone remote",
-                              hint="give 'section:path' or a connection string ':sftp,host=...:path'")
-    if section not in _read_config(state_dir).sections():
-        raise InvalidArgument(f"section {section!r} is not in {config_path(state_dir)}",
-                              hint=f"add it there with 'rclone --config {config_path(state_dir)} config', "
-                                   "or give a connection string ':sftp,host=...:path'")
+        backend, options, _ = parse_connection_string(spec)
+    else:
+        section, sep, _ = spec.partition(":")
+        if not sep or not section:
+            raise InvalidArgument(f"remote spec {redact(spec)!r} is not an rclone remote", hint=_SPEC_FORMS)
+        parser = _read_config(state_dir)
+        if not parser.has_section(section):
+            raise InvalidArgument(f"section {section!r} is not in {config_path(state_dir)}",
+                                  hint=f"add it there with 'rclone --config {config_path(state_dir)} config', "
+                                       "or " + _SPEC_FORMS)
+        options = dict(parser.items(section))
+        backend = options.get("type", "")
+    if backend == "sftp":
+        if not options.get("known_hosts_file"):
+            raise InvalidArgument(f"SFTP remote {redact(spec)!r} does not pin the server's host key",
+                                  hint="add known_hosts_file=FILE with the server's key "
+                                       "(ssh-keyscan -p PORT HOST > FILE, checked out of band)")
+        if not any(options.get(k) for k in ("key_file", "key_pem", "key_use_agent")):
+            raise InvalidArgument(f"SFTP remote {redact(spec)!r} has no client key",
+                                  hint="add key_file=PRIVATE_KEY (its public key in the server's "
+                                       "authorized_keys)")
 
 
 def add_remote(rclone: Rclone, name: str, spec: str, state_dir: str | os.PathLike) -> str:

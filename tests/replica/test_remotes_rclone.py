@@ -245,6 +245,24 @@ def test_a_malformed_spec_is_refused_with_the_forms_that_work(spec, tmp_path):
     assert ":sftp,host=" in err.value.hint or "path" in err.value.hint
 
 
+def test_an_sftp_remote_without_a_pinned_host_key_or_a_client_key_is_refused(sftp_server, rclone, tmp_path):
+    unpinned = sftp_server.spec().replace(f",known_hosts_file={sftp_server.known_hosts}", "")
+    with pytest.raises(InvalidArgument) as err:
+        remotes.add_remote(rclone, "box", unpinned, tmp_path / "state")
+    assert "host key" in err.value.message and "known_hosts_file=" in err.value.hint
+    keyless = sftp_server.spec().replace(f",key_file={sftp_server.client_key}", "")
+    with pytest.raises(InvalidArgument) as err:
+        remotes.add_remote(rclone, "box", keyless, tmp_path / "state")
+    assert "client key" in err.value.message and "authorized_keys" in err.value.hint
+    assert remotes.add_remote(rclone, "box", sftp_server.spec(), tmp_path / "state") == "box:"
+
+
+def test_a_connection_string_is_read_as_rclone_reads_it():
+    assert remotes.parse_connection_string(":webdav,url='http://h:1/a,b',user=u,pass=\"x\"\"y\":dir/sub") == (
+        "webdav", {"url": "http://h:1/a,b", "user": "u", "pass": 'x"y'}, "dir/sub")
+    assert remotes.parse_connection_string(":local:") == ("local", {}, "")
+
+
 def test_rclone_messages_map_to_stable_codes_and_never_show_a_password():
     remote = ":webdav,url='http://h:1',user=u,pass=SECRETOBSCURED:x"
     full = classify(1, "ERROR : x: Failed to copy: 507 Insufficient Storage", remote, "uploading to")
