@@ -38,6 +38,7 @@ from typing import Iterable, NamedTuple
 from statefsd.errors import InvalidArgument, NoSpace, NotFound, PeerUnavailable, StateFSError
 
 BINARY_ENV = "STATEFS_RCLONE"
+CONFIG_FILE = "rclone.conf"     # in the replica state dir
 
 # rclone's exit statuses (lib/exitcode in rclone; usage errors are 2 since 1.69, 1 before).
 EXIT_UNCATEGORIZED = 1
@@ -230,6 +231,11 @@ class Rclone:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self.extra_args = list(extra_args)
+
+    @classmethod
+    def for_state(cls, state_dir: str | os.PathLike, **settings) -> "Rclone":
+        """The rclone of a replica state dir: its own STATE/rclone.conf."""
+        return cls(None, Path(state_dir) / CONFIG_FILE, **settings)
 
     # ------------------------------------------------------------ running
 

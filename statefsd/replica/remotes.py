@@ -9,8 +9,8 @@ that file), so every later run addresses it as ``NAME:``.
 
 Push order is what keeps a remote consistent at every instant: the key
 file, then new segments, then heads (a head never arrives before the
-segments it lists), and only then the deletion of the segments that the
-newest local head, signed by this device, retires. A remote never loses a
+segments it lists), and only then the deletion of what the newest local
+head, signed by this device, retires (old segments and older heads). A remote never loses a
 file for any other reason.
 """
 
@@ -22,34 +22,23 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from statefsd.errors import InvalidArgument, NotFound, StateFSError
-from statefsd.replica.rclone import Rclone, join, local_files, redact
+from statefsd.errors import IntegrityError, InvalidArgument, NotFound, StateFSError
+from statefsd.replica import format as rfmt
+from statefsd.replica.rclone import CONFIG_FILE, Rclone, join, local_files, redact
+from statefsd.replica.verify import read_heads
 
-CONFIG_FILE = "rclone.conf"
 PUSHES_FILE = "remote-pushes.json"
-KEYS_FILE = "keys.sfk"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
-# ---------------------------------------------------------------- replica names
-# TODO(format): the names belong to statefsd.replica.format; use its
-# is_segment_name/parse_head_name once it is on this branch.
-
-_SEGMENT_NAME = re.compile(r"^seg/[0-9a-f]{32}\.sfs$")
-_HEAD_NAME = re.compile(r"^head/([0-9a-f]{16})-([0-9a-f]{16})\.sfh$")
-
-
-def _is_segment(rel: str) -> bool:
-    return bool(_SEGMENT_NAME.match(rel))
-
+# ---------------------------------------------------------------- replica files
 
 def _head_counter(rel: str) -> int | None:
-    m = _HEAD_NAME.match(rel)
-    return int(m.group(2), 16) if m else None
+    parsed = rfmt.parse_head_name(rel)
+    return parsed[1] if parsed else None
 
 
 def replica_files(sizes: dict[str, int]) -> dict[str, int]:
@@ -57,17 +46,21 @@ def replica_files(sizes: dict[str, int]) -> dict[str, int]:
     heads); anything else (a writer's temporary file, an engine's partial
     upload) is neither pushed nor pulled."""
     return {rel: size for rel, size in sizes.items()
-            if rel == KEYS_FILE or _is_segment(rel) or _head_counter(rel) is not None}
+            if rel == rfmt.KEYS_FILE or rfmt.is_segment_name(rel) or _head_counter(rel) is not None}
 
 
-def retired_segments(outbox: str | os.PathLike) -> list[str]:
-    """The segment paths the newest head of ``outbox`` retires (the only
-    files a push deletes on a remote).
-
-    TODO(format): read the newest head with statefsd.replica.format
-    (decode_head_file, checking its signature) and return its retired
-    list; until then no segment is ever deleted."""
-    return []
+def retired_files(outbox: str | os.PathLike) -> list[str]:
+    """What the newest head of ``outbox`` retires (old segments and older
+    heads): the only files a push deletes on a remote. The head's signature
+    is checked; an outbox with heads of several signers retires nothing
+    (it is not one device's outbox), and nothing the head lists as live is
+    ever returned."""
+    heads = read_heads(Path(outbox), [])
+    if not heads or len({h.signer for h in heads}) > 1:
+        return []
+    newest = heads[-1]
+    live = {seg.name for seg in newest.segments} | {rfmt.head_name(newest.signer, newest.counter)}
+    return [name for name in newest.retired if name not in live]
 
 
 # ---------------------------------------------------------------- configuration
@@ -76,9 +69,10 @@ def config_path(state_dir: str | os.PathLike) -> Path:
     return Path(state_dir) / CONFIG_FILE
 
 
-def remote_of(name: str) -> str:
-    """The rclone remote string of a configured remote."""
-    return f"{name}:"
+def remote_of(remote: str) -> str:
+    """The rclone remote string of a configured remote's name (names hold
+    no ':'); an rclone remote string is returned as it is."""
+    return remote if ":" in remote else f"{remote}:"
 
 
 def _read_config(state_dir: str | os.PathLike) -> configparser.RawConfigParser:
@@ -221,8 +215,9 @@ def add_remote(rclone: Rclone, name: str, spec: str, state_dir: str | os.PathLik
     return remote_of(name)
 
 
-def remove_remote(name: str, state_dir: str | os.PathLike) -> None:
-    """Forget the remote (its files stay where they are)."""
+def remove_remote(rclone: Rclone, name: str, state_dir: str | os.PathLike) -> None:
+    """Forget the remote (its files stay where they are). ``rclone`` is
+    not run: nothing on the remote changes."""
     parser = _read_config(state_dir)
     if name not in remote_names(state_dir):
         raise NotFound(f"no remote named {name!r}", hint="list remotes with 'statefs remote ls'")
@@ -235,76 +230,100 @@ def remove_remote(name: str, state_dir: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- push / pull
 
-@dataclass
-class PushReport:
-    remote: str
-    uploaded: list[str] = field(default_factory=list)
-    bytes: int = 0
-    deleted: list[str] = field(default_factory=list)
-    head_counter: int = 0       # newest head on the remote after the push
-
-
 def push(rclone: Rclone, outbox: str | os.PathLike, remote: str, *,
-         state_dir: str | os.PathLike | None = None) -> PushReport:
-    """Bring ``remote`` up to date with ``outbox``: key file, new segments,
-    heads last, then delete the segments the newest local head retires.
-    Resumable: run it again after any failure. Nothing local is changed;
-    with ``state_dir`` the push is recorded for :func:`remote_status`."""
+         state_dir: str | os.PathLike | None = None) -> dict:
+    """Bring ``remote`` (a remote's name, or an rclone remote string) up to
+    date with ``outbox``: key file, new segments, heads last, then delete
+    what the newest local head retires. Resumable: run it again after any
+    failure. Nothing local is changed. The push is recorded for
+    :func:`remote_status` in ``state_dir`` (default: beside rclone.conf)."""
+    remote = remote_of(remote)
     local = replica_files(local_files(outbox))
-    report = PushReport(remote)
-    if KEYS_FILE in local and _keys_differ(rclone, outbox, remote, local[KEYS_FILE]):
-        rclone.put(Path(outbox) / KEYS_FILE, join(remote, KEYS_FILE))
-        report.uploaded.append(KEYS_FILE)
-    segments = [rel for rel in local if _is_segment(rel)]
+    uploaded: list[str] = []
+    if rfmt.KEYS_FILE in local and _keys_differ(rclone, outbox, remote, local[rfmt.KEYS_FILE]):
+        rclone.put(Path(outbox) / rfmt.KEYS_FILE, join(remote, rfmt.KEYS_FILE))
+        uploaded.append(rfmt.KEYS_FILE)
     heads = [rel for rel in local if _head_counter(rel) is not None]
-    report.uploaded += rclone.copy_up(outbox, remote, segments)
-    report.uploaded += rclone.copy_up(outbox, remote, heads)
-    report.bytes = sum(local[rel] for rel in report.uploaded)
-    report.deleted = rclone.delete(remote, retired_segments(outbox))
-    report.head_counter = max((_head_counter(rel) for rel in heads), default=0)
-    if state_dir is not None:
-        pushes = _read_pushes(state_dir)
-        pushes[remote] = {"time": time.time(), "head_counter": report.head_counter,
-                          "files": len(report.uploaded), "bytes": report.bytes}
-        _write_pushes(state_dir, pushes)
+    uploaded += rclone.copy_up(outbox, remote, [rel for rel in local if rfmt.is_segment_name(rel)])
+    uploaded += rclone.copy_up(outbox, remote, heads)
+    report = {"remote": redact(remote), "uploaded": uploaded, "files": len(uploaded),
+              "bytes": sum(local[rel] for rel in uploaded),
+              "deleted": rclone.delete(remote, retired_files(outbox)),
+              "head_counter": max((_head_counter(rel) for rel in heads), default=0), "time": time.time()}
+    pushes = _read_pushes(state_dir or rclone.config_path.parent)
+    pushes[redact(remote)] = {k: report[k] for k in ("time", "head_counter", "files", "bytes")}
+    _write_pushes(state_dir or rclone.config_path.parent, pushes)
     return report
 
 
 def _keys_differ(rclone: Rclone, outbox: str | os.PathLike, remote: str, size: int) -> bool:
     """The key file may be rewritten (a new device, a new passphrase slot),
     so it is compared by content, not only by name."""
-    there = {f.path: f.size for f in rclone.list(remote) if f.path == KEYS_FILE}
-    if there.get(KEYS_FILE) != size:
+    there = {f.path: f.size for f in rclone.list(remote) if f.path == rfmt.KEYS_FILE}
+    if there.get(rfmt.KEYS_FILE) != size:
         return True
-    return rclone.cat(join(remote, KEYS_FILE)) != (Path(outbox) / KEYS_FILE).read_bytes()
+    return rclone.cat(join(remote, rfmt.KEYS_FILE)) != (Path(outbox) / rfmt.KEYS_FILE).read_bytes()
 
 
 def pull(rclone: Rclone, remote: str, local_dir: str | os.PathLike) -> list[str]:
-    """Fetch into ``local_dir`` every replica file of ``remote`` it lacks
-    (key file, segments, heads: what a restore reads); return the paths
-    fetched. Files are verified afterwards by the caller (verify_copy)."""
+    """Fetch into ``local_dir`` every replica file of ``remote`` (a name or
+    an rclone remote string) that it lacks (key file, segments, heads: what
+    a restore reads); return the paths fetched. The caller verifies the
+    copy (verify_copy) before trusting it."""
+    remote = remote_of(remote)
     wanted = replica_files({f.path: f.size for f in rclone.list(remote)})
     return rclone.copy_down(remote, local_dir, include=sorted(wanted))
 
 
-def remote_status(rclone: Rclone, remote: str, *, state_dir: str | os.PathLike | None = None) -> dict:
-    """What the remote holds now (or why it cannot be reached) and what the
-    last push recorded. Never raises for an unreachable remote."""
-    status: dict = {"remote": redact(remote), "reachable": False, "error": None, "hint": None,
-                    "head_counter": 0, "files": 0, "bytes": 0, "segments": 0, "heads": 0,
-                    "last_push": None}
-    if state_dir is not None:
-        status["last_push"] = _read_pushes(state_dir).get(remote)
+HEADS_READ = 8   # newest heads status reads before it gives up finding a valid one
+
+
+def remote_status(rclone: Rclone, remote: str, state_dir: str | os.PathLike | None = None, *,
+                  signer: bytes | None = None) -> dict:
+    """What ``remote`` holds now, or why it cannot be reached (never
+    raises for that), and what the last push to it recorded.
+
+    ``head_counter`` and ``head_digest`` are those of the newest head whose
+    signature verifies (signed by ``signer`` if given): a forged or damaged
+    head on an untrusted store is reported in ``problems`` and cannot fake
+    a newer history."""
+    remote = remote_of(remote)
+    status: dict = {"name": redact(remote.removesuffix(":")), "remote": redact(remote), "reachable": False,
+                    "error": None, "hint": None, "head_counter": 0, "head_digest": None, "signer": None,
+                    "files": 0, "bytes": 0, "segments": 0, "heads": 0, "problems": [],
+                    "last_push": _read_pushes(state_dir or rclone.config_path.parent).get(redact(remote))}
     try:
         held = replica_files({f.path: f.size for f in rclone.list(remote)})
+        heads = sorted((rel for rel in held if _head_counter(rel) is not None), key=_head_counter, reverse=True)
+        status.update(files=len(held), bytes=sum(held.values()), heads=len(heads),
+                      segments=sum(1 for rel in held if rfmt.is_segment_name(rel)))
+        for rel in heads[:HEADS_READ]:
+            head = _remote_head(rclone, remote, rel, signer, status["problems"])
+            if head is not None:
+                status.update(head_counter=head.counter, head_digest=rfmt.file_digest(head.body).hex(),
+                              signer=head.signer.hex())
+                break
     except StateFSError as exc:
-        status.update(error=str(exc), hint=exc.hint, code=exc.code.name)
+        status.update(error=f"{exc.code.name}: {exc.message}", hint=exc.hint, code=exc.code.name)
         return status
-    counters = [c for c in (_head_counter(rel) for rel in held) if c is not None]
-    status.update(reachable=True, files=len(held), bytes=sum(held.values()),
-                  segments=sum(1 for rel in held if _is_segment(rel)), heads=len(counters),
-                  head_counter=max(counters, default=0))
+    status["reachable"] = True
     return status
+
+
+def _remote_head(rclone: Rclone, remote: str, rel: str, signer: bytes | None,
+                 problems: list[str]) -> rfmt.Head | None:
+    try:
+        head = rfmt.decode_head_file(rclone.cat(join(remote, rel)), rel)
+    except IntegrityError as exc:
+        problems.append(f"{rel}: {exc.message}")
+        return None
+    if rfmt.head_name(head.signer, head.counter) != rel:
+        problems.append(f"{rel}: the file name does not match the head it holds (counter {head.counter})")
+        return None
+    if signer is not None and head.signer != signer:
+        problems.append(f"{rel}: signed by {rfmt.device_tag(head.signer)}, not by this device")
+        return None
+    return head
 
 
 # ---------------------------------------------------------------- push records

@@ -69,8 +69,9 @@ class Served:
             self.port = _free_port()
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
+                    # No directory cache: tests change the served tree behind the server's back.
                     [binary, "--config", str(empty), "serve", *argv, "--addr", f"127.0.0.1:{self.port}",
-                     str(root)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                     "--dir-cache-time", "0s", str(root)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env={k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")})
             deadline = time.monotonic() + 20
             while self.proc.poll() is None and not _accepts(self.port) and time.monotonic() < deadline:

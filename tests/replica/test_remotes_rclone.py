@@ -12,22 +12,25 @@ from pathlib import Path
 
 import pytest
 
+from nacl.signing import SigningKey
+
 from statefsd.errors import Code, InvalidArgument, NoSpace, NotFound, PeerUnavailable
+from statefsd.replica import format as rfmt
 from statefsd.replica import remotes
 from statefsd.replica.rclone import Rclone, classify, redact
 from tests.replica.rclone_fixtures import (  # noqa: F401  (pytest fixtures)
     any_server, kill_rclone_children, rclone, rclone_binary, sftp_server, small_filesystem, start_sftp,
     start_webdav, webdav_server, write_ssh_key,
 )
+from tests.replica.test_replica_format import write_copy
 
-DEVICE = "0123456789abcdef"
+DEVICE_KEY = SigningKey.generate()
 
 
 def make_outbox(root: Path, segments: int = 3, *, seg_bytes: int = 64 << 10, counter: int = 1) -> Path:
-    """A directory with the outbox layout: key file, segments, one head."""
+    """A directory with the outbox layout: key file, segments, one head
+    signed by DEVICE_KEY that lists them."""
     (root / "seg").mkdir(parents=True, exist_ok=True)
-    (root / "head").mkdir(exist_ok=True)
-    (root / "keys.sfk").write_bytes(os.urandom(300))
     for _ in range(segments):
         add_segment(root, seg_bytes)
     add_head(root, counter)
@@ -40,10 +43,12 @@ def add_segment(root: Path, size: int = 64 << 10) -> str:
     return rel
 
 
-def add_head(root: Path, counter: int) -> str:
-    rel = f"head/{DEVICE}-{counter:016x}.sfh"
-    (root / rel).write_bytes(os.urandom(200))
-    return rel
+def add_head(root: Path, counter: int, retired: tuple[str, ...] = ()) -> str:
+    """A signed head listing every segment now in ``root`` (and retiring
+    ``retired``)."""
+    live = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "seg").glob("*.sfs"))}
+    public = write_copy(root, DEVICE_KEY, counter, live, retired)
+    return rfmt.head_name(public, counter)
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -56,8 +61,8 @@ def test_a_push_leaves_a_byte_identical_copy_on_the_remote(any_server, rclone, t
     outbox = make_outbox(tmp_path / "outbox")
     report = remotes.push(rclone, outbox, any_server.spec())
     assert tree(any_server.root / "backup") == tree(outbox)
-    assert sorted(report.uploaded) == sorted(tree(outbox))
-    assert report.head_counter == 1
+    assert sorted(report["uploaded"]) == sorted(tree(outbox))
+    assert report["head_counter"] == 1
     assert sorted(f.path for f in rclone.list(any_server.spec())) == sorted(tree(outbox))
 
 
@@ -69,19 +74,61 @@ def test_a_second_push_uploads_only_the_new_files(any_server, rclone, tmp_path):
     time.sleep(0.05)
     new = [add_segment(outbox), add_head(outbox, 2)]
     report = remotes.push(rclone, outbox, remote)
-    assert report.uploaded == new, "the key file and the old segments and head are not sent again"
-    assert report.head_counter == 2
+    assert report["uploaded"] == new, "the key file and the old segments and head are not sent again"
+    assert report["head_counter"] == 2
     assert tree(any_server.root / "backup") == tree(outbox)
     assert {p: (any_server.root / "backup" / p).stat().st_mtime_ns for p in before} == before
-    assert remotes.push(rclone, outbox, remote).uploaded == []
+    assert remotes.push(rclone, outbox, remote)["uploaded"] == []
 
 
 def test_a_changed_key_file_is_sent_again(sftp_server, rclone, tmp_path):
     outbox = make_outbox(tmp_path / "outbox")
     remotes.push(rclone, outbox, sftp_server.spec())
     (outbox / "keys.sfk").write_bytes(os.urandom(300))   # same size, new content
-    assert remotes.push(rclone, outbox, sftp_server.spec()).uploaded == ["keys.sfk"]
+    assert remotes.push(rclone, outbox, sftp_server.spec())["uploaded"] == ["keys.sfk"]
     assert tree(sftp_server.root / "backup") == tree(outbox)
+
+
+def test_a_push_deletes_on_the_remote_exactly_what_the_newest_signed_head_retires(sftp_server, rclone, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox", segments=3)
+    old_head = rfmt.head_name(bytes(DEVICE_KEY.verify_key), 1)
+    remotes.push(rclone, outbox, sftp_server.spec())
+    gone = sorted(p.relative_to(outbox).as_posix() for p in (outbox / "seg").iterdir())[0]
+    (outbox / gone).unlink()
+    (outbox / old_head).unlink()
+    add_segment(outbox)
+    add_head(outbox, 2, retired=(gone, old_head))
+    (sftp_server.root / "backup" / "seg" / "extra.sfs").write_bytes(b"not ours to delete")
+    report = remotes.push(rclone, outbox, sftp_server.spec())
+    assert sorted(report["deleted"]) == sorted([gone, old_head])
+    held = tree(sftp_server.root / "backup")
+    assert "seg/extra.sfs" in held, "a push deletes only what a signed head retires"
+    del held["seg/extra.sfs"]
+    assert held == tree(outbox)
+
+
+def test_a_head_signed_by_another_key_in_the_outbox_retires_nothing(tmp_path):
+    outbox = make_outbox(tmp_path / "outbox", segments=2)
+    victim = sorted(p.relative_to(outbox).as_posix() for p in (outbox / "seg").iterdir())[0]
+    assert remotes.retired_files(outbox) == []
+    write_copy(outbox, SigningKey.generate(), 5, {}, [victim])
+    assert remotes.retired_files(outbox) == [], "two signers: not one device's outbox"
+
+
+def test_status_trusts_only_a_head_whose_signature_verifies(sftp_server, rclone, tmp_path):
+    outbox = make_outbox(tmp_path / "outbox", segments=1, counter=3)
+    remotes.push(rclone, outbox, sftp_server.spec())
+    forged = rfmt.head_name(bytes(DEVICE_KEY.verify_key), 9)
+    (sftp_server.root / "backup" / forged).write_bytes((outbox / rfmt.head_name(bytes(DEVICE_KEY.verify_key),
+                                                                                  3)).read_bytes())
+    status = remotes.remote_status(rclone, sftp_server.spec())
+    assert status["reachable"] and status["heads"] == 2
+    assert status["head_counter"] == 3, "a forged newer head cannot fake a newer history"
+    head = rfmt.decode_head_file((outbox / rfmt.head_name(bytes(DEVICE_KEY.verify_key), 3)).read_bytes(), "h")
+    assert status["head_digest"] == rfmt.file_digest(head.body).hex()
+    assert len(status["problems"]) == 1 and forged in status["problems"][0]
+    other = remotes.remote_status(rclone, sftp_server.spec(), signer=bytes(SigningKey.generate().verify_key))
+    assert other["head_counter"] == 0 and len(other["problems"]) == 2
 
 
 def test_an_interrupted_push_resumes_and_ends_byte_identical(any_server, tmp_path):
@@ -118,7 +165,7 @@ def test_an_interrupted_push_resumes_and_ends_byte_identical(any_server, tmp_pat
 
     fast = Rclone(rclone_binary(), config, retries=1, low_level_retries=1)
     report = remotes.push(fast, outbox, remote)
-    assert big in report.uploaded
+    assert big in report["uploaded"]
     assert tree(any_server.root / "backup") == tree(outbox), "no partial file is left behind"
 
 
@@ -208,8 +255,8 @@ def test_an_added_remote_is_addressed_by_name_for_push_status_and_removal(webdav
     assert (state / "rclone.conf").stat().st_mode & 0o077 == 0, "the config holds credentials"
     assert webdav_server.obscured_password not in str(remotes.remote_status(rclone, remote))
     outbox = make_outbox(tmp_path / "outbox", segments=2, counter=7)
-    remotes.push(rclone, outbox, remote, state_dir=state)
-    status = remotes.remote_status(rclone, remote, state_dir=state)
+    remotes.push(rclone, outbox, "share")
+    status = remotes.remote_status(rclone, "share", state)
     assert status["reachable"] and status["head_counter"] == 7
     assert status["files"] == 4 and status["segments"] == 2 and status["heads"] == 1
     assert status["bytes"] == sum(p.stat().st_size for p in outbox.rglob("*") if p.is_file())
@@ -217,10 +264,10 @@ def test_an_added_remote_is_addressed_by_name_for_push_status_and_removal(webdav
     assert tree(webdav_server.root / "statefs") == tree(outbox)
     with pytest.raises(InvalidArgument):
         remotes.add_remote(rclone, "share", webdav_server.spec("other"), state)
-    remotes.remove_remote("share", state)
+    remotes.remove_remote(rclone, "share", state)
     assert remotes.remote_names(state) == []
     with pytest.raises(NotFound):
-        remotes.remove_remote("share", state)
+        remotes.remove_remote(rclone, "share", state)
 
 
 def test_status_of_an_unreachable_remote_says_why_instead_of_raising(sftp_server, rclone):
@@ -272,3 +319,4 @@ def test_rclone_messages_map_to_stable_codes_and_never_show_a_password():
     escaped = 'CRITICAL: Propfind "http/h%3A1%2Cpass%3DSECRETOBSCURED%3Ax": unsupported protocol scheme ""'
     assert "SECRETOBSCURED" not in str(classify(1, escaped, remote, "listing"))
     assert redact("pass='a,b'") == "pass=***"
+
