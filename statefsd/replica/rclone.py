@@ -150,13 +150,20 @@ def _full_hint(where: str) -> str:
     return f"free space on {where} (or give it more quota), then push again; the local outbox is untouched"
 
 
-def _last_error(stderr: str) -> str:
+def _error_line(stderr: str, needles: tuple[str, ...] = ()) -> str:
+    """The line of rclone's stderr that says what went wrong: the last one
+    holding one of ``needles`` (a later retry may fail differently, e.g. a
+    broken stream after a full disk), else the last error line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
-        if "ERROR" in line or "CRITICAL" in line or "Failed" in line:
+        if any(n in line.lower() for n in needles):
             break
     else:
-        line = lines[-1] if lines else "no message"
+        for line in reversed(lines):
+            if "ERROR" in line or "CRITICAL" in line or "Failed" in line:
+                break
+        else:
+            line = lines[-1] if lines else "no message"
     # Drop rclone's timestamp ("2026/01/01 12:00:00 ERROR : ").
     line = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:[A-Z]+\s*: )?", "", line)
     # The remote is named by the caller already.
@@ -169,7 +176,7 @@ def classify(returncode: int, stderr: str, remote: str, doing: str) -> StateFSEr
     doing, e.g. "uploading to"). Exposed for tests of the message table."""
     where = redact(remote)
     low = stderr.lower()
-    detail = _last_error(stderr)
+    detail = _error_line(stderr)
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -179,13 +186,14 @@ def classify(returncode: int, stderr: str, remote: str, doing: str) -> StateFSEr
                                hint="run the command again: complete files are not sent again and "
                                     "an interrupted one is sent anew; nothing local was lost")
     if any(s in low for s in _NO_SPACE):
-        return NoSpace(f"remote {where} is full: {detail}", hint=_full_hint(where))
+        return NoSpace(f"remote {where} is full: {_error_line(stderr, _NO_SPACE)}", hint=_full_hint(where))
     if any(s in low for s in _HOST_KEY):
-        return PeerUnavailable(f"the host key of {where} does not match the pinned one: {detail}",
+        return PeerUnavailable(f"the host key of {where} does not match the pinned one: "
+                               f"{_error_line(stderr, _HOST_KEY)}",
                                hint="if the server's key changed on purpose, update the known_hosts_file "
                                     "of the remote; otherwise someone may be intercepting the connection")
     if any(s in low for s in _REFUSED_AUTH):
-        return PeerUnavailable(f"{where} refused our credentials: {detail}",
+        return PeerUnavailable(f"{where} refused our credentials: {_error_line(stderr, _REFUSED_AUTH)}",
                                hint="check the user, key_file (and the server's authorized_keys) or "
                                     "password of the remote ('statefs remote add' again)")
     if returncode == EXIT_USAGE or any(s in low for s in _BAD_SPEC):
@@ -200,6 +208,9 @@ def classify(returncode: int, stderr: str, remote: str, doing: str) -> StateFSEr
                                f"read-only: {detail}",
                                hint=f"check free space and write permission on {where}, then push "
                                     "again; the local outbox is untouched")
+    if "423 locked" in low:
+        return PeerUnavailable(f"{where} was busy (423 Locked) while {doing} it: {detail}",
+                               hint="push again: what is complete is not sent again; nothing local was lost")
     if any(s in low for s in _UNREACHABLE):
         return PeerUnavailable(f"cannot reach {where}: {detail}",
                                hint=f"check that {where} is up and reachable from here, then try again; "

@@ -16,13 +16,17 @@ from nacl.signing import SigningKey
 
 from statefsd.errors import Code, InvalidArgument, NoSpace, NotFound, PeerUnavailable
 from statefsd.replica import format as rfmt
+from statefsd.replica import outbox as outboxmod
 from statefsd.replica import remotes
 from statefsd.replica.rclone import Rclone, classify, redact
+from statefsd.replica.verify import verify_copy
+from tests.replica.conftest import image_state, served_state
 from tests.replica.rclone_fixtures import (  # noqa: F401  (pytest fixtures)
     any_server, kill_rclone_children, rclone, rclone_binary, sftp_server, small_filesystem, start_sftp,
     start_webdav, webdav_server, write_ssh_key,
 )
 from tests.replica.test_replica_format import write_copy
+from tests.replica.test_replica_restore import set_up, write_some
 
 DEVICE_KEY = SigningKey.generate()
 
@@ -135,7 +139,7 @@ def test_an_interrupted_push_resumes_and_ends_byte_identical(any_server, tmp_pat
     outbox = make_outbox(tmp_path / "outbox", segments=1)
     big = add_segment(outbox, 6 << 20)
     config = tmp_path / "state" / "rclone.conf"
-    slow = Rclone(rclone_binary(), config, retries=1, low_level_retries=1, extra_args=["--bwlimit", "2M"])
+    slow = Rclone(rclone_binary(), config, extra_args=["--bwlimit", "2M"])
     remote = any_server.spec()
     failure: list[BaseException] = []
 
@@ -163,7 +167,7 @@ def test_an_interrupted_push_resumes_and_ends_byte_identical(any_server, tmp_pat
     # WebDAV writes the upload under its final name; SFTP under a .partial name.
     assert not held.exists() or held.stat().st_size < (6 << 20)
 
-    fast = Rclone(rclone_binary(), config, retries=1, low_level_retries=1)
+    fast = Rclone(rclone_binary(), config)
     report = remotes.push(fast, outbox, remote)
     assert big in report["uploaded"]
     assert tree(any_server.root / "backup") == tree(outbox), "no partial file is left behind"
@@ -319,4 +323,42 @@ def test_rclone_messages_map_to_stable_codes_and_never_show_a_password():
     escaped = 'CRITICAL: Propfind "http/h%3A1%2Cpass%3DSECRETOBSCURED%3Ax": unsupported protocol scheme ""'
     assert "SECRETOBSCURED" not in str(classify(1, escaped, remote, "listing"))
     assert redact("pass='a,b'") == "pass=***"
+    retried = ('ERROR : Attempt 1/2 failed: write x.partial: no space left on device (SSH_FX_FAILURE)\n'
+               'ERROR : Attempt 2/2 failed: sftp: "io: read/write on closed pipe" (SSH_FX_FAILURE)\n')
+    assert "no space left on device" in classify(1, retried, remote, "uploading to").message
+    busy = classify(1, "ERROR : Update mkParentDir failed: Locked: 423 Locked", remote, "uploading to")
+    assert busy.code == Code.EPEER and "push again" in busy.hint
 
+
+
+def test_a_device_replicates_to_an_sftp_remote_and_a_fresh_device_restores_from_it(replica_env, sftp_server,
+                                                                                     rclone, tmp_path):
+    env = replica_env
+    set_up(env)
+    assert env.cli("remote", "add", "box", sftp_server.spec()) == {"remote": "box"}
+    served = sftp_server.root / "backup"
+    deleted: list[str] = []
+    with env.client() as c:
+        for round_ in range(outboxmod.HEADS_KEPT + 1):
+            write_some(c, round_ * 40, 40)
+            sent = env.cli("replicate", "push")["engines"]["box"]
+            assert "error" not in sent, sent
+            assert set(sent["uploaded"]) <= set(tree(env.outbox)) and sent["uploaded"]
+            deleted += sent["deleted"]
+        want = served_state(c)
+    assert any(rfmt.parse_head_name(rel) for rel in deleted), "older heads retired by a signed head are deleted"
+    assert tree(served) == tree(env.outbox)
+    status = env.cli("replicate", "status")
+    box = status["remotes"][0]
+    assert box["name"] == "box" and box["reachable"] and box["head_counter"] == status["local"]["head_counter"]
+    assert status["rollback"] == [] and status["forks"] == []
+
+    pulled = tmp_path / "pulled"
+    remotes.pull(rclone, sftp_server.spec(), pulled)
+    report = verify_copy(pulled)
+    assert report.ok(), report.as_dict()
+    # A fresh device: no keystored, no statefsd, no replica state; the remote's spec and the passphrase.
+    new_image = str(tmp_path / "new.img")
+    env.cli("restore", "--from", sftp_server.spec(), "--image", new_image, STATEFS_KEYSTORE_SOCKET=None,
+            STATEFS_SOCKET=None, STATEFS_REPLICA_DIR=str(tmp_path / "fresh-state"))
+    assert image_state(new_image) == want
