@@ -1,0 +1,73 @@
+"""The Syncthing driver against a real instance on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from statefsd.errors import Code, InvalidArgument, PeerUnavailable
+from statefsd.replica import syncthing
+from tests.replica.syncthing_fixtures import free_ports, start_cluster, stop_cluster
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    instances = start_cluster(str(tmp_path_factory.mktemp("syncthing")), ("solo",))
+    try:
+        yield instances["solo"]
+    finally:
+        stop_cluster(instances)
+
+
+def test_a_started_instance_talks_only_on_loopback_and_reports_nothing(solo):
+    options = solo.st.config()["options"]
+    assert options["listenAddresses"] == [f"tcp://127.0.0.1:{solo.listen_port}"]
+    assert not any(options[k] for k in ("globalAnnounceEnabled", "localAnnounceEnabled", "relaysEnabled",
+                                       "natEnabled", "crashReportingEnabled", "autoUpgradeIntervalH"))
+    assert options["urAccepted"] == -1
+    assert solo.st.folders() == []
+    assert solo.st.url == f"http://127.0.0.1:{solo.gui_port}"
+    assert solo.st.version().startswith("v1.")
+
+
+def test_the_api_url_and_key_are_read_from_the_instance_home(solo):
+    url, key = syncthing.read_home(solo.home)
+    assert syncthing.Syncthing(url, key).device_id() == solo.id
+
+
+def test_a_missing_home_names_what_to_give_instead(tmp_path):
+    with pytest.raises(InvalidArgument) as exc:
+        syncthing.read_home(str(tmp_path))
+    assert "--api-key" in exc.value.hint
+
+
+def test_device_ids_are_checked_and_normalised_by_syncthing(solo):
+    assert solo.st.normalize_device_id(solo.id.replace("-", "").lower()) == solo.id
+    with pytest.raises(InvalidArgument) as exc:
+        solo.st.normalize_device_id("ABCDEFG-HIJKLMN")
+    assert "not a Syncthing device id" in exc.value.message
+
+
+def test_an_unreachable_syncthing_api_is_epeer_with_a_hint():
+    [port] = free_ports(1)
+    with pytest.raises(PeerUnavailable) as exc:
+        syncthing.Syncthing(f"http://127.0.0.1:{port}", "key", timeout=2).ping()
+    assert exc.value.code == Code.EPEER and "start Syncthing" in exc.value.hint
+
+
+def test_a_wrong_api_key_is_epeer_naming_the_key(solo):
+    with pytest.raises(PeerUnavailable) as exc:
+        syncthing.Syncthing(solo.st.url, "not-the-key").ping()
+    assert exc.value.code == Code.EPEER and "API key" in exc.value.hint
+
+
+def test_stopping_an_instance_ends_every_process_it_started(tmp_path):
+    gui, listen = free_ports(2)
+    proc, st = syncthing.start_instance(str(tmp_path / "home"), gui, listen)
+    st.ping()
+    syncthing.stop_instance(proc)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    with pytest.raises(PeerUnavailable):
+        st.ping()
