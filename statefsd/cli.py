@@ -31,6 +31,7 @@ import sys
 from statefsd.errors import (
     DeviceIOError, FsckExit, InternalError, InvalidArgument, StateFSError, UsageError,
 )
+from statefsd.replica import cli as replica_cli
 from statefsd.vault import cli as vault_cli
 
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "8 not verified (statefsd unreachable, or it is shutting down)")
     p.add_argument("--json", action="store_true", help="print the verify map as JSON")
     vault_cli.add_parser(sub, common)
+    replica_cli.add_parsers(sub, common)
     return parser
 
 
@@ -603,6 +605,7 @@ COMMANDS = {
     "mkfs": cmd_mkfs, "put": cmd_put, "get": cmd_get, "rm": cmd_rm,
     "ls": cmd_ls, "txn": cmd_txn, "stat": cmd_stat, "compact": cmd_compact,
     "verify": cmd_verify, "vault": vault_cli.run,
+    "replicate": replica_cli.run, "peer": replica_cli.run, "remote": replica_cli.run, "restore": replica_cli.run,
 }
 
 

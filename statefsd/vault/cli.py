@@ -42,7 +42,8 @@ class _FsckParser(argparse.ArgumentParser):
         self.exit(int(FsckExit.USAGE), f"statefs vault check: {message}\n")
 
 
-def add_parser(sub, common: argparse.ArgumentParser) -> None:
+def secret_options() -> argparse.ArgumentParser:
+    """The options that open a vault (also used by replication)."""
     opts = argparse.ArgumentParser(add_help=False)
     opts.add_argument("--keystore-socket", default=os.environ.get("STATEFS_KEYSTORE_SOCKET"),
                       help="keystored socket (default: $STATEFS_KEYSTORE_SOCKET)")
@@ -50,7 +51,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                                 "(default: $STATEFS_VAULT_PASSPHRASE, or ask on a terminal)")
     opts.add_argument("--recovery-file", help="open the vault with the recovery secret in this file")
     opts.add_argument("--json", action="store_true", help="print the result as JSON")
-    parents = [common, opts]
+    return opts
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    parents = [common, secret_options()]
 
     vault = sub.add_parser("vault", help="versioned, deduplicated, encrypted backups of files",
                            description="Back up files into the vault StateFS keeps in this image.")
@@ -125,7 +130,7 @@ def _read_secret_file(path: str, what: str) -> str:
                               hint="check the path and its permissions") from None
 
 
-def _secret(args, *, ask: bool):
+def secret_from_args(args, *, ask: bool):
     from statefsd.vault import keys as vkeys
     from statefsd.vault.vault import Secret
     if args.recovery_file:
@@ -140,7 +145,7 @@ def _secret(args, *, ask: bool):
     return Secret()
 
 
-def _device(args, required: bool):
+def device_from_args(args, required: bool):
     from statefsd.keystore import KeystoreSigner
     from statefsd.vault.vault import Device
     if not args.keystore_socket:
@@ -162,16 +167,16 @@ def _kv(args):
     return ClientKV(Client(getattr(args, "socket", None)))
 
 
-def _open(args, *, device_required: bool = False):
+def open_from_args(args, *, device_required: bool = False):
     from statefsd.vault.vault import Secret, open_vault
-    device = _device(args, device_required)
-    secret = _secret(args, ask=device is None)
+    device = device_from_args(args, device_required)
+    secret = secret_from_args(args, ask=device is None)
     kv = _kv(args)
     try:
         return open_vault(kv, secret, device, join=device_required)
     except KeyUnavailable:
         if secret == Secret() and sys.stdin.isatty():
-            return open_vault(kv, _secret(args, ask=True), device, join=device_required)
+            return open_vault(kv, secret_from_args(args, ask=True), device, join=device_required)
         raise
 
 
@@ -210,8 +215,8 @@ def _human(n: int) -> str:
 
 def cmd_init(args) -> int:
     from statefsd.vault.vault import init
-    secret = _secret(args, ask=True)
-    vault = init(_kv(args), secret, _device(args, False))
+    secret = secret_from_args(args, ask=True)
+    vault = init(_kv(args), secret, device_from_args(args, False))
     joined = vault.device.id if vault.device else None
     _emit(args, {"vault_id": vault.vault_id.hex(), "device": joined},
           f"created vault {vault.vault_id.hex()}" + (f"; device {joined} opens it without the passphrase"
@@ -221,7 +226,7 @@ def cmd_init(args) -> int:
 
 def cmd_backup(args) -> int:
     from statefsd.vault.backup import Backup
-    vault = _open(args, device_required=True)
+    vault = open_from_args(args, device_required=True)
     result = Backup(vault, args.paths, excludes=args.exclude, tags=args.tag,
                     progress=_progress(args, "backup")).run()
     _emit(args, result,
@@ -240,7 +245,7 @@ def _snapshot_json(snap: dict) -> dict:
 
 
 def cmd_snapshots(args) -> int:
-    vault = _open(args)
+    vault = open_from_args(args)
     snaps = vault.snapshots()
     lines = [f"{'ID':<10} {'Time':<19}  {'Host':<16} {'Tags':<12} Paths"]
     lines += [f"{s['id'].hex()[:8]:<10} {_when(s['time'])}  {s['host'][:16]:<16} {','.join(s.get('tags', []))[:12]:<12} "
@@ -251,7 +256,7 @@ def cmd_snapshots(args) -> int:
 
 def cmd_ls(args) -> int:
     from statefsd.vault.compare import entry_json, listing
-    vault = _open(args)
+    vault = open_from_args(args)
     snap = vault.find_snapshot(args.snapshot)
     found = False
     for path, entry in listing(vault.objects(), snap["root"], os.fsencode(args.path)):
@@ -271,7 +276,7 @@ def cmd_ls(args) -> int:
 
 def cmd_log(args) -> int:
     from statefsd.vault.history import file_log
-    vault = _open(args)
+    vault = open_from_args(args)
     events = file_log(vault, args.path)
     out = [{"time": e["time"], "op": e["op"], "snapshot": e["snapshot"].hex(), "device": e["device"],
             "size": e["size"], "mtime_ns": e["mtime_ns"], "forgotten": e["forgotten"]} for e in events]
@@ -284,7 +289,7 @@ def cmd_log(args) -> int:
 
 def cmd_diff(args) -> int:
     from statefsd.vault.compare import diff
-    vault = _open(args)
+    vault = open_from_args(args)
     a, b = vault.find_snapshot(args.snapshot1), vault.find_snapshot(args.snapshot2)
     changes = [(c, os.fsdecode(p)) for c, p in diff(vault.objects(), a["root"], b["root"])]
     _emit(args, [{"change": c, "path": p} for c, p in changes], "\n".join(f"{c}  {p}" for c, p in changes))
@@ -293,7 +298,7 @@ def cmd_diff(args) -> int:
 
 def cmd_restore(args) -> int:
     from statefsd.vault.restore import Restore
-    vault = _open(args)
+    vault = open_from_args(args)
     ref, _, path = args.snapshot.partition(":")
     result = Restore(vault, vault.find_snapshot(ref), args.target, path, _progress(args, "restore")).run()
     text = (f"restored {result['files']} files, {_human(result['bytes'])} into {result['target']}")
@@ -307,7 +312,7 @@ def cmd_restore(args) -> int:
 
 def cmd_forget(args) -> int:
     from statefsd.vault.forget import Policy, choose, forget, prune
-    vault = _open(args)
+    vault = open_from_args(args)
     policy = Policy(args.keep_last, args.keep_hourly, args.keep_daily, args.keep_weekly, args.keep_monthly,
                     args.keep_yearly, tuple(args.keep_tag))
     keep, drop = choose(vault.snapshots(), policy)
@@ -326,7 +331,7 @@ def cmd_forget(args) -> int:
 
 def cmd_prune(args) -> int:
     from statefsd.vault.forget import prune
-    result = prune(_open(args), _progress(args, "prune"))
+    result = prune(open_from_args(args), _progress(args, "prune"))
     _emit(args, result, f"pruned {result['collected_objects']} objects ({_human(result['freed_bytes'])}); "
                         f"{result['left_for_running_backups']} left for running backups")
     return 0
@@ -334,7 +339,7 @@ def cmd_prune(args) -> int:
 
 def cmd_check(args) -> int:
     from statefsd.vault.check import Checker
-    vault = _open(args)
+    vault = open_from_args(args)
     result = Checker(vault, args.read_data, _progress(args, "check")).run(vault.kv.verify())
     text = (f"{result['snapshots']} snapshots, {result['nodes']} nodes, {result['chunks']} chunks checked"
             + (f", {_human(result['chunk_bytes_read'])} read" if args.read_data else "")
@@ -345,7 +350,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_key(args) -> int:
-    vault = _open(args)
+    vault = open_from_args(args)
     if args.key_command == "export-recovery":
         secret = vault.export_recovery()
         _emit(args, {"recovery": secret}, secret)
