@@ -353,18 +353,46 @@ def start_instance(home: str, gui_port: int, listen_port: int, *, name: str | No
             time.sleep(0.1)
 
 
-def stop_instance(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Ends an instance started by :func:`start_instance` (its whole process group)."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_instance(proc: subprocess.Popen, timeout: float = 10.0, *, kill: bool = False) -> None:
+    """Ends an instance started by :func:`start_instance`: its whole process
+    group (Syncthing runs as a monitor and a child), SIGTERM first unless
+    ``kill`` (SIGKILL at once, as a crash would). Returns once every process
+    of the group is gone: until then the child still holds the database
+    lock and a new instance on the same home would fail to open it."""
+    signals = (signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL)
+    for sig in signals:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
-        try:
-            proc.wait(timeout)
+        if _group_gone(proc, timeout):
             return
-        except subprocess.TimeoutExpired:
-            continue
     proc.wait()
+
+
+def _group_gone(proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()     # reap the monitor, our child
+        if not _live_members(proc.pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of the group that still run. A zombie counts as gone: it
+    holds no lock any more, and its reaping (by init, for the monitor's
+    child) can lag by a second or more."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            live.append(int(entry))
+    return live

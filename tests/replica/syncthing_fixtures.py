@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -58,9 +57,8 @@ class Instance:
 
     def kill(self) -> None:
         """SIGKILL, as a crash or a power cut would end it."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            syncthing.stop_instance(self.proc, kill=True)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from statefsd.errors import Code, InvalidArgument, PeerUnavailable
@@ -62,12 +60,16 @@ def test_a_wrong_api_key_is_epeer_naming_the_key(solo):
     assert exc.value.code == Code.EPEER and "API key" in exc.value.hint
 
 
-def test_stopping_an_instance_ends_every_process_it_started(tmp_path):
+def test_a_stopped_or_killed_instance_frees_its_home_for_a_new_one_at_once(tmp_path):
+    home = str(tmp_path / "home")
     gui, listen = free_ports(2)
-    proc, st = syncthing.start_instance(str(tmp_path / "home"), gui, listen)
-    st.ping()
+    proc, st = syncthing.start_instance(home, gui, listen)
+    my_id = st.device_id()
+    for kill in (True, False):
+        syncthing.stop_instance(proc, kill=kill)
+        with pytest.raises(PeerUnavailable):
+            st.ping()
+        # The database lock is free: the same home starts again right away.
+        proc, st = syncthing.start_instance(home, gui, listen)
+        assert st.device_id() == my_id
     syncthing.stop_instance(proc)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)
-    with pytest.raises(PeerUnavailable):
-        st.ping()
