@@ -322,3 +322,20 @@ def test_a_malformed_device_id_is_refused_before_anything_changes(cluster, tmp_p
     with pytest.raises(InvalidArgument) as exc:
         peers.add_peer(owner.st, "ABCDEFG-HIJ", None, str(tmp_path), "0" * 16, str(tmp_path))
     assert "device id" in exc.value.message and owner.st.config() == before
+
+
+def test_a_fresh_device_receives_the_copy_from_a_peer_that_shares_it(cluster, tmp_path):
+    rep = Replica(cluster, tmp_path, nodes=("node1",))
+    rep.push(4)
+    rep.replicated("node1")
+    peer, fresh = cluster["node1"], cluster["node2"]
+    connect(peer, fresh)
+    node = Node(peer.st, rep.owner.id, rep.nodes["node1"].store, share_with=(fresh.id,))
+    node.setup()
+    node.round()
+    wait_for(lambda: peer.id in fresh.st.pending_folders().get(rep.folder_id, []), 20, "the peer's offer")
+    # The fresh device takes it from the peer alone, not from the owner.
+    restore = str(tmp_path / "restore")
+    fresh.st.add_folder(rep.folder_id, restore, type="receiveonly", devices=[peer.id])
+    want = tree(rep.outbox)
+    wait_for(lambda: tree(restore) == want, 30, "the fresh device's copy")
