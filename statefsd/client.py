@@ -53,7 +53,7 @@ from statefsd.errors import (
     Conflict, ConnectionFailed, InvalidArgument, ProtocolError, StateFSError, TooBig, TransactionError,
 )
 from statefsd.shared import unixrpc
-from statefsd.storage.format import MAX_VALUE_BYTES
+from statefsd.storage.format import FEED_DEFAULT_BYTES, MAX_VALUE_BYTES
 
 
 class Client:
@@ -84,7 +84,7 @@ class Client:
             except OSError as exc:
                 sock.close()
                 raise _connect_error(self.socket_path, exc) from None
-            self._sock, self._reader = sock, unixrpc.FrameReader(sock, protocol.ENDPOINT)
+            self._sock, self._reader = sock, unixrpc.FrameReader(sock, protocol.REPLY_ENDPOINT)
             try:
                 hello = self._roundtrip("hello", {})
             except BaseException:
@@ -135,7 +135,7 @@ class Client:
         if body is None:
             self.close()
             raise ConnectionFailed(f"statefsd at {self.socket_path} closed the connection during {op}")
-        return protocol.check_response(protocol.ENDPOINT.decode(body), request_id)
+        return protocol.check_response(protocol.REPLY_ENDPOINT.decode(body), request_id)
 
     # -------------------------------------------------------- operations
 
@@ -154,6 +154,25 @@ class Client:
         verdict map; damage is in its ``findings``, never raised. A long log
         takes a while: give this client a timeout that allows for it."""
         return _field(self.call("verify"), "verify", dict)
+
+    def feed(self, after: int = 0, cursor: bytes | None = None,
+             max_bytes: int = FEED_DEFAULT_BYTES) -> dict:
+        """One page of the committed transactions after ``cursor`` (None:
+        from the base of the log), in commit order (docs/protocol.md, feed):
+        ``{"epoch", "reset", "txns": [(txn id, chain, [(key, value or None
+        for a delete), ...]), ...], "cursor", "more", "max_txn", "chain"}``.
+        ``reset`` True: drop every key held before applying ``txns``. Feed
+        again with the returned cursor (and ``after`` the last txn id
+        applied) while ``more`` is True."""
+        args: dict[str, Any] = {"after": after, "max_bytes": max_bytes}
+        if cursor is not None:
+            args["cursor"] = _bytes(cursor)
+        response = self.call("feed", **args)
+        page = {name: _field(response, name, kind) for name, kind in
+                (("epoch", int), ("reset", bool), ("txns", list), ("cursor", bytes), ("more", bool),
+                 ("max_txn", int), ("chain", bytes))}
+        page["txns"] = [_feed_txn(txn) for txn in page["txns"]]
+        return page
 
     def get(self, key: str) -> bytes:
         return _field(self.call("get", key=key), "value", bytes)
@@ -350,6 +369,17 @@ def _versioned(entry: object) -> tuple[bytes, int] | None:
             and isinstance(entry[1], int) and not isinstance(entry[1], bool)):
         return entry[0], entry[1]
     raise ProtocolError("an mget answer holds an entry that is neither [bin, int] nor nil")
+
+
+def _feed_txn(txn: object) -> tuple[int, bytes, list[tuple[str, bytes | None]]]:
+    """One transaction of a feed page: [txn id, chain, [[key, value or nil], ...]]."""
+    if (isinstance(txn, list) and len(txn) == 3 and type(txn[0]) is int and isinstance(txn[1], bytes)
+            and isinstance(txn[2], list)):
+        changes = txn[2]
+        if all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str)
+               and (c[1] is None or isinstance(c[1], bytes)) for c in changes):
+            return txn[0], txn[1], [(key, value) for key, value in changes]
+    raise ProtocolError("a feed page holds a transaction that is not [int, bin, [[str, bin or nil], ...]]")
 
 
 def _field(response: dict, name: str, kind: type) -> Any:

@@ -11,13 +11,15 @@ two ends cannot drift.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from statefsd.errors import InvalidArgument, ProtocolError, StateFSError, TooBig
 from statefsd.shared import unixrpc
 from statefsd.storage.format import (
-    MAX_KEY_BYTES, MAX_TXN_BYTES, MAX_TXN_CONDITIONS, MAX_TXN_OPS, MAX_VALUE_BYTES,
+    FEED_DEFAULT_BYTES, FEED_MAX_BYTES, FEED_MAX_OBJECTS, FEED_MAX_PAGE_COST, MAX_KEY_BYTES, MAX_TXN_BYTES,
+    MAX_TXN_CONDITIONS, MAX_TXN_OPS, MAX_VALUE_BYTES,
 )
 
 PROTOCOL_VERSION = 1
@@ -60,6 +62,16 @@ ENDPOINT = unixrpc.Endpoint(
     max_objects=MAX_FRAME_OBJECTS, max_depth=16, frame_deadline=10.0, idle_deadline=900.0,
     max_connections=1024, max_connections_per_uid=768, error_head=(("id", None),))
 
+# Answers may be larger than requests: a feed page costs up to
+# FEED_MAX_PAGE_COST (max_bytes of keys and values, or one whole transaction
+# of the maximum size, charged more than msgpack spends around them) and
+# holds up to FEED_MAX_OBJECTS objects (storage/format.py). The daemon still
+# reads requests within ENDPOINT's caps; the client reads answers within these.
+MAX_FEED_BYTES = FEED_MAX_BYTES
+MAX_REPLY_FRAME = FEED_MAX_PAGE_COST + (64 << 10)
+REPLY_ENDPOINT = dataclasses.replace(ENDPOINT, max_frame=MAX_REPLY_FRAME,
+                                     max_objects=FEED_MAX_OBJECTS + MAX_FRAME_OBJECTS)
+
 MAX_REQUEST_ID = (1 << 64) - 1
 
 # Fields each op needs beyond v/id/op: name -> (type, required).
@@ -83,6 +95,7 @@ OPS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "abort": (),
     "compact": (),
     "verify": (),
+    "feed": (("after", int, False), ("cursor", bytes, False), ("max_bytes", int, False)),
 }
 TXN_KINDS = ("put", "delete")
 
@@ -94,6 +107,8 @@ CAPS = {
     "max_txn_bytes": MAX_TXN_BYTES,
     "max_txn_conditions": MAX_TXN_CONDITIONS,
     "max_mget_keys": MAX_MGET_KEYS,
+    "max_feed_bytes": MAX_FEED_BYTES,
+    "max_reply_frame": MAX_REPLY_FRAME,
 }
 
 
@@ -153,6 +168,8 @@ def parse_request(message: dict) -> Request:
         args["expect"] = [_condition(i, item) for i, item in enumerate(args["expect"])]
     if op == "mget":
         args["keys"] = _mget_keys(args["keys"])
+    if op == "feed":
+        _feed_args(args)
     return Request(rid, op, args)
 
 
@@ -174,6 +191,14 @@ def _mget_keys(keys: list) -> list[str]:
     for i, key in enumerate(keys):
         _typed("mget", f"keys[{i}]", key, str)
     return keys
+
+
+def _feed_args(args: dict) -> None:
+    """Defaults, and ``max_bytes`` capped at MAX_FEED_BYTES; the values
+    (``after`` >= 0, 0 without a cursor, a cursor that fits the log) are
+    the engine's to check."""
+    args.setdefault("after", 0)
+    args["max_bytes"] = min(args.get("max_bytes", FEED_DEFAULT_BYTES), MAX_FEED_BYTES)
 
 
 def _txn_op(index: int, item: Any) -> tuple[str, str, bytes]:

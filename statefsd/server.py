@@ -199,10 +199,10 @@ class Session:
 
     def _send(self, response: dict) -> bool:
         try:
-            frame = protocol.ENDPOINT.pack(response)
+            frame = protocol.REPLY_ENDPOINT.pack(response)
         except Exception:
             log.exception("cannot encode response on connection %d", self.number)
-            frame = protocol.ENDPOINT.pack(protocol.error_response(
+            frame = protocol.REPLY_ENDPOINT.pack(protocol.error_response(
                 response.get("id"), InternalError("response could not be encoded")))
         try:
             self.conn.sendall(frame)
@@ -236,6 +236,9 @@ class Session:
 
     def op_verify(self, args: dict) -> dict:
         return {"verify": self.engine.verify()}
+
+    def op_feed(self, args: dict) -> dict:
+        return self.engine.feed(args["after"], args.get("cursor"), args["max_bytes"])
 
     def op_get(self, args: dict) -> dict:
         value, txn = self.engine.get_versioned(args["key"])

@@ -78,9 +78,10 @@ class Compactor:
 
     @contextlib.contextmanager
     def held_off(self):
-        """No compaction runs while this is held (an online scrub reads the
-        active region, which the compaction after next would reuse); waits
-        for one that is running. Commits go on (engine.py, rule C10)."""
+        """No compaction runs while this is held (an online scrub or a feed
+        page reads the active region, which the compaction after next would
+        reuse); waits for one that is running. Commits go on (engine.py,
+        rules C10 and C11)."""
         with self._running:
             yield
 
@@ -126,11 +127,12 @@ class Compactor:
                 delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
                          for path, entry in engine.index.items() if snapshot.get(path) is not entry]
                 delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in engine.index]
-                for ops in _batches(delta, lambda pair: pair[0]):
+                catch_up = _batches(delta, lambda pair: pair[0])
+                for ops in catch_up:
                     cur.txn_id = log.claim_txn_ids(1)
                     self._copy(cur, ops, index, limit)
                 log.switch_region(cur, region)
-                engine.adopt_compacted(index)
+                engine.adopt_compacted(index, cur.txn_id - 1 if batches or catch_up else 0)
                 pause = time.monotonic() - paused
         except (OSError, DeviceIOError) as exc:
             err = exc if isinstance(exc, DeviceIOError) else DeviceIOError(f"{engine.device.path}: compaction: {exc}")

@@ -76,6 +76,15 @@ C10 Scrub (verify): compaction is held off for the whole scan (the
     engine state. Without a compaction the region read is never reused, and
     everything below the position was flushed (C2). Close stops a scrub
     between two groups and waits for it (C7).
+C11 Feed: a feed page is read like a scrub (C10): compaction held off for
+    the page, the log position, superblock and newest txn id read together
+    under the writer role, the active region read up to that position with
+    the replay rules, values with the checked reads. A page therefore never
+    holds part of a transaction (C2: nothing below the position is half
+    written), and its cursor stays valid until the next compaction, which
+    gives the region a new epoch: a cursor of another epoch restarts the
+    feed at the new region's start (its copies of the whole live state).
+    The newest txn id (``last_txn``) changes with the index, under the role.
 """
 
 from __future__ import annotations
@@ -93,6 +102,7 @@ from statefsd.storage import image, scrub
 from statefsd.storage.blockdev import BlockDevice
 from statefsd.storage.compaction import Compactor
 from statefsd.storage.crypto import RecordCipher
+from statefsd.storage.feed import DEFAULT_BYTES, FROM_BASE, MAX_BYTES, Cursor, read_page
 from statefsd.storage.groupcommit import Condition, Request, WriterRole
 from statefsd.storage.image import KeyProvider, Signer
 from statefsd.storage.logwriter import LogPosition, LogWriter
@@ -278,6 +288,7 @@ class Engine:
         self.failure: StateFSError | None = None
         self.index: dict[bytes, Entry] = result.index
         self.live_bytes = sum(e.size for e in self.index.values())
+        self.last_txn = result.last_committed   # newest txn committed in the active region (C11)
         self.replay_summary = result.summary()
         self.role = WriterRole(device.path)
         self.compactor = Compactor(self)
@@ -456,10 +467,39 @@ class Engine:
         self.audit("verify", **{k: v for k, v in verdict.items() if k != "first_finding"})
         return verdict
 
-    def _check_open(self) -> None:
+    def feed(self, after: int = 0, cursor: bytes | None = None, max_bytes: int = DEFAULT_BYTES) -> dict:
+        """The committed transactions after ``cursor`` in commit order, with
+        their values (feed.py, rule C11; docs/protocol.md, "feed"). Without
+        a cursor (``after`` must then be 0), or with one of an earlier log
+        epoch, the page starts at the active region's first transaction and
+        ``reset`` tells the consumer to drop what it had."""
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise InvalidArgument(f"feed 'after' must be a txn id >= 0, got {after!r}")
+        if cursor is None and after:
+            raise InvalidArgument(f"feed after txn {after} needs the cursor the feed returned with it",
+                                  hint=FROM_BASE)
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+            raise InvalidArgument(f"feed 'max_bytes' must be a positive integer, got {max_bytes!r}",
+                                  hint=f"ask for at most {MAX_BYTES} bytes per page")
+        start = None if cursor is None else Cursor.unpack(cursor)
+        with self.compactor.held_off():
+            self._check_open("feed")
+            with self.role.exclusive():
+                position, sb, last_txn = self.log.position, self.log.sb, self.last_txn
+            page = read_page(self.device, sb, position, cursor=start, max_bytes=min(max_bytes, MAX_BYTES),
+                             read_value=self.values.read, cipher=self.cipher,
+                             device_key=self.signer.public_key if self.signer else None,
+                             before_group=lambda: self._check_open("feed"))
+        return {"epoch": page.epoch, "reset": page.reset,
+                "txns": [[txn_id, chain, [[path.decode("utf-8"), value] for path, value in changes]]
+                         for txn_id, chain, changes in page.txns],
+                "cursor": page.cursor.pack(), "more": page.more, "max_txn": last_txn, "chain": page.chain}
+
+    def _check_open(self, op: str = "verify") -> None:
         if self.role.closing:
-            raise ReadOnly(f"{self.device.path} is being unmounted; nothing was verified",
-                           hint="verify again once statefsd has restarted")
+            outcome = "nothing was verified" if op == "verify" else f"the {op} stopped"
+            raise ReadOnly(f"{self.device.path} is being unmounted; {outcome}",
+                           hint=f"{op} again once statefsd has restarted")
 
     def checkpoint(self) -> None:
         """Append a CHECKPOINT signed by the device key over the chain head."""
@@ -551,6 +591,7 @@ class Engine:
                     self.live_bytes -= old.size
             req.txn_id = txn_id
             req.done = True
+        self.last_txn = txn_ids[-1]
         return deferred
 
     def _conflict(self, req: Request, written: dict[bytes, int | None]) -> Conflict | None:
@@ -577,8 +618,10 @@ class Engine:
             req.error = exc
             req.done = True
 
-    def adopt_compacted(self, index: dict[bytes, Entry]) -> None:
-        """Compaction's switch (writer role held): serve the new region."""
+    def adopt_compacted(self, index: dict[bytes, Entry], last_txn: int) -> None:
+        """Compaction's switch (writer role held): serve the new region,
+        whose newest transaction is ``last_txn`` (0: it holds none)."""
         self.values.forget_repairs()
+        self.last_txn = last_txn
         self.index = index
         self.live_bytes = sum(e.size for e in index.values())

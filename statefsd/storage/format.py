@@ -83,6 +83,21 @@ TXN_RESERVE_BATCH = 4096          # txn ids reserved per superblock write
 MAX_GROUP_BYTES = 32 << 20        # data bytes of one write group (one device write)
 MAX_TXN_CONDITIONS = 1024         # conditions (expected txn ids) per transaction: checked, never stored
 
+# What one page of the feed (storage/feed.py; the wire's `feed`) may cost;
+# never stored, here so that the engine and the wire share them. A page is
+# charged each transaction's key and value bytes plus FEED_TXN_OVERHEAD, and
+# FEED_CHANGE_OVERHEAD per change (more than msgpack spends around them),
+# and 5 + 3 per change of FEED_MAX_OBJECTS. It stops before the transaction
+# that would take it past its budget, but always holds one, so the most a
+# page costs is FEED_MAX_PAGE_COST.
+FEED_DEFAULT_BYTES = 8 << 20
+FEED_MAX_BYTES = 2 * MAX_TXN_BYTES
+FEED_TXN_OVERHEAD = 64
+FEED_CHANGE_OVERHEAD = 16
+FEED_MAX_OBJECTS = 1 << 18
+FEED_MAX_PAGE_COST = max(FEED_MAX_BYTES, MAX_TXN_BYTES + FEED_TXN_OVERHEAD
+                         + MAX_TXN_OPS * (MAX_KEY_BYTES + FEED_CHANGE_OVERHEAD))
+
 # Record types. 0x16.. are reserved for later minor versions.
 PREPARE = 0x10
 PAYLOAD = 0x11

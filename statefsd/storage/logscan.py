@@ -69,6 +69,26 @@ class Record(NamedTuple):
         return self.raw_header + self.payload
 
 
+class ScanPoint(NamedTuple):
+    """A group boundary of the active region and the reader's state there:
+    where a scan may resume (a scan from the region's start has
+    ``ScanPoint(start, 0, 1, 0)``)."""
+
+    offset: int                 # byte offset where the next group starts
+    next_seq: int
+    next_group: int
+    mount_gen: int              # mount_gen of the last complete group (0 if none)
+
+
+class Group(list):
+    """The records of one complete group, and the point right after it
+    (its parity trailer included)."""
+
+    def __init__(self, records: list[Record], after: ScanPoint) -> None:
+        super().__init__(records)
+        self.after = after
+
+
 @dataclass
 class ScanEnd:
     """Where the valid log ends and why."""
@@ -89,6 +109,10 @@ class ScanEnd:
     @property
     def corrupt(self) -> bool:
         return bool(self.corruption)
+
+    @property
+    def point(self) -> ScanPoint:
+        return ScanPoint(self.offset, self.next_seq, self.next_group, self.mount_gen)
 
 
 class _Window:
@@ -229,19 +253,28 @@ def _read_group(window: _Window, start: int, sb: fmt.Superblock,
     return records, _Stop(pos, "")
 
 
-def scan_groups(device: BlockDevice, sb: fmt.Superblock, *,
-                upto: int | None = None) -> Iterator[list[Record] | ScanEnd]:
+def scan_groups(device: BlockDevice, sb: fmt.Superblock, *, upto: int | None = None,
+                start: ScanPoint | None = None) -> Iterator[Group | ScanEnd]:
     """Yield each complete group (a list of records) in log order, then one
     ScanEnd describing the end of the log. With ``upto`` (a log position a
     writer published) nothing at or past it is read: the walk treats it as
-    the end of the region, so a scrub ignores what commits append meanwhile."""
-    start, length = sb.active_extent
-    if upto is not None and not start <= upto <= start + length:
-        raise ValueError(f"scan limit {upto} outside the active region [{start}, {start + length}]")
-    window = _Window(device, start, start + length if upto is None else upto)
+    the end of the region, so a scrub ignores what commits append meanwhile.
+    With ``start`` (a point an earlier scan reported: a Group's ``after``
+    or a ScanEnd's ``point``) the walk resumes there instead of at the
+    region's start."""
+    region, length = sb.active_extent
+    limit = region + length if upto is None else upto
+    if upto is not None and not region <= upto <= region + length:
+        raise ValueError(f"scan limit {upto} outside the active region [{region}, {region + length}]")
+    if start is not None and (not region <= start.offset <= limit or (start.offset - region) % fmt.GROUP_ALIGN
+                              or start.next_group < 1 or start.next_seq < 0 or start.mount_gen < 0):
+        raise ValueError(f"scan start {tuple(start)} is no group boundary in [{region}, {limit}]")
+    window = _Window(device, region, limit)
     parity = sb.redundancy == fmt.REDUNDANCY_PARITY
-    cur = _Cursor()
-    group_start = start
+    if start is None:
+        start = ScanPoint(region, 0, 1, 0)
+    cur = _Cursor(start.next_seq, start.next_group - 1, start.mount_gen)
+    group_start = start.offset
     repaired: list[tuple[int, bytes]] = []
     damaged_trailers: list[int] = []
     while True:
@@ -253,7 +286,6 @@ def scan_groups(device: BlockDevice, sb: fmt.Superblock, *,
                 records, stop = _read_group(window, group_start, sb, cur)
         if records is None:
             break
-        yield records
         cur.seq += len(records)
         cur.group = records[-1].header.group
         cur.mount_gen = records[-1].header.mount_gen
@@ -265,6 +297,7 @@ def scan_groups(device: BlockDevice, sb: fmt.Superblock, *,
             if _parity_record(window, data_end, sb, records[0].header, data_end - records[0].offset) is None:
                 damaged_trailers.append(data_end)
             group_start = data_end + fmt.PARITY_TRAILER_SIZE
+        yield Group(records, ScanPoint(group_start, cur.seq, cur.group + 1, cur.mount_gen))
     end = ScanEnd(offset=group_start, next_seq=cur.seq, next_group=cur.group + 1,
                   mount_gen=cur.mount_gen, stop_offset=stop.offset, stop_reason=stop.reason,
                   torn_bytes=stop.offset - group_start, repaired=repaired,

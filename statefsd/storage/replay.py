@@ -29,6 +29,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+CommitFn = Callable[[int, bytes, list[tuple[bytes, "Entry | None"]]], None]
+
 from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError
 from statefsd.shared.signing import verify_signature
@@ -82,6 +84,7 @@ class ReplayResult:
     checkpoints: int = 0        # CHECKPOINT records whose chain head matched
     verified_checkpoints: int = 0   # ... and whose signature verified under the device key
     last_checkpoint: int = -1   # offset of the last CHECKPOINT whose chain head matched (-1: none)
+    last_committed: int = 0     # txn id of the last transaction applied (0: none)
 
     @property
     def corruption(self) -> list[Finding]:
@@ -99,9 +102,17 @@ class ReplayResult:
 
 
 class Replayer:
-    """Applies records in log order; see the module docstring for the rules."""
+    """Applies records in log order; see the module docstring for the rules.
 
-    def __init__(self, sb: fmt.Superblock, cipher=None, device_key: bytes | None = None) -> None:
+    ``on_commit(txn_id, chain head after it, [(path, Entry or None for a
+    delete), ...])`` is called for each transaction as it is applied. A
+    replay resumed at a group boundary inside the active region
+    (logscan.ScanPoint) starts from the ``chain`` head and ``max_txn_id``
+    the replay up to that boundary had (no transaction is open there: the
+    writer puts each one whole into one group)."""
+
+    def __init__(self, sb: fmt.Superblock, cipher=None, device_key: bytes | None = None, *,
+                 on_commit: CommitFn | None = None, chain: bytes | None = None, max_txn_id: int = 0) -> None:
         self.sb = sb
         self.cipher = cipher
         self.device_key = device_key    # Ed25519 public key checkpoints must verify under
@@ -110,8 +121,10 @@ class Replayer:
         self.last_checkpoint = -1
         self.unverified_chunks = 0
         self.index: dict[bytes, Entry] = {}
-        self.chain = sb.chain_base
-        self.max_txn_id = 0
+        self.chain = sb.chain_base if chain is None else chain
+        self.max_txn_id = max_txn_id
+        self.last_committed = 0
+        self.on_commit = on_commit
         self.open: _OpenTxn | None = None
         self.findings: list[Finding] = []
         self.committed = 0
@@ -148,7 +161,7 @@ class Replayer:
                                          f"past the durable floor that cannot be told from one"))
         return ReplayResult(self.index, end, self.chain, self.max_txn_id, self.committed,
                             self.records, self.findings, self.unverified_chunks, self.checkpoints,
-                            self.verified_checkpoints, self.last_checkpoint)
+                            self.verified_checkpoints, self.last_checkpoint, self.last_committed)
 
     # -- record handlers ----------------------------------------------------
 
@@ -260,12 +273,19 @@ class Replayer:
                                          "sealed payload failed authentication; transaction discarded",
                                          h.txn_id))
             return
+        changes: list[tuple[bytes, Entry | None]] = []
         for i, op in enumerate(txn.ops):
             if op.kind == fmt.OP_PUT:
-                self.index[op.path] = Entry(h.txn_id, op.value_len, tuple(txn.chunks[i]), txn.sealed)
+                entry = Entry(h.txn_id, op.value_len, tuple(txn.chunks[i]), txn.sealed)
+                self.index[op.path] = entry
             else:
                 self.index.pop(op.path, None)
+                entry = None
+            changes.append((op.path, entry))
         self.committed += 1
+        self.last_committed = h.txn_id
+        if self.on_commit is not None:
+            self.on_commit(h.txn_id, self.chain, changes)
 
     def _checkpoint(self, rec: Record, h: fmt.RecordHeader) -> None:
         if self.open is not None:

@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 
 import pytest
 
@@ -16,6 +17,57 @@ def committed_records(path):
     with FileDevice(str(path), read_only=True, lock=False) as dev:
         sb = read_superblock_slot(dev)[0]
         return [rec for group in scan_groups(dev, sb) if not isinstance(group, ScanEnd) for rec in group]
+
+
+class Consumer:
+    """What a replica does with feed pages (Engine.feed or Client.feed, same
+    arguments): drop everything on reset, apply each transaction's changes
+    in order."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, bytes] = {}
+        self.cursor: bytes | None = None
+        self.last = 0
+        self.txns: list[tuple] = []
+        self.pages: list[dict] = []
+
+    def apply(self, page: dict) -> None:
+        self.pages.append(page)
+        if page["reset"]:
+            self.state.clear()
+        for txn_id, chain, changes in page["txns"]:
+            self.txns.append((txn_id, chain, changes))
+            for key, value in changes:
+                if value is None:
+                    self.state.pop(key, None)
+                else:
+                    self.state[key] = value
+            self.last = txn_id
+        self.cursor = page["cursor"]
+
+    def page(self, source, max_bytes: int = 8 << 20) -> dict:
+        """One page after the last one, applied."""
+        page = source.feed(self.last if self.cursor else 0, self.cursor, max_bytes)
+        self.apply(page)
+        return page
+
+    def catch_up(self, source, max_bytes: int = 8 << 20) -> int:
+        """Feed until ``more`` is False; the number of pages it took."""
+        pages = 1
+        while self.page(source, max_bytes)["more"]:
+            pages += 1
+        return pages
+
+
+def forged_cursor(cursor: bytes, **change) -> bytes:
+    """``cursor`` with fields changed: ``version`` (its first byte), the
+    feed.Cursor fields, or ``offset``/``next_seq``/``next_group`` of its point."""
+    from statefsd.storage.feed import Cursor
+    if "version" in change:
+        return bytes([change["version"]]) + cursor[1:]
+    parsed = Cursor.unpack(cursor)
+    point = parsed.point._replace(**{k: change.pop(k) for k in list(change) if k in parsed.point._fields})
+    return dataclasses.replace(parsed, point=point, **change).pack()
 
 
 class Image:

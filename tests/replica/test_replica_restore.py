@@ -1,0 +1,199 @@
+"""Push an image's history into an outbox and restore it on a "fresh device"
+with only the passphrase: real statefsd, keystored and CLI processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from statefsd.errors import Code
+from statefsd.replica import format as rfmt
+from tests.replica.conftest import image_state, served_state, start
+from tests.vault.conftest import PASSPHRASE
+
+CANARY = b"CANARY-plaintext-7f3a"
+
+
+def write_some(client, start_at: int, count: int, *, size: int = 300) -> None:
+    for i in range(start_at, start_at + count):
+        with client.transaction() as txn:
+            txn.put(f"app/{i:05d}", CANARY + os.urandom(size))
+            txn.put(f"counter/{i % 7}", str(i).encode())
+            if i % 5 == 0:
+                txn.delete(f"app/{i - 3:05d}")
+
+
+def set_up(env, *extra: str) -> None:
+    env.cli("replicate", "init", "--segment-size", "64K", *extra)
+
+
+@pytest.mark.parametrize("replica_env", ["off", "xchacha20poly1305"], indirect=True)
+def test_a_fresh_device_restores_the_newest_state_with_only_the_passphrase(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 120)
+        c.put("big/value", os.urandom(300_000))      # spans several 64 KiB segments
+        want = served_state(c)
+    pushed = env.cli("replicate", "push")
+    assert pushed["txns"] >= 121 and pushed["segments_written"] >= 6
+    copy = tmp_path / "peer-copy"
+    shutil.copytree(env.outbox, copy)
+    sizes = {p.stat().st_size for p in (copy / "seg").iterdir()}
+    assert sizes == {64 << 10}
+    new_image = str(tmp_path / "new.img")
+    # No keystored, no socket: a new machine with the passphrase alone.
+    result = env.cli("restore", "--from", str(copy), "--image", new_image,
+                     STATEFS_KEYSTORE_SOCKET=None, STATEFS_SOCKET=None)
+    assert result["stale_copies"] == [] and result["fetched_elsewhere"] == []
+    assert image_state(new_image) == want
+
+
+def test_nothing_but_ciphertext_leaves_the_device(replica_env):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 40)
+    env.cli("replicate", "push")
+    for path in env.outbox.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert CANARY not in data and b"app/000" not in data and b"counter/" not in data, path
+
+
+def test_each_push_adds_only_new_segments_and_any_retained_txn_can_be_restored(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 30)
+        first = served_state(c)
+        at = c.info()["next_txn_id"] - 1
+    env.cli("replicate", "push")
+    before = set((env.outbox / "seg").iterdir())
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    with env.client() as c:
+        write_some(c, 30, 30)
+        second = served_state(c)
+    env.cli("replicate", "push")
+    after = set((env.outbox / "seg").iterdir())
+    assert before < after and all(p.stat().st_mtime_ns == mtimes[p] for p in before)
+    old = env.cli("restore", "--from", str(env.outbox), "--at", str(at), "--image", str(tmp_path / "a.img"))
+    assert old["txn"] == at and image_state(str(tmp_path / "a.img")) == first
+    env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "b.img"))
+    assert image_state(str(tmp_path / "b.img")) == second
+    refused = env.cli("restore", "--from", str(env.outbox), "--at", "999999", "--image",
+                      str(tmp_path / "c.img"), check=False, json_out=False)
+    assert refused.returncode == Code.ENOTFOUND and "retention" in refused.stderr
+    assert not (tmp_path / "c.img").exists() and not (tmp_path / "c.img.partial").exists()
+
+
+def test_after_a_compaction_a_new_base_is_pushed_and_old_points_stay_restorable(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 40)
+        at = c.info()["next_txn_id"] - 1
+        first = served_state(c)
+    env.cli("replicate", "push")
+    with env.client() as c:
+        write_some(c, 40, 10)
+        c.compact()
+        write_some(c, 50, 10)
+        want = served_state(c)
+    pushed = env.cli("replicate", "push")
+    assert pushed["generation"] == 2
+    env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "new.img"))
+    assert image_state(str(tmp_path / "new.img")) == want
+    env.cli("restore", "--from", str(env.outbox), "--at", str(at), "--image", str(tmp_path / "old.img"))
+    assert image_state(str(tmp_path / "old.img")) == first
+
+
+def test_old_generations_are_retired_by_a_signed_head_and_deleted_only_then(replica_env):
+    env = replica_env
+    set_up(env, "--keep-generations", "1")
+    with env.client() as c:
+        write_some(c, 0, 20)
+    env.cli("replicate", "push")
+    gen1 = {p.name for p in (env.outbox / "seg").iterdir()}
+    with env.client() as c:
+        c.compact()
+        write_some(c, 20, 5)
+    pushed = env.cli("replicate", "push")
+    retired = {Path(n).name for n in pushed["retired"] if n.startswith("seg/")}
+    assert retired == gen1
+    assert not gen1 & {p.name for p in (env.outbox / "seg").iterdir()}
+    heads = sorted((env.outbox / "head").iterdir())
+    newest = rfmt.decode_head_file(heads[-1].read_bytes(), "head/" + heads[-1].name)
+    assert {Path(n).name for n in newest.retired if n.startswith("seg/")} == gen1
+
+
+def test_a_segment_missing_or_damaged_in_one_copy_is_read_from_another(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 60)
+        want = served_state(c)
+    env.cli("replicate", "push")
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(env.outbox, a)
+    shutil.copytree(env.outbox, b)
+    segs = sorted((a / "seg").iterdir())
+    segs[0].unlink()
+    damaged = bytearray(segs[1].read_bytes())
+    damaged[5000] ^= 0x40
+    segs[1].write_bytes(bytes(damaged))
+    result = env.cli("restore", "--from", str(a), "--from", str(b), "--image", str(tmp_path / "n.img"))
+    assert image_state(str(tmp_path / "n.img")) == want
+    events = " ".join(result["fetched_elsewhere"])
+    assert segs[0].name in events and "missing" in events and segs[1].name in events and "damaged" in events
+    alone = env.cli("restore", "--from", str(a), "--image", str(tmp_path / "m.img"), check=False, json_out=False)
+    assert alone.returncode == Code.EINTEGRITY and "every copy" in alone.stderr
+
+
+def test_a_copy_serving_an_older_head_is_named_stale(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 10)
+    env.cli("replicate", "push")
+    stale = tmp_path / "stale"
+    shutil.copytree(env.outbox, stale)
+    with env.client() as c:
+        write_some(c, 10, 10)
+        want = served_state(c)
+    env.cli("replicate", "push")
+    result = env.cli("restore", "--from", str(stale), "--from", str(env.outbox), "--image", str(tmp_path / "n.img"))
+    assert result["stale_copies"] == [str(stale)]
+    assert image_state(str(tmp_path / "n.img")) == want
+
+
+def test_a_rolled_back_image_is_refused_by_push(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 10)
+    env.cli("replicate", "push")
+    env.statefsd.stop()
+    old_copy = str(tmp_path / "old.img")
+    shutil.copyfile(env.image, old_copy)
+    env.restart()
+    with env.client() as c:
+        write_some(c, 10, 10)
+    env.cli("replicate", "push")
+    env.restart(old_copy)           # the device now serves the older image
+    refused = env.cli("replicate", "push", check=False, json_out=False)
+    assert refused.returncode == Code.EROLLBACK and "rolled back" in refused.stderr
+
+
+def test_a_wrong_passphrase_opens_nothing_and_writes_no_image(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 5)
+    env.cli("replicate", "push")
+    out = env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "n.img"), check=False,
+                  json_out=False, STATEFS_VAULT_PASSPHRASE="not it", STATEFS_KEYSTORE_SOCKET=None)
+    assert out.returncode == Code.EPASSPHRASE and not (tmp_path / "n.img").exists()
