@@ -160,7 +160,7 @@ class Client:
         """One page of the committed transactions after ``cursor`` (None:
         from the base of the log), in commit order (docs/protocol.md, feed):
         ``{"epoch", "reset", "txns": [(txn id, chain, [(key, value or None
-        for a delete), ...]), ...], "cursor", "more", "max_txn", "chain"}``.
+        for a delete), ...]), ...], "cursor", "more", "max_txn", "chain", "from_empty"}``.
         ``reset`` True: drop every key held before applying ``txns``. Feed
         again with the returned cursor (and ``after`` the last txn id
         applied) while ``more`` is True."""
@@ -170,7 +170,7 @@ class Client:
         response = self.call("feed", **args)
         page = {name: _field(response, name, kind) for name, kind in
                 (("epoch", int), ("reset", bool), ("txns", list), ("cursor", bytes), ("more", bool),
-                 ("max_txn", int), ("chain", bytes))}
+                 ("max_txn", int), ("chain", bytes), ("from_empty", bool))}
         page["txns"] = [_feed_txn(txn) for txn in page["txns"]]
         return page
 

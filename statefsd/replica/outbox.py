@@ -177,8 +177,10 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
                                   "and restore the newest copy with `statefs restore`") from None
         if page["reset"]:
             writer.start_generation(writer.generation + 1)
+            # A history that starts from an empty store has no base to wait
+            # for: every transaction of it is a restorable point.
             gen = {"gen": writer.generation, "first_seq": writer.next_seq, "first_txn": 0,
-                   "base_end_txn": 0, "last_txn": 0}
+                   "base_end_txn": 1 if page["from_empty"] else 0, "last_txn": 0}
             state.generations.append(gen)
             snapshots.clear()
         for txn_id, chain, changes in page["txns"]:

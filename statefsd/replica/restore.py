@@ -166,9 +166,9 @@ def choose(opened: Opened, at: str | None) -> Target:
     if at.isdigit():
         txn = int(at)
         for g in whole:
-            if g["base_end_txn"] <= txn <= g["last_txn"]:
+            if max(g["base_end_txn"], g["first_txn"]) <= txn <= g["last_txn"]:
                 return target(g, txn)
-        ranges = ", ".join(f"{g['base_end_txn']}-{g['last_txn']}" for g in whole)
+        ranges = ", ".join(f"{max(g['base_end_txn'], g['first_txn'])}-{g['last_txn']}" for g in whole)
         raise NotFound(f"txn {txn} is not within the replica's retention (restorable txns: {ranges})",
                        hint="pick a txn in those ranges, or a snapshot ID")
     return _snapshot_target(opened, at, whole, target)
@@ -208,6 +208,8 @@ def read_segment(opened: Opened, seq: int, entry: rfmt.SegmentEntry, events: lis
 def _stream(opened: Opened, t: Target, events: list[str] | None = None):
     """Transactions of the target's generation, verified, in order, up to t.txn."""
     events = [] if events is None else events
+    if t.txn == 0:
+        return          # nothing was ever committed: the empty state
     state, head = opened.state, opened.head
     decoder = rfmt.StreamDecoder()
     prev_digest = None

@@ -493,7 +493,10 @@ class Engine:
         return {"epoch": page.epoch, "reset": page.reset,
                 "txns": [[txn_id, chain, [[path.decode("utf-8"), value] for path, value in changes]]
                          for txn_id, chain, changes in page.txns],
-                "cursor": page.cursor.pack(), "more": page.more, "max_txn": last_txn, "chain": page.chain}
+                "cursor": page.cursor.pack(), "more": page.more, "max_txn": last_txn, "chain": page.chain,
+                # The region's history starts from an empty store (it was never
+                # compacted): every one of its transactions is a whole state.
+                "from_empty": sb.chain_base == fmt.genesis_hash(sb.device_uuid)}
 
     def _check_open(self, op: str = "verify") -> None:
         if self.role.closing:

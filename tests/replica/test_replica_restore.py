@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,7 @@ def set_up(env, *extra: str) -> None:
     env.cli("replicate", "init", "--segment-size", "64K", *extra)
 
 
-@pytest.mark.parametrize("replica_env", ["off", "xchacha20poly1305"], indirect=True)
+@pytest.mark.parametrize("replica_env", ["off", "on"], indirect=True)
 def test_a_fresh_device_restores_the_newest_state_with_only_the_passphrase(replica_env, tmp_path):
     env = replica_env
     set_up(env)
@@ -134,7 +137,7 @@ def test_a_segment_missing_or_damaged_in_one_copy_is_read_from_another(replica_e
     env = replica_env
     set_up(env)
     with env.client() as c:
-        write_some(c, 0, 60)
+        write_some(c, 0, 60, size=3000)
         want = served_state(c)
     env.cli("replicate", "push")
     a, b = tmp_path / "a", tmp_path / "b"
@@ -197,3 +200,51 @@ def test_a_wrong_passphrase_opens_nothing_and_writes_no_image(replica_env, tmp_p
     out = env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "n.img"), check=False,
                   json_out=False, STATEFS_VAULT_PASSPHRASE="not it", STATEFS_KEYSTORE_SOCKET=None)
     assert out.returncode == Code.EPASSPHRASE and not (tmp_path / "n.img").exists()
+
+
+def test_a_vault_snapshot_names_the_point_to_restore(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.txt").write_text("version one\n")
+    first = env.cli("vault", "backup", str(files))["snapshot"]
+    with env.client() as c:
+        at_first = {k: v for k, v in served_state(c).items() if not k.startswith("vault/session/")}
+    (files / "a.txt").write_text("version two\n")
+    env.cli("vault", "backup", str(files))
+    env.cli("replicate", "push")
+    result = env.cli("restore", "--from", str(env.outbox), "--at", first[:8], "--image", str(tmp_path / "n.img"))
+    assert result["txn"] > 0
+    restored = {k: v for k, v in image_state(str(tmp_path / "n.img")).items() if not k.startswith("vault/session/")}
+    assert restored == at_first
+
+
+def test_replicate_run_pushes_soon_after_each_commit(replica_env):
+    env = replica_env
+    set_up(env)
+    runner = subprocess.Popen([sys.executable, "-m", "statefsd.cli", "replicate", "run", "--interval", "0.2"],
+                              env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        heads = lambda: sorted((env.outbox / "head").glob("*.sfh")) if (env.outbox / "head").is_dir() else []
+        assert wait_for(lambda: len(heads()) == 1, 30), runner.stderr.read() if runner.poll() is not None else ""
+        with env.client() as c:
+            c.put("app/late", CANARY)
+            txn = c.info()["next_txn_id"] - 1
+        assert wait_for(lambda: len(heads()) == 2, 30)
+        newest = rfmt.decode_head_file(heads()[-1].read_bytes(), "head/" + heads()[-1].name)
+        assert newest.counter == 2
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
+    result = env.cli("restore", "--from", str(env.outbox), "--at", str(txn), "--image", str(env.dir / "n.img"))
+    assert image_state(str(env.dir / "n.img"))["app/late"] == CANARY and result["txn"] == txn
+
+
+def wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
