@@ -20,8 +20,10 @@ from statefsd.errors import InvalidArgument
 from statefsd.replica import format as rfmt
 from statefsd.replica import peers
 from statefsd.replica.node import Node
+from tests.replica.conftest import image_state, served_state
 from tests.replica.syncthing_fixtures import connect, start_cluster, stop_cluster, tree, wait_for, wipe
 from tests.replica.test_replica_format import KEYS, sealed_segment, write_copy
+from tests.replica.test_replica_restore import CANARY, write_some
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -339,3 +341,40 @@ def test_a_fresh_device_receives_the_copy_from_a_peer_that_shares_it(cluster, tm
     fresh.st.add_folder(rep.folder_id, restore, type="receiveonly", devices=[peer.id])
     want = tree(rep.outbox)
     wait_for(lambda: tree(restore) == want, 30, "the fresh device's copy")
+
+
+def test_statefs_peer_add_push_status_and_restore_from_a_peer_end_to_end(cluster, replica_env, tmp_path):
+    """The owner's commands with real statefsd and keystored: peers added,
+    a push carried by Syncthing to two nodes, status seeing both copies,
+    and a fresh device restoring from one peer's copy."""
+    env, owner = replica_env, cluster["owner"]
+    env.cli("replicate", "init", "--segment-size", "64K", "--syncthing-url", owner.st.url,
+            "--syncthing-api-key", owner.st.api_key)
+    with env.client() as c:
+        write_some(c, 0, 60)
+        c.put("big/value", os.urandom(200_000))
+        want = served_state(c)
+    for name in ("node1", "node2"):
+        env.cli("peer", "add", cluster[name].id, cluster[name].address)
+    pushed = env.cli("replicate", "push")
+    assert pushed["engines"]["syncthing"] == "scanned"
+    folder_id = peers.outbox_folder_id(json.loads((env.state / "replica.json").read_text())["replica_id"])
+    copies = {}
+    for name in ("node1", "node2"):
+        node = Node(cluster[name].st, owner.id, str(tmp_path / f"{name}-store"))
+        node.setup()
+        wait_for(lambda: folder_id in node.accept_offers() or folder_id in node.copies(), 20, "the offer")
+        copies[name] = os.path.join(node.store, folder_id)
+        wanted = tree(str(env.outbox))
+        wait_for(lambda: tree(copies[name]) == wanted, 30, f"{name}'s copy")
+        [report] = node.round()
+        assert (report["head_counter"], report["problems"], report["damaged"]) == (pushed["counter"], [], [])
+    status = wait_for(lambda: (lambda s: s if s["copies_of_newest"] == 2 else None)(
+        env.cli("replicate", "status")), 30, "both peers' reports in replicate status")
+    assert all(p["ok"] for p in status["peers"]) and status["warnings"] == []
+    for copy in copies.values():
+        assert not any(CANARY in data for data in tree(copy).values())
+    new_image = str(tmp_path / "new.img")
+    env.cli("restore", "--from", copies["node2"], "--image", new_image,
+            STATEFS_KEYSTORE_SOCKET=None, STATEFS_SOCKET=None)
+    assert image_state(new_image) == want
