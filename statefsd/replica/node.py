@@ -304,15 +304,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--interval must be positive", hint="e.g. --interval 60")
         node = Node(connect(args), args.owner, args.store, owner_address=args.owner_address,
                     share_with=tuple(args.share_with))
-        node.setup()
+        ready = False
         while True:
             try:
+                if not ready:
+                    node.setup()
+                    ready = True
                 reports = node.round()
             except PeerUnavailable as exc:
                 if args.once:
                     raise
-                # Syncthing restarting or briefly away: try again next round.
-                print(f"statefs-node: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr)
+                # Syncthing starting, restarting or briefly away (e.g. both
+                # started at boot): try again next round.
+                _complain(exc)
                 reports = None
             if args.once:
                 print(json.dumps(reports, indent=1))
@@ -324,10 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                           f"damaged, {len(r['problems'])} problems", file=sys.stderr, flush=True)
             time.sleep(args.interval)
     except StateFSError as exc:
-        print(f"statefs-node: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr)
+        _complain(exc)
         return int(exc.code)
     except KeyboardInterrupt:
         return 130
+
+
+def _complain(exc: StateFSError) -> None:
+    print(f"statefs-node: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

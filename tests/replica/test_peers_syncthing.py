@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from statefsd.errors import InvalidArgument
+from statefsd.errors import Code, InvalidArgument
 from statefsd.replica import format as rfmt
 from statefsd.replica import peers
 from statefsd.replica.node import Node
 from tests.replica.conftest import image_state, served_state
-from tests.replica.syncthing_fixtures import connect, start_cluster, stop_cluster, tree, wait_for, wipe
+from tests.replica.syncthing_fixtures import connect, free_ports, start_cluster, stop_cluster, tree, wait_for, wipe
 from tests.replica.test_replica_format import KEYS, sealed_segment, write_copy
 from tests.replica.test_replica_restore import CANARY, write_some
 
@@ -106,7 +106,11 @@ class Replica:
         return {p["device_id"]: p for p in peers.peer_status(self.st, self.outbox, self.replica_id, self.state_dir)}
 
     def owner_report(self, name):
-        return peers.read_report(self.state_dir, self.nodes[name].me)
+        return self.owner_report_of(self.nodes[name].me)
+
+    def owner_report_of(self, device_id):
+        """The node's report as the owner received it."""
+        return peers.read_report(self.state_dir, device_id)
 
 
 def flip_a_bit(path):
@@ -277,6 +281,14 @@ def read_head_body(outbox, device, counter):
     return next(h.body for h in read_heads(Path(outbox), []) if h.counter == counter)
 
 
+def node_argv(inst, rep, store, *extra):
+    return [sys.executable, "-m", "statefsd.replica.node", "--syncthing-home", inst.home, "--owner", rep.owner.id,
+            "--store", store, *extra]
+
+
+NODE_ENV = dict(os.environ, PYTHONPATH=REPO)
+
+
 def test_statefs_node_runs_one_round_as_a_program(cluster, tmp_path):
     rep = Replica(cluster, tmp_path, nodes=())
     node = cluster["node2"]
@@ -286,10 +298,8 @@ def test_statefs_node_runs_one_round_as_a_program(cluster, tmp_path):
     store = str(tmp_path / "store")
 
     def once():
-        proc = subprocess.run([sys.executable, "-m", "statefsd.replica.node", "--syncthing-home", node.home,
-                               "--owner", rep.owner.id, "--store", store, "--once"],
-                              capture_output=True, text=True, timeout=60, cwd=REPO,
-                              env=dict(os.environ, PYTHONPATH=REPO))
+        proc = subprocess.run(node_argv(node, rep, store, "--once"), capture_output=True, text=True, timeout=60,
+                              cwd=REPO, env=NODE_ENV)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
     once()
@@ -301,11 +311,42 @@ def test_statefs_node_runs_one_round_as_a_program(cluster, tmp_path):
         assert json.load(f)["pinned"] == {rep.folder_id: bytes(rep.device.verify_key).hex()}
 
 
-def test_statefs_node_without_an_api_names_the_options():
-    proc = subprocess.run([sys.executable, "-m", "statefsd.replica.node", "--owner", "X", "--store", "/tmp/x",
-                           "--once"], capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO))
-    assert proc.returncode != 0 and "--syncthing-home" in proc.stderr
+def test_statefs_node_left_running_repairs_a_damaged_segment_by_itself(cluster, tmp_path):
+    rep = Replica(cluster, tmp_path, nodes=())
+    node = cluster["node1"]
+    peers.add_peer(rep.st, node.id, node.address, rep.outbox, rep.replica_id, rep.state_dir)
+    rep.push(3)
+    store = str(tmp_path / "store")
+    copy = os.path.join(store, rep.folder_id)
+    with open(tmp_path / "node.log", "wb") as log:
+        proc = subprocess.Popen(node_argv(node, rep, store, "--interval", "0.3"), stdout=log, stderr=log,
+                                cwd=REPO, env=NODE_ENV)
+    try:
+        want = tree(rep.outbox)
+        wait_for(lambda: tree(copy) == want, 30, "the copy")
+        victim = sorted(rep.segments)[1]
+        flip_a_bit(os.path.join(copy, victim))
+        # Found (the damaged file is kept aside) and fetched again.
+        wait_for(lambda: os.path.exists(os.path.join(store, "quarantine", rep.folder_id, victim)), 30,
+                 "the node to find the damage")
+        wait_for(lambda: tree(copy) == want, 30, "the node to fetch the segment again")
+        wait_for(lambda: (lambda r: r and r["damaged"] == [] and r["present"] == 3)(
+            rep.owner_report_of(node.id)), 30, "a whole copy reported to the owner")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    with open(tmp_path / "node.log") as f:
+        assert "1 damaged" in f.read()
+
+
+def test_statefs_node_without_a_reachable_api_exits_epeer_naming_the_next_step():
+    base = [sys.executable, "-m", "statefsd.replica.node", "--owner", "X", "--store", "/tmp/x", "--once"]
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=REPO, env=NODE_ENV)
+    assert proc.returncode == Code.EUSAGE and "--syncthing-home" in proc.stderr
+    [port] = free_ports(1)
+    proc = subprocess.run(base + ["--api", f"http://127.0.0.1:{port}", "--api-key", "k"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=NODE_ENV)
+    assert proc.returncode == Code.EPEER and "start Syncthing" in proc.stderr
 
 
 def test_a_removed_peer_no_longer_gets_the_outbox(cluster, tmp_path):
