@@ -64,7 +64,7 @@ class Node:
         self.store = os.path.abspath(store)
         self.owner_raw, self.owner_address = owner, owner_address
         self.share_with_raw = tuple(share_with)
-        self.owner = ""
+        self.owner = self.me = ""
         self.share_with: list[str] = []
         self.state: dict = {}
 
@@ -141,6 +141,9 @@ class Node:
     # -- one round ---------------------------------------------------------
     def round(self) -> list[dict]:
         """Accepts offers, then verifies, repairs and reports every copy."""
+        if not os.path.exists(os.path.join(self.store, NODE_FILE)):
+            os.makedirs(self.store, exist_ok=True)
+            self._save_state()      # the store was wiped: keep the pinned keys
         self.accept_offers()
         return [self.check(folder_id) for folder_id in self.copies()]
 
@@ -199,7 +202,8 @@ class Node:
         }
         report_id = peers.report_folder_id(peers.replica_id_of(folder_id), self.me)
         report_path = os.path.join(self.store, report_id)
-        os.makedirs(report_path, exist_ok=True)
+        # Syncthing stops a folder whose marker is gone: recreate it too.
+        os.makedirs(os.path.join(report_path, MARKER), exist_ok=True)
         _write_json(os.path.join(report_path, peers.REPORT_FILE), result)
         self._try_scan(report_id)
         return result

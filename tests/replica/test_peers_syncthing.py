@@ -200,16 +200,21 @@ def test_a_damaged_head_on_a_node_is_fetched_again(cluster, tmp_path):
     assert (report["head_counter"], report["damaged"], report["problems"]) == (1, [], [])
 
 
-def test_a_node_whose_store_was_wiped_is_reseeded(cluster, tmp_path):
+def test_a_node_whose_store_was_wiped_is_reseeded_and_reports_again(cluster, tmp_path):
     rep = Replica(cluster, tmp_path, nodes=("node2",))
     rep.push(5)
     rep.replicated("node2")
-    wipe(rep.copy_path("node2"))
+    node = rep.nodes["node2"]
+    wipe(node.store)           # the copy, the report folder and node.json
     report = rep.check("node2")
     assert "reseed" in report["actions"]
+    wait_for(lambda: "reseed" in (rep.owner_report("node2") or {}).get("actions", []), 20,
+             "the owner to receive the report again")
     rep.synced("node2")
     report = rep.check("node2")
-    assert (report["present"], report["missing"]) == (5, [])
+    assert (report["present"], report["missing"], report["problems"]) == (5, [], [])
+    with open(os.path.join(node.store, "node.json")) as f:
+        assert json.load(f)["pinned"] == {rep.folder_id: bytes(rep.device.verify_key).hex()}
 
 
 def test_a_node_deletes_only_what_a_head_signed_by_the_owner_retires(cluster, tmp_path):
