@@ -84,12 +84,10 @@ class Node:
         self.state["owner"] = self.owner
         self.state.setdefault("pinned", {})
         self._save_state()
-        if self.st.device(self.owner) is None or self.owner_address:
-            self.st.add_device(self.owner, self.owner_address, name=f"statefs owner {self.owner[:7]}")
+        self.st.add_device(self.owner, self.owner_address, name=f"statefs owner {self.owner[:7]}")
         self.share_with = [self.st.normalize_device_id(d) for d in self.share_with_raw]
         for device in self.share_with:
-            if self.st.device(device) is None:
-                self.st.add_device(device, None, name=f"statefs restore {device[:7]}")
+            self.st.add_device(device, None, name=f"statefs restore {device[:7]}")
 
     def _load_state(self) -> dict:
         try:

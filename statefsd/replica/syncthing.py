@@ -148,12 +148,18 @@ class Syncthing:
         return next((d for d in self.devices() if d["deviceID"] == device_id), None)
 
     def add_device(self, device_id: str, address: str | None = None, name: str | None = None) -> None:
-        """Adds (or updates) a device; ``address`` like ``tcp://host:22000``,
-        None for discovery ("dynamic")."""
-        device = self.device(device_id) or dict(self.get("/rest/config/defaults/device"), deviceID=device_id)
-        device["addresses"] = [address] if address else ["dynamic"]
-        if name:
-            device["name"] = name
+        """Adds a device, reached at ``address`` (like ``tcp://host:22000``)
+        or, when None, found by discovery ("dynamic"). A device already
+        configured (the user may share other folders with it) keeps its name,
+        and its addresses unless ``address`` is given."""
+        device = self.device(device_id)
+        if device is None:
+            device = dict(self.get("/rest/config/defaults/device"), deviceID=device_id,
+                          addresses=[address or "dynamic"], name=name or "")
+        elif address:
+            device["addresses"] = [address]
+        else:
+            return
         self.request("PUT", f"/rest/config/devices/{device_id}", body=device)
 
     def patch_device(self, device_id: str, **fields: object) -> None:

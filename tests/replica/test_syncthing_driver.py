@@ -73,3 +73,15 @@ def test_a_stopped_or_killed_instance_frees_its_home_for_a_new_one_at_once(tmp_p
         proc, st = syncthing.start_instance(home, gui, listen)
         assert st.device_id() == my_id
     syncthing.stop_instance(proc)
+
+
+def test_adding_a_known_device_keeps_its_name_and_changes_only_a_given_address(solo):
+    other = "MFZWI3D-BONSGYC-YLTMRWG-C43ENR5-QXGZDMM-FZWI3DP-BONSGYY-LTMRWAD"
+    solo.st.add_device(other, "tcp://127.0.0.1:1", name="the user's laptop")
+    solo.st.add_device(other, None, name="statefs peer")
+    assert (solo.st.device(other)["name"], solo.st.device(other)["addresses"]) == \
+        ("the user's laptop", ["tcp://127.0.0.1:1"])
+    solo.st.add_device(other, "tcp://127.0.0.1:2")
+    assert solo.st.device(other)["addresses"] == ["tcp://127.0.0.1:2"]
+    solo.st.remove_device(other)
+    assert solo.st.device(other) is None
