@@ -15,6 +15,7 @@ head recorded, was rolled back or replaced, and the push refuses
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -160,7 +161,6 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
     else:
         state, segments, retired, counter = rfmt.HeadState(first_seq=0), [], [], 0
     result = PushResult(counter=counter, last_txn=state.last_txn)
-    _refuse_rollback(client, state, prev)
 
     gen = state.generations[-1] if state.generations else None
     writer = _SegmentWriter(outbox, keys, policy, segments, state.first_seq + len(segments),
@@ -171,10 +171,13 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
         try:
             page = client.feed(after=state.last_txn if cursor else 0, cursor=cursor, max_bytes=feed_bytes)
         except InvalidArgument as exc:
-            raise RolledBack(f"the image's log no longer holds txn {state.last_txn}, the point this device "
-                             f"last replicated ({exc.message}): it was rolled back or replaced",
-                             hint="do not write to this image; compare it with `statefs replicate status` "
-                                  "and restore the newest copy with `statefs restore`") from None
+            raise _rolled_back(f"the image's log no longer holds txn {state.last_txn}, the point this device "
+                               f"last replicated ({exc.message})") from None
+        if prev is not None and page["max_txn"] < state.last_txn:
+            # Txn ids only grow, across compactions too: a newer image never
+            # has a newest txn below what was already replicated.
+            raise _rolled_back(f"the image's newest txn is {page['max_txn']}, older than txn {state.last_txn} "
+                               f"that this device already replicated (head {prev.counter})")
         if page["reset"]:
             writer.start_generation(writer.generation + 1)
             # A history that starts from an empty store has no base to wait
@@ -209,14 +212,10 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
     return result
 
 
-def _refuse_rollback(client, state: rfmt.HeadState, prev: rfmt.Head | None) -> None:
-    if prev is None:
-        return
-    newest = int(client.info()["next_txn_id"]) - 1
-    if newest < state.last_txn:
-        raise RolledBack(f"the image's newest txn is {newest}, older than txn {state.last_txn} that this device "
-                         f"already replicated (head {prev.counter}): the image was rolled back or replaced",
-                         hint="do not write to this image; restore the newest copy with `statefs restore`")
+def _rolled_back(what: str) -> RolledBack:
+    return RolledBack(f"{what}: the image was rolled back or replaced; nothing was pushed",
+                      hint="do not write to this image; compare it with `statefs replicate status` "
+                           "and restore the newest copy with `statefs restore`")
 
 
 def _write_head(outbox: Path, vault, keys: rfmt.ReplicaKeys, counter: int, state: rfmt.HeadState,
@@ -237,6 +236,7 @@ def _write_head(outbox: Path, vault, keys: rfmt.ReplicaKeys, counter: int, state
     body = rfmt.encode_head_body(head)
     signature = vault.device.signer.sign(rfmt.HEAD_SIGN_LABEL, rfmt.head_signing_bytes(body))
     atomic_write(outbox, rfmt.head_name(signer, counter), rfmt.encode_head_file(body, signature))
+    _log_head(outbox, counter, state)
     for name in gone:       # only after a signed head says so
         try:
             (outbox / name).unlink()
@@ -246,6 +246,34 @@ def _write_head(outbox: Path, vault, keys: rfmt.ReplicaKeys, counter: int, state
     result.heads_written += 1
     result.retired += gone
     return counter
+
+
+HEAD_LOG = "heads.jsonl"
+
+
+def _log_head(outbox: Path, counter: int, state: rfmt.HeadState) -> None:
+    """Which txn each head reached, beside the outbox (never replicated):
+    status turns a copy's head counter into transactions behind."""
+    line = json.dumps({"counter": counter, "last_txn": state.last_txn, "time_ns": state.time_ns})
+    with open(outbox.parent / HEAD_LOG, "a") as f:
+        f.write(line + "\n")
+
+
+def head_txns(outbox: Path) -> dict[int, int]:
+    """Head counter -> the txn it reached, from the head log (lines that do
+    not parse, e.g. one cut by a crash, are skipped)."""
+    found: dict[int, int] = {}
+    try:
+        lines = (outbox.parent / HEAD_LOG).read_text().splitlines()
+    except FileNotFoundError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            found[int(entry["counter"])] = int(entry["last_txn"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 def _retire_generations(state: rfmt.HeadState, segments: list[rfmt.SegmentEntry], policy: Policy) -> list[str]:

@@ -242,7 +242,9 @@ def restore(opened: Opened, target: Target, image: str, *, size: int | None = No
     if os.path.exists(image):
         raise InvalidArgument(f"{image} exists; restore writes a new image",
                               hint="pass a new --image path, or move the old one away")
-    stream_bytes = len(opened.head.segments) * rfmt.capacity(_segment_size(opened))
+    # The log keeps two regions (compaction writes the live state into the
+    # other one): room for three times the generation's stream.
+    stream_bytes = (target.end_seq - target.first_seq) * rfmt.capacity(_segment_size(opened))
     size = size or max(MIN_IMAGE_BYTES, _round_mib(stream_bytes * 3))
     partial = image + ".partial"
     events: list[str] = []

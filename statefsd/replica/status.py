@@ -11,7 +11,7 @@ from pathlib import Path
 from statefsd.errors import StateFSError
 from statefsd.replica import config as rconfig
 from statefsd.replica import format as rfmt
-from statefsd.replica.outbox import last_own_head
+from statefsd.replica.outbox import head_txns, last_own_head
 from statefsd.shared import audit as auditmod
 from statefsd.vault import cli as vault_cli
 
@@ -56,6 +56,7 @@ def collect(args, config: rconfig.ReplicaConfig, state: Path) -> dict:
             report["remotes"].append(r)
             copies.append(("remote " + name, r))
     held = 0
+    reached = head_txns(rconfig.outbox(state))
     for label, copy in copies:
         counter = int(copy.get("head_counter") or 0)
         if counter > local["head_counter"]:
@@ -66,7 +67,7 @@ def collect(args, config: rconfig.ReplicaConfig, state: Path) -> dict:
             report["forks"].append(f"{label} holds another head {counter}: two histories under one device")
         if counter == local["head_counter"] and counter:
             held += 1
-        copy["txns_behind"] = None if not counter else _txns_behind(copy, local)
+        copy["txns_behind"] = _txns_behind(copy, local, reached)
     report["copies_of_newest"] = held
     if held < config.copies:
         report["warnings"].append(f"under-replicated: {held} of {config.copies} wanted copies hold head "
@@ -79,9 +80,11 @@ def collect(args, config: rconfig.ReplicaConfig, state: Path) -> dict:
     return report
 
 
-def _txns_behind(copy: dict, local: dict) -> int | None:
+def _txns_behind(copy: dict, local: dict, reached: dict[int, int]) -> int | None:
     counter = int(copy.get("head_counter") or 0)
-    return 0 if counter == local["head_counter"] else copy.get("txns_behind")
+    if counter not in reached:
+        return None
+    return max(0, local["last_txn"] - reached[counter])
 
 
 def render(report: dict) -> str:

@@ -173,7 +173,8 @@ def test_a_copy_serving_an_older_head_is_named_stale(replica_env, tmp_path):
     assert image_state(str(tmp_path / "n.img")) == want
 
 
-def test_a_rolled_back_image_is_refused_by_push(replica_env, tmp_path):
+@pytest.mark.parametrize("compacted", [False, True], ids=["same-log", "compacted-since"])
+def test_a_rolled_back_image_is_refused_by_push(replica_env, tmp_path, compacted):
     env = replica_env
     set_up(env)
     with env.client() as c:
@@ -185,6 +186,8 @@ def test_a_rolled_back_image_is_refused_by_push(replica_env, tmp_path):
     env.restart()
     with env.client() as c:
         write_some(c, 10, 10)
+        if compacted:       # the older copy is of another log epoch: only txn ids tell
+            c.compact()
     env.cli("replicate", "push")
     env.restart(old_copy)           # the device now serves the older image
     refused = env.cli("replicate", "push", check=False, json_out=False)
