@@ -85,3 +85,15 @@ def test_adding_a_known_device_keeps_its_name_and_changes_only_a_given_address(s
     assert solo.st.device(other)["addresses"] == ["tcp://127.0.0.1:2"]
     solo.st.remove_device(other)
     assert solo.st.device(other) is None
+
+
+def test_a_second_instance_on_a_home_in_use_fails_naming_the_other_one(tmp_path):
+    home = str(tmp_path / "home")
+    proc, st = syncthing.start_instance(home, *free_ports(2))
+    try:
+        with pytest.raises(PeerUnavailable) as exc:
+            syncthing.start_instance(home, *free_ports(2), timeout=2)
+        assert "Error opening database" in exc.value.message and "another Syncthing" in exc.value.hint
+        st.ping()      # the running one is untouched
+    finally:
+        syncthing.stop_instance(proc)
