@@ -397,13 +397,13 @@ def _group_gone(proc: subprocess.Popen, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc.poll()     # reap the monitor, our child
-        if not _live_members(proc.pid):
+        if not live_members(proc.pid):
             return True
         time.sleep(0.02)
     return False
 
 
-def _live_members(pgid: int) -> list[int]:
+def live_members(pgid: int) -> list[int]:
     """Processes of the group that still run. A zombie counts as gone (its
     reaping, by init for the monitor's child, can lag by a second or more)
     once all its threads have exited: a killed Go program's main thread
@@ -434,3 +434,31 @@ def _state(stat_path: str, pgid: int) -> bytes | None:
     except (OSError, IndexError):
         return None
     return fields[0] if int(fields[2]) == pgid else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m statefsd.replica.syncthing --home DIR --gui-port N
+    --listen-port N``: starts a loopback-only instance that keeps running
+    after this command returns, and prints ``device ID``, ``pid PGID`` (its
+    process group: ``kill -TERM -PGID`` stops it), ``url URL``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m statefsd.replica.syncthing",
+                                description="Start a Syncthing instance on loopback for StateFS (tests, demos).")
+    p.add_argument("--home", required=True, help="its configuration and database directory (created)")
+    p.add_argument("--gui-port", type=int, required=True, help="API port on 127.0.0.1")
+    p.add_argument("--listen-port", type=int, required=True, help="sync port on 127.0.0.1")
+    p.add_argument("--name", help="its device name")
+    args = p.parse_args(argv)
+    try:
+        proc, st = start_instance(args.home, args.gui_port, args.listen_port, name=args.name)
+        print(f"device {st.device_id()}\npid {proc.pid}\nurl {st.url}", flush=True)
+    except PeerUnavailable as exc:
+        print(f"syncthing: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr)
+        return int(exc.code)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
