@@ -241,11 +241,11 @@ def cmd_peer_add(args) -> int:
     from statefsd.replica import peers
     state = _state(args)
     config = rconfig.load(state)
-    peers.add_peer(_syncthing(config), args.device_id, args.address, rconfig.outbox(state),
-                   config.replica_id, state)
-    config.peers[args.device_id] = {"address": args.address, "added": time.time()}
+    device_id = peers.add_peer(_syncthing(config), args.device_id, args.address, rconfig.outbox(state),
+                               config.replica_id, state)
+    config.peers[device_id] = {"address": args.address, "added": time.time()}
     rconfig.save(state, config)
-    _emit(args, {"peer": args.device_id}, f"sharing the replica with {args.device_id}")
+    _emit(args, {"peer": device_id}, f"sharing the replica with {device_id}")
     return 0
 
 
@@ -260,6 +260,7 @@ def cmd_peer_rm(args) -> int:
     from statefsd.replica import peers
     state = _state(args)
     config = rconfig.load(state)
+    args.device_id = _syncthing(config).normalize_device_id(args.device_id)
     if args.device_id not in config.peers:
         raise InvalidArgument(f"{args.device_id} is not a peer of this replica", hint="see `statefs peer ls`")
     peers.remove_peer(_syncthing(config), args.device_id, config.replica_id, state)

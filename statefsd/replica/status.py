@@ -87,12 +87,16 @@ def _txns_behind(copy: dict, local: dict, reached: dict[int, int]) -> int | None
     return max(0, local["last_txn"] - reached[counter])
 
 
+def _when(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "never"
+
+
 def render(report: dict) -> str:
     local = report["local"]
     lines = [f"replica {report['replica_id']}: head {local['head_counter']} up to txn {local['last_txn']}; "
              f"image at txn {report['image_newest_txn']} ({report['txns_not_pushed']} txns not pushed)"]
     for p in report["peers"]:
-        lines.append(f"peer {p['device_id'][:7]}: connected={p.get('connected')} last seen {p.get('last_seen')} "
+        lines.append(f"peer {p['device_id'][:7]}: connected={p.get('connected')} last seen {_when(p.get('last_seen'))} "
                      f"completion {p.get('completion')}% behind {p.get('need_bytes')} bytes, "
                      f"head {p.get('head_counter')}" + (" STALE" if p.get("stale") else ""))
     for r in report["remotes"]:

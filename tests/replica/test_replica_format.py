@@ -85,7 +85,7 @@ def test_a_copy_is_checked_without_any_key_and_names_what_is_missing_or_damaged(
     assert report.ok() and report.head_counter == 1 and report.present == 3
     names = list(segs)
     (tmp_path / names[0]).unlink()
-    (tmp_path / names[1]).write_bytes(b"x" + segs[names[1]][1:])
+    (tmp_path / names[1]).write_bytes(bytes([segs[names[1]][0] ^ 1]) + segs[names[1]][1:])
     report = verify_copy(tmp_path, pinned_key=public)
     assert not report.ok() and report.missing == [names[0]] and report.damaged == [names[1]]
 
