@@ -299,3 +299,18 @@ def test_a_device_rolled_back_whole_is_caught_by_the_newer_head_a_remote_holds(r
     assert "remote usb holds head 2, newer than this device's head 1" in status.stdout
     journal = (env.state / "audit.jsonl").read_text()
     assert "rollback_detected" in journal
+
+
+def test_the_recovery_secret_alone_restores_a_copy(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    recovery = env.cli("vault", "key", "export-recovery", json_out=False).stdout.strip()
+    (tmp_path / "recovery.txt").write_text(recovery + "\n")
+    with env.client() as c:
+        write_some(c, 0, 5)
+        want = served_state(c)
+    env.cli("replicate", "push")
+    env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "n.img"),
+            "--recovery-file", str(tmp_path / "recovery.txt"),
+            STATEFS_VAULT_PASSPHRASE=None, STATEFS_KEYSTORE_SOCKET=None, STATEFS_SOCKET=None)
+    assert image_state(str(tmp_path / "n.img")) == want
