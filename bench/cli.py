@@ -1,4 +1,5 @@
-"""scripts/bench [--quick] [--json PATH] [--only LETTERS] [--dir DIR] [--keep] [--vault-mb MB] [--replica-mb MIB]
+"""scripts/bench [--quick] [--json PATH] [--only LETTERS] [--dir DIR] [--keep] [--vault-mb MB]
+                    [--replica-mb MIB] [--replica-segment-size SIZE]
 
 Runs every workload side by side in one run, on one disk, at one durability
 (every commit durable before it returns), prints tables and optionally
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="backup data for (v), version 1 (default: 500, --quick: 8)")
     parser.add_argument("--replica-mb", type=int, metavar="MIB",
                         help="data replicated and restored in (r), in MiB (default: 1024, --quick: 2)")
+    parser.add_argument("--replica-segment-size", metavar="SIZE",
+                        help="segment size of the replica in (r), e.g. 4M (default: the product's, 1M)")
     return parser
 
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.replica_mb < 1:
             build_parser().error("--replica-mb must be at least 1")
         params = dataclasses.replace(params, replica_bytes=args.replica_mb << 20)
+    if args.replica_segment_size is not None:
+        params = dataclasses.replace(params, replica_segment=args.replica_segment_size)
     out, err = Console(width=None if sys.stdout.isatty() else 120), Console(stderr=True)
     lab = Lab(same_fs_tmpdir(args.dir), keep=args.keep)
     began, started = time.monotonic(), dt.datetime.now(dt.timezone.utc)

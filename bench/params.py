@@ -25,6 +25,7 @@ class Params:
     vault_bytes: int            # generated backup data, version 1 (v)
     replica_bytes: int          # generated data replicated and restored (r)
     replica_lag_runs: int       # small changes timed to the peer, the median counts (r)
+    replica_segment: str = "1M"  # segment size of the replica (r): the product's default
 
 
 QUICK = Params(

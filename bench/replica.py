@@ -205,7 +205,8 @@ def replica(lab: Lab, p: Params, progress) -> dict:
     progress(f"replica: generating {p.replica_bytes / (1 << 20):,.0f} MiB (seed {SEED})")
     v1 = vault_data.make_v1(data, p.replica_bytes, SEED)
     src_bytes = v1["bytes"]
-    out: dict = {"data": {"bytes": src_bytes, "files": v1["files"], "seed": SEED}}
+    out: dict = {"data": {"bytes": src_bytes, "files": v1["files"], "seed": SEED},
+                 "segment_size": p.replica_segment}
     owner, peers_, sftp = Owner(lab, src_bytes), None, None
     state_a, state_b = lab.path("replica-state"), lab.path("replica-state-remote")
     outbox = str(rconfig.outbox(Path(state_a)))
@@ -222,7 +223,8 @@ def replica(lab: Lab, p: Params, progress) -> dict:
         # 1. the vault backup (the data every copy below carries)
         owner.start()
         progress("replica: replicate init, vault backup")
-        owner.cli("replicate", "init", "--state", state_a, "--syncthing-url", peers_.owner.url,
+        owner.cli("replicate", "init", "--state", state_a, "--segment-size", p.replica_segment,
+                  "--syncthing-url", peers_.owner.url,
                   "--syncthing-api-key", peers_.owner.api_key)
         vault_data.warm(data)
         s, backup = owner.cli("vault", "backup", data)
@@ -239,7 +241,7 @@ def replica(lab: Lab, p: Params, progress) -> dict:
         # 3. an SFTP remote: StateFS's push + upload, its upload alone, plain rclone copy
         progress("replica: remote (rclone serve sftp)")
         sftp = loopback.start_sftp(rclone.binary, lab.path("sftp"), lab.path("sftp-root"))
-        owner.cli("replicate", "init", "--state", state_b)
+        owner.cli("replicate", "init", "--state", state_b, "--segment-size", p.replica_segment)
         owner.cli("remote", "add", "bench", sftp.spec("statefs"), "--state", state_b)
         s_whole, whole = owner.cli("replicate", "push", "--state", state_b)
         sent = (whole.get("engines") or {}).get("bench") or {}
@@ -317,7 +319,8 @@ def replica(lab: Lab, p: Params, progress) -> dict:
                                    "send-only on the owner, receive-only on the peer"}
 
         # 5. lag: one small change until the peer holds it
-        lags, plain_lags, push_s = [], [], []
+        lags, plain_lags, push_s, growth = [], [], [], []
+        before = files
         small = sorted(rel for rel in plain_files if rel.endswith(".txt"))[0]
         for i in range(p.replica_lag_runs):
             progress(f"replica: lag {i + 1}/{p.replica_lag_runs}")
@@ -327,6 +330,9 @@ def replica(lab: Lab, p: Params, progress) -> dict:
             s, pushed = owner.cli("replicate", "push", "--state", state_a)
             push_s.append(round(s, 3))
             now = remotes.replica_files(local_files(outbox))
+            # What one small commit costs the outbox (and every copy): new segments and a head.
+            growth.append(sum(now.values()) - sum(before.values()))
+            before = now
             wait_until(lambda: holds(copy, now), 600, "the peer's copy of the new head")
             lags.append(time.monotonic() - began)
             report = verify_copy(copy)
@@ -349,6 +355,7 @@ def replica(lab: Lab, p: Params, progress) -> dict:
             wait_until(has_change, 600, "the peer's copy of the changed file")
             plain_lags.append(time.monotonic() - began)
         out["lag"] = {"statefs_s": [round(x, 3) for x in lags], "statefs_push_process_s": push_s,
+                      "statefs_outbox_growth_bytes": growth,
                       "syncthing_s": [round(x, 3) for x in plain_lags],
                       "statefs_median_s": round(statistics.median(lags), 3),
                       "syncthing_median_s": round(statistics.median(plain_lags), 3),
