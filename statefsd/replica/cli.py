@@ -33,6 +33,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--copies", type=int, default=2, help="copies of the newest head wanted (default 2)")
     p.add_argument("--syncthing-url", help="this device's Syncthing REST address, e.g. http://127.0.0.1:8384")
     p.add_argument("--syncthing-api-key", help="its API key")
+    p.add_argument("--syncthing-home", help="or: Syncthing's home directory (its config.xml names both)")
     rs.add_parser("push", parents=parents, help="write new segments and a signed head, then send them")
     p = rs.add_parser("run", parents=parents, help="push on every commit (or on a schedule), until stopped")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the image (default 1)")
@@ -121,7 +122,11 @@ def cmd_init(args) -> int:
     config = rconfig.ReplicaConfig(replica_id=rfmt.ReplicaKeys.derive(vault.keys).replica_id.hex(),
                                    socket=getattr(args, "socket", None), policy=policy)
     config.push_policy().check()
-    if args.syncthing_url:
+    if args.syncthing_home:
+        from statefsd.replica.syncthing import read_home
+        url, key = read_home(args.syncthing_home)
+        config.syncthing = {"url": url, "api_key": key}
+    elif args.syncthing_url:
         config.syncthing = {"url": args.syncthing_url, "api_key": args.syncthing_api_key or ""}
     rconfig.save(state, config)
     rconfig.outbox(state).mkdir(parents=True, exist_ok=True)

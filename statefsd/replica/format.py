@@ -84,8 +84,12 @@ class ReplicaKeys:
         return cls(k("replica-id")[:REPLICA_ID_BYTES], k("replica-seal"), k("replica-name"))
 
 
-def segment_name(keys: ReplicaKeys, seq: int) -> str:
-    digest = blake3.blake3(b"segment" + seq.to_bytes(8, "little"), key=keys.name).digest(length=NAME_BYTES)
+def segment_name(keys: ReplicaKeys, seq: int, push_id: bytes = b"") -> str:
+    """Keyed, so a holder cannot tell a segment's place; ``push_id`` (fresh
+    per push) gives a segment rewritten by a re-run push a new name, so no
+    copy can keep the unlisted earlier file under the name a head lists."""
+    digest = blake3.blake3(b"segment" + seq.to_bytes(8, "little") + push_id,
+                           key=keys.name).digest(length=NAME_BYTES)
     return f"{SEGMENT_DIR}/{digest.hex()}{SEGMENT_SUFFIX}"
 
 

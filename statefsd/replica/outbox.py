@@ -104,6 +104,7 @@ class _SegmentWriter:
         self.buf = bytearray()
         self.result = result
         self.since_head = 0
+        self.push_id = os.urandom(16)
 
     def start_generation(self, generation: int) -> None:
         self.flush()
@@ -126,7 +127,7 @@ class _SegmentWriter:
         prev = self.segments[-1].digest if self.segments else bytes(rfmt.DIGEST_BYTES)
         header = rfmt.SegmentHeader(seq, self.generation, self.flags, len(stream), prev)
         sealed = rfmt.seal_segment(self.keys, header, stream, self.size)
-        name = rfmt.segment_name(self.keys, seq)
+        name = rfmt.segment_name(self.keys, seq, self.push_id)
         atomic_write(self.outbox, name, sealed)
         self.segments.append(rfmt.SegmentEntry(name, rfmt.file_digest(sealed)))
         self.next_seq, self.flags = seq + 1, 0
@@ -161,6 +162,12 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
     else:
         state, segments, retired, counter = rfmt.HeadState(first_seq=0), [], [], 0
     result = PushResult(counter=counter, last_txn=state.last_txn)
+    # Segments an interrupted push wrote but no head lists: engines may have
+    # copied them already, so they leave through the next head's retirements.
+    listed = {s.name for s in segments}
+    leftovers = [f"{rfmt.SEGMENT_DIR}/{p.name}" for p in sorted((outbox / rfmt.SEGMENT_DIR).glob("*"))
+                 if rfmt.is_segment_name(f"{rfmt.SEGMENT_DIR}/{p.name}")
+                 and f"{rfmt.SEGMENT_DIR}/{p.name}" not in listed]
 
     gen = state.generations[-1] if state.generations else None
     writer = _SegmentWriter(outbox, keys, policy, segments, state.first_seq + len(segments),
@@ -205,9 +212,9 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
     writer.flush()
     if gen is not None and not gen["base_end_txn"] and state.last_txn:
         gen["base_end_txn"] = state.last_txn    # everything up to the engine's position: the base is whole
-    if prev is None or result.txns or writer.since_head:
+    if prev is None or result.txns or writer.since_head or leftovers:
         counter = _write_head(outbox, vault, keys, counter, state, writer, snapshots, retired, policy, result,
-                              retire=True)
+                              retire=True, leftovers=leftovers)
     result.counter, result.last_txn, result.generation = counter, state.last_txn, writer.generation
     return result
 
@@ -220,11 +227,11 @@ def _rolled_back(what: str) -> RolledBack:
 
 def _write_head(outbox: Path, vault, keys: rfmt.ReplicaKeys, counter: int, state: rfmt.HeadState,
                 writer: _SegmentWriter, snapshots: set[str], retired: list[str], policy: Policy,
-                result: PushResult, *, retire: bool = False) -> int:
+                result: PushResult, *, retire: bool = False, leftovers: list[str] = ()) -> int:
     counter += 1
     gone: list[str] = []
     if retire:
-        gone = _retire_generations(state, writer.segments, policy)
+        gone = list(leftovers) + _retire_generations(state, writer.segments, policy)
         older = [h for h in read_heads(outbox, []) if h.signer == vault.device.public_key]
         gone += [rfmt.head_name(h.signer, h.counter) for h in older[:max(0, len(older) + 1 - HEADS_KEPT)]]
     retired[:] = (retired + gone)[-RETIRED_KEPT:]

@@ -308,11 +308,14 @@ class Rclone:
 
     # ------------------------------------------------------------ writing
 
-    def copy_up(self, local_dir: str | os.PathLike, remote: str, files: Iterable[str] | None = None) -> list[str]:
+    def copy_up(self, local_dir: str | os.PathLike, remote: str, files: Iterable[str] | None = None, *,
+                present: dict[str, int] | None = None) -> list[str]:
         """Upload the files of ``local_dir`` (all, or the relative paths in
         ``files``) that ``remote`` lacks or holds with another size; return
-        the paths sent. Afterwards every one of them must be on the remote
-        with its local size, or :class:`PeerUnavailable` is raised."""
+        the paths sent. ``present`` (path -> size) is a fresh listing of the
+        remote if the caller has one. Afterwards every file sent must be on
+        the remote with its local size, or :class:`PeerUnavailable` is
+        raised."""
         local = local_files(local_dir)
         if files is not None:
             wanted = set(files)
@@ -321,7 +324,7 @@ class Rclone:
                 raise InvalidArgument(f"not in {local_dir}: {', '.join(sorted(unknown))}",
                                       hint="the outbox changed during the push; push again")
             local = {rel: size for rel, size in local.items() if rel in wanted}
-        there = {f.path: f.size for f in self.list(remote)}
+        there = present if present is not None else {f.path: f.size for f in self.list(remote)}
         needed = sorted(rel for rel, size in local.items() if there.get(rel) != size)
         if needed:
             try:

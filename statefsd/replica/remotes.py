@@ -240,12 +240,14 @@ def push(rclone: Rclone, outbox: str | os.PathLike, remote: str, *,
     remote = remote_of(remote)
     local = replica_files(local_files(outbox))
     uploaded: list[str] = []
-    if rfmt.KEYS_FILE in local and _keys_differ(rclone, outbox, remote, local[rfmt.KEYS_FILE]):
+    there = {f.path: f.size for f in rclone.list(remote)}
+    if rfmt.KEYS_FILE in local and _keys_differ(rclone, outbox, remote, there):
         rclone.put(Path(outbox) / rfmt.KEYS_FILE, join(remote, rfmt.KEYS_FILE))
         uploaded.append(rfmt.KEYS_FILE)
     heads = [rel for rel in local if _head_counter(rel) is not None]
-    uploaded += rclone.copy_up(outbox, remote, [rel for rel in local if rfmt.is_segment_name(rel)])
-    uploaded += rclone.copy_up(outbox, remote, heads)
+    uploaded += rclone.copy_up(outbox, remote, [rel for rel in local if rfmt.is_segment_name(rel)],
+                               present=there)
+    uploaded += rclone.copy_up(outbox, remote, heads, present=there)
     report = {"remote": redact(remote), "uploaded": uploaded, "files": len(uploaded),
               "bytes": sum(local[rel] for rel in uploaded),
               "deleted": rclone.delete(remote, retired_files(outbox)),
@@ -256,13 +258,13 @@ def push(rclone: Rclone, outbox: str | os.PathLike, remote: str, *,
     return report
 
 
-def _keys_differ(rclone: Rclone, outbox: str | os.PathLike, remote: str, size: int) -> bool:
+def _keys_differ(rclone: Rclone, outbox: str | os.PathLike, remote: str, there: dict[str, int]) -> bool:
     """The key file may be rewritten (a new device, a new passphrase slot),
-    so it is compared by content, not only by name."""
-    there = {f.path: f.size for f in rclone.list(remote) if f.path == rfmt.KEYS_FILE}
-    if there.get(rfmt.KEYS_FILE) != size:
+    so it is compared by content, not only by name and size."""
+    mine = (Path(outbox) / rfmt.KEYS_FILE).read_bytes()
+    if there.get(rfmt.KEYS_FILE) != len(mine):
         return True
-    return rclone.cat(join(remote, rfmt.KEYS_FILE)) != (Path(outbox) / rfmt.KEYS_FILE).read_bytes()
+    return rclone.cat(join(remote, rfmt.KEYS_FILE)) != mine
 
 
 def pull(rclone: Rclone, remote: str, local_dir: str | os.PathLike) -> list[str]:

@@ -337,26 +337,43 @@ def start_instance(home: str, gui_port: int, listen_port: int, *, name: str | No
             raise PeerUnavailable(f"syncthing generate failed: {gen.stderr.strip()[-500:]}",
                                   hint=f"check that {home} is writable")
     api_key = _configure(home, gui_port, listen_port, name)
+    st = Syncthing(f"http://127.0.0.1:{gui_port}", api_key, timeout=10.0)
+    log_path = os.path.join(home, "syncthing.log")
+    deadline = time.monotonic() + timeout
+    said = ""
+    while True:
+        started_at = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        proc = _spawn(exe, home, log_path)
+        while True:
+            try:
+                st.ping()
+                return proc, st
+            except PeerUnavailable as exc:
+                failure = exc
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        stop_instance(proc)
+        with open(log_path, "rb") as log:
+            log.seek(started_at)
+            said = log.read().decode("utf-8", "replace").strip() or said
+        if "Error opening database" in said and time.monotonic() < deadline:
+            # The previous instance on this home is still letting go of
+            # its database lock: try again.
+            time.sleep(0.2)
+            continue
+        raise PeerUnavailable(f"Syncthing in {home} did not start ({failure.message}):\n{said[-1500:]}",
+                              hint=f"is port {gui_port} or {listen_port} already in use, or another "
+                                   f"Syncthing running on {home}?")
+
+
+def _spawn(exe: str, home: str, log_path: str) -> subprocess.Popen:
     env = dict(os.environ, STNOUPGRADE="1", STNORESTART="1", STNODEFAULTFOLDER="1")
-    with open(os.path.join(home, "syncthing.log"), "ab") as log:
-        proc = subprocess.Popen([exe, "serve", f"--home={home}", "--no-browser", "--no-restart", "--no-upgrade",
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([exe, "serve", f"--home={home}", "--no-browser", "--no-restart", "--no-upgrade",
                                  "--no-default-folder"],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
-    st = Syncthing(f"http://127.0.0.1:{gui_port}", api_key, timeout=10.0)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            st.ping()
-            return proc, st
-        except PeerUnavailable as exc:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_instance(proc)
-                with open(os.path.join(home, "syncthing.log"), "rb") as log:
-                    tail = log.read()[-1500:].decode("utf-8", "replace")
-                raise PeerUnavailable(f"Syncthing in {home} did not start ({exc.message}):\n{tail}",
-                                      hint=f"is port {gui_port} or {listen_port} already in use?") from None
-            time.sleep(0.1)
 
 
 def stop_instance(proc: subprocess.Popen, timeout: float = 10.0, *, kill: bool = False) -> None:
@@ -380,25 +397,68 @@ def _group_gone(proc: subprocess.Popen, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc.poll()     # reap the monitor, our child
-        if not _live_members(proc.pid):
+        if not live_members(proc.pid):
             return True
         time.sleep(0.02)
     return False
 
 
-def _live_members(pgid: int) -> list[int]:
-    """Processes of the group that still run. A zombie counts as gone: it
-    holds no lock any more, and its reaping (by init, for the monitor's
-    child) can lag by a second or more."""
+def live_members(pgid: int) -> list[int]:
+    """Processes of the group that still run. A zombie counts as gone (its
+    reaping, by init for the monitor's child, can lag by a second or more)
+    once all its threads have exited: a killed Go program's main thread
+    turns zombie first while the others still hold its files, and with them
+    the database lock."""
     live = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            live.append(int(entry))
+        if entry.isdigit() and _state(f"/proc/{entry}/stat", pgid) is not None:
+            tasks = _tasks(entry)
+            if any(_state(f"/proc/{entry}/task/{t}/stat", pgid) not in (None, b"Z", b"X") for t in tasks):
+                live.append(int(entry))
     return live
+
+
+def _tasks(pid: str) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def _state(stat_path: str, pgid: int) -> bytes | None:
+    """The state letter of a process or thread in group ``pgid``; None if it
+    is gone or in another group."""
+    try:
+        with open(stat_path, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0] if int(fields[2]) == pgid else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m statefsd.replica.syncthing --home DIR --gui-port N
+    --listen-port N``: starts a loopback-only instance that keeps running
+    after this command returns, and prints ``device ID``, ``pid PGID`` (its
+    process group: ``kill -TERM -PGID`` stops it), ``url URL``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m statefsd.replica.syncthing",
+                                description="Start a Syncthing instance on loopback for StateFS (tests, demos).")
+    p.add_argument("--home", required=True, help="its configuration and database directory (created)")
+    p.add_argument("--gui-port", type=int, required=True, help="API port on 127.0.0.1")
+    p.add_argument("--listen-port", type=int, required=True, help="sync port on 127.0.0.1")
+    p.add_argument("--name", help="its device name")
+    args = p.parse_args(argv)
+    try:
+        proc, st = start_instance(args.home, args.gui_port, args.listen_port, name=args.name)
+        print(f"device {st.device_id()}\npid {proc.pid}\nurl {st.url}", flush=True)
+    except PeerUnavailable as exc:
+        print(f"syncthing: {exc.code.name}: {exc.message} ({exc.hint})", file=sys.stderr)
+        return int(exc.code)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

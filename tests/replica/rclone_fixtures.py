@@ -147,7 +147,7 @@ def start_sftp(binary: str, workdir: Path, root: Path) -> SftpServer:
 def start_webdav(binary: str, workdir: Path, root: Path) -> WebdavServer:
     workdir.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(12)
+    password = secrets.token_hex(12)   # a leading "-" would read as an rclone flag
     obscured = subprocess.run([binary, "obscure", password], capture_output=True, check=True,
                               text=True).stdout.strip()
     served = Served(binary, workdir, ["webdav", "--user", "statefs", "--pass", password], root)

@@ -16,9 +16,8 @@ from nacl.signing import SigningKey
 
 from statefsd.errors import Code, InvalidArgument, NoSpace, NotFound, PeerUnavailable
 from statefsd.replica import format as rfmt
-from statefsd.replica import outbox as outboxmod
 from statefsd.replica import remotes
-from statefsd.replica.rclone import Rclone, classify, redact
+from statefsd.replica.rclone import Rclone, classify, find_binary, redact
 from statefsd.replica.verify import verify_copy
 from tests.replica.conftest import image_state, served_state
 from tests.replica.rclone_fixtures import (  # noqa: F401  (pytest fixtures)
@@ -337,16 +336,16 @@ def test_a_device_replicates_to_an_sftp_remote_and_a_fresh_device_restores_from_
     set_up(env)
     assert env.cli("remote", "add", "box", sftp_server.spec()) == {"remote": "box"}
     served = sftp_server.root / "backup"
-    deleted: list[str] = []
     with env.client() as c:
-        for round_ in range(outboxmod.HEADS_KEPT + 1):
-            write_some(c, round_ * 40, 40)
-            sent = env.cli("replicate", "push")["engines"]["box"]
-            assert "error" not in sent, sent
-            assert set(sent["uploaded"]) <= set(tree(env.outbox)) and sent["uploaded"]
-            deleted += sent["deleted"]
+        write_some(c, 0, 60)
+        first = env.cli("replicate", "push")["engines"]["box"]
+        assert "error" not in first, first
+        assert sorted(first["uploaded"]) == sorted(tree(env.outbox))
+        before = tree(env.outbox)
+        write_some(c, 60, 60)
+        second = env.cli("replicate", "push")["engines"]["box"]
+        assert second["uploaded"] and not set(second["uploaded"]) & set(before), "only new files are sent"
         want = served_state(c)
-    assert any(rfmt.parse_head_name(rel) for rel in deleted), "older heads retired by a signed head are deleted"
     assert tree(served) == tree(env.outbox)
     status = env.cli("replicate", "status")
     box = status["remotes"][0]
@@ -362,3 +361,14 @@ def test_a_device_replicates_to_an_sftp_remote_and_a_fresh_device_restores_from_
     env.cli("restore", "--from", sftp_server.spec(), "--image", new_image, STATEFS_KEYSTORE_SOCKET=None,
             STATEFS_SOCKET=None, STATEFS_REPLICA_DIR=str(tmp_path / "fresh-state"))
     assert image_state(new_image) == want
+
+
+def test_the_rclone_binary_named_by_STATEFS_RCLONE_wins_and_a_wrong_one_is_named(monkeypatch, tmp_path):
+    binary = rclone_binary()
+    monkeypatch.setenv("STATEFS_RCLONE", binary)
+    assert find_binary() == binary
+    (tmp_path / "not-rclone").write_text("")
+    monkeypatch.setenv("STATEFS_RCLONE", str(tmp_path / "not-rclone"))
+    with pytest.raises(InvalidArgument) as err:
+        find_binary()
+    assert "STATEFS_RCLONE" in err.value.hint

@@ -249,5 +249,53 @@ def wait_for(predicate, seconds: float) -> bool:
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.1)
+        time.sleep(0.02)
     return False
+
+
+def test_a_push_killed_midway_is_rerun_and_what_it_left_is_retired(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        for i in range(60):
+            c.put(f"bulk/{i}", os.urandom(200_000))
+        want = served_state(c)
+    argv = [sys.executable, "-m", "statefsd.cli", "replicate", "push"]
+    push = subprocess.Popen(argv, env=env.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    segs = lambda: set((env.outbox / "seg").glob("*.sfs")) if (env.outbox / "seg").is_dir() else set()
+    assert wait_for(lambda: len(segs()) >= 3 or push.poll() is not None, 60)
+    push.kill()
+    push.wait()
+    left = segs()
+    assert left and not list((env.outbox / "head").glob("*.sfh")), "the push finished before it was killed"
+    rerun = env.cli("replicate", "push")
+    retired = {env.outbox / n for n in rerun["retired"]}
+    assert left <= retired and not left & segs()
+    env.cli("restore", "--from", str(env.outbox), "--image", str(tmp_path / "n.img"))
+    assert image_state(str(tmp_path / "n.img")) == want
+
+
+def test_a_device_rolled_back_whole_is_caught_by_the_newer_head_a_remote_holds(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    remote = tmp_path / "usb-disk"
+    env.cli("remote", "add", "usb", f":local:{remote}")
+    with env.client() as c:
+        write_some(c, 0, 10)
+    env.cli("replicate", "push")
+    assert env.cli("replicate", "status")["rollback"] == []
+    env.statefsd.stop()         # an old backup of the whole device: image and replication state
+    shutil.copyfile(env.image, tmp_path / "old.img")
+    shutil.copytree(env.state, tmp_path / "old-state")
+    env.restart()
+    with env.client() as c:
+        write_some(c, 10, 10)
+    env.cli("replicate", "push")
+    env.restart(str(tmp_path / "old.img"))
+    shutil.rmtree(env.state)
+    shutil.copytree(tmp_path / "old-state", env.state)
+    status = env.cli("replicate", "status", check=False)
+    assert status.returncode == Code.EROLLBACK, status.stderr
+    assert "remote usb holds head 2, newer than this device's head 1" in status.stdout
+    journal = (env.state / "audit.jsonl").read_text()
+    assert "rollback_detected" in journal

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from statefsd.errors import Code, InvalidArgument, PeerUnavailable
 from statefsd.replica import syncthing
-from tests.replica.syncthing_fixtures import free_ports, start_cluster, stop_cluster
+from tests.replica.syncthing_fixtures import free_ports, start_cluster, stop_cluster, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +92,31 @@ def test_adding_a_known_device_keeps_its_name_and_changes_only_a_given_address(s
     assert solo.st.device(other)["addresses"] == ["tcp://127.0.0.1:2"]
     solo.st.remove_device(other)
     assert solo.st.device(other) is None
+
+
+def test_a_second_instance_on_a_home_in_use_fails_naming_the_other_one(tmp_path):
+    home = str(tmp_path / "home")
+    proc, st = syncthing.start_instance(home, *free_ports(2))
+    try:
+        with pytest.raises(PeerUnavailable) as exc:
+            syncthing.start_instance(home, *free_ports(2), timeout=2)
+        assert "Error opening database" in exc.value.message and "another Syncthing" in exc.value.hint
+        st.ping()      # the running one is untouched
+    finally:
+        syncthing.stop_instance(proc)
+
+
+def test_the_module_starts_an_instance_that_outlives_the_command(tmp_path):
+    home = str(tmp_path / "home")
+    gui, listen = free_ports(2)
+    proc = subprocess.run([sys.executable, "-m", "statefsd.replica.syncthing", "--home", home, "--gui-port",
+                           str(gui), "--listen-port", str(listen)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr
+    said = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    try:
+        st = syncthing.Syncthing(*syncthing.read_home(home))
+        assert st.device_id() == said["device"] and st.url == said["url"]
+    finally:
+        os.killpg(int(said["pid"]), signal.SIGTERM)
+    wait_for(lambda: syncthing.live_members(int(said["pid"])) == [], 10, "the instance to stop")
