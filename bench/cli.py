@@ -1,4 +1,5 @@
 """scripts/bench [--quick] [--json PATH] [--only LETTERS] [--dir DIR] [--keep] [--vault-mb MB]
+                    [--replica-mb MIB] [--replica-segment-size SIZE]
 
 Runs every workload side by side in one run, on one disk, at one durability
 (every commit durable before it returns), prints tables and optionally
@@ -19,7 +20,7 @@ import traceback
 
 from rich.console import Console
 
-from bench import compaction, fsck, memory, mount, report, throughput, vault
+from bench import compaction, fsck, memory, mount, replica, report, throughput, vault
 from bench.lab import Lab, same_fs_tmpdir
 from bench.params import FULL, QUICK
 
@@ -34,6 +35,7 @@ WORKLOADS = [
     ("g", "g_compaction", compaction.compaction),
     ("h", "h_memory", memory.memory),
     ("v", "v_vault", vault.vault),
+    ("r", "r_replica", replica.replica),
     ("e", "e_mount", mount.mount_vs_history),
 ]
 
@@ -42,13 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="smoke run with tiny counts (checks the bench works)")
     parser.add_argument("--json", metavar="PATH", help="write every figure, ratio and target here")
-    parser.add_argument("--only", metavar="LETTERS", default="abcdefghv",
-                        help="run only these workloads, e.g. 'ae' (default: all of abcdefghv)")
+    parser.add_argument("--only", metavar="LETTERS", default="abcdefghvr",
+                        help="run only these workloads, e.g. 'ae' (default: all of abcdefghvr)")
     parser.add_argument("--dir", help="parent directory for the scratch files (default: a temp dir on "
                                       "the repository's file system)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--vault-mb", type=int, metavar="MB",
                         help="backup data for (v), version 1 (default: 500, --quick: 8)")
+    parser.add_argument("--replica-mb", type=int, metavar="MIB",
+                        help="data replicated and restored in (r), in MiB (default: 1024, --quick: 2)")
+    parser.add_argument("--replica-segment-size", metavar="SIZE",
+                        help="segment size of the replica in (r), e.g. 4M (default: the product's, 1M)")
     return parser
 
 
@@ -62,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.vault_mb < 1:
             build_parser().error("--vault-mb must be at least 1")
         params = dataclasses.replace(params, vault_bytes=args.vault_mb * 1_000_000)
+    if args.replica_mb is not None:
+        if args.replica_mb < 1:
+            build_parser().error("--replica-mb must be at least 1")
+        params = dataclasses.replace(params, replica_bytes=args.replica_mb << 20)
+    if args.replica_segment_size is not None:
+        params = dataclasses.replace(params, replica_segment=args.replica_segment_size)
     out, err = Console(width=None if sys.stdout.isatty() else 120), Console(stderr=True)
     lab = Lab(same_fs_tmpdir(args.dir), keep=args.keep)
     began, started = time.monotonic(), dt.datetime.now(dt.timezone.utc)

@@ -43,6 +43,10 @@ VAULT_RATIOS = {
     "vault_restore_vs_restic": "restore_mb_per_s",
     "vault_peak_rss_vs_restic": "peak_rss_bytes",
 }
+# ratio name: the (r) figure holding it (no targets yet: the closing note
+# of replication reports them)
+REPLICA_RATIOS = ["replica_vs_rclone_copy", "replica_upload_vs_rclone_copy", "replica_vs_syncthing",
+                  "replica_lag_vs_syncthing"]
 _OPS = {">=": operator.ge, "<=": operator.le}
 
 
@@ -67,6 +71,7 @@ def ratios(figures: dict) -> dict:
     g, v = figures.get("g_compaction"), figures.get("v_vault")
     rows = _dig(e, "histories") or []
     vault = {name: _div(_dig(v, "statefs", field), _dig(v, "restic", field)) for name, field in VAULT_RATIOS.items()}
+    replica = {name: _dig(figures, "r_replica", name) for name in REPLICA_RATIOS}
     return {
         "single_client_vs_flush_limit": _div(_dig(a, "statefs", "100", "txn_per_s"),
                                              _dig(a, "disk_dsync_write", "100", "txn_per_s")),
@@ -93,6 +98,7 @@ def ratios(figures: dict) -> dict:
         "redundancy_bulk": _div(_dig(d, "statefs", "mb_per_s"), _dig(d, "statefs_no_redundancy", "mb_per_s")),
         "statefsd_bytes_per_key": _dig(figures, "h_memory", "bytes_per_key"),
         **vault,
+        **replica,
     }
 
 
@@ -170,6 +176,9 @@ def render(doc: dict, console: Console) -> None:
     v = figures.get("v_vault")
     if v and "error" not in v:
         _vault_table(v, console)
+    r = figures.get("r_replica")
+    if r and "error" not in r:
+        _replica_table(r, console)
     for key, fig in figures.items():
         if isinstance(fig, dict) and "error" in fig:
             console.print(f"[red]{key} failed: {fig['error']}[/red]")
@@ -206,4 +215,36 @@ def _vault_table(v: dict, console: Console) -> None:
         elif "error" in r:
             console.print(f"  [red]{tool} failed: {r['error']}[/red]")
     for note in v.get("notes", []):
+        console.print(f"  note: {note}")
+
+
+def _replica_table(r: dict, console: Console) -> None:
+    if "skipped" in r:
+        console.print(f"  [yellow](r) replication skipped: {r['skipped']}[/yellow]")
+        return
+    versions = r.get("versions", {})
+    t = Table(title=f"(r) replication of {r['data']['bytes'] / (1 << 20):,.0f} MiB ({r['data']['files']:,} files), "
+                    f"syncthing {versions.get('syncthing', '?')}, {versions.get('rclone', 'rclone ?')}")
+    for col in ("step", "StateFS s", "StateFS MB/s", "plain engine s", "plain MB/s", "ratio"):
+        t.add_column(col, justify="left" if col == "step" else "right")
+    rem, peer, lag, rest = r["remote"], r["peer"], r["lag"], r["restore"]
+    t.add_row("vault backup", _n(r["backup"]["seconds"], 2), _n(r["backup"]["mb_per_s"]), "", "", "")
+    t.add_row("push into the outbox", _n(r["push"]["seconds"], 2), _n(r["push"]["mb_per_s"]), "", "", "")
+    t.add_row("SFTP remote: push + upload vs rclone copy", _n(rem["statefs_push_upload_s"], 2),
+              _n(rem["statefs_push_upload_mb_per_s"]), _n(rem["rclone_copy_s"], 2), _n(rem["rclone_copy_mb_per_s"]),
+              _n(r["replica_vs_rclone_copy"], 3))
+    t.add_row("SFTP remote: upload alone vs rclone copy", _n(rem["statefs_upload_s"], 2),
+              _n(rem["statefs_upload_mb_per_s"]), _n(rem["rclone_copy_s"], 2), _n(rem["rclone_copy_mb_per_s"]),
+              _n(r["replica_upload_vs_rclone_copy"], 3))
+    t.add_row("peer: share until received vs Syncthing", _n(peer["statefs_sync_s"], 2),
+              _n(peer["statefs_sync_mb_per_s"]), _n(peer["syncthing_plain_s"], 2),
+              _n(peer["syncthing_plain_mb_per_s"]), _n(r["replica_vs_syncthing"], 3))
+    t.add_row(f"lag, one small change (median of {len(lag['statefs_s'])})", _n(lag["statefs_median_s"], 2), "",
+              _n(lag["syncthing_median_s"], 2), "", _n(r["replica_lag_vs_syncthing"], 3))
+    t.add_row("restore from the peer's copy", _n(rest["seconds"], 2), _n(rest["mb_per_s"]), "", "",
+              "equal" if rest["equal"] else "[red]DIFFERS[/red]")
+    console.print(t)
+    console.print(f"  outbox {r['push']['outbox_bytes'] / (1 << 20):,.1f} MiB in {r['push']['outbox_files']:,} files; "
+                  f"restored {rest['keys']:,} keys, the same as the source")
+    for note in r.get("notes", []):
         console.print(f"  note: {note}")
