@@ -294,7 +294,10 @@ class HeadState:
 
 
 def head_signing_bytes(body: bytes) -> bytes:
-    return HEAD_SIGN_DOMAIN + b"\x00" + body
+    """What the device key signs: the body's BLAKE3, not the body, since a
+    head lists every live segment and keystored signs messages of at most
+    64 KiB."""
+    return HEAD_SIGN_DOMAIN + b"\x00" + blake3.blake3(body).digest()
 
 
 def encode_head_body(head: Head) -> bytes:
@@ -357,7 +360,7 @@ def open_head_state(keys: ReplicaKeys, head: Head) -> HeadState:
     if not (all(type(v) is int and v >= 0 for v in ints) and _is_bytes(state.chain, 32)
             and isinstance(state.cursor, bytes) and isinstance(state.generations, list)
             and all(isinstance(g, dict) and all(type(g.get(k)) is int for k in ("gen", "first_seq", "first_txn", "last_txn"))
-                    for g in state.generations)
+                    and _is_bytes(g.get("chain", bytes(32)), 32) for g in state.generations)
             and isinstance(state.snapshots, list) and all(isinstance(s, str) for s in state.snapshots)):
         raise IntegrityError(f"head {head.counter}: malformed sealed state")
     return state

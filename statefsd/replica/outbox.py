@@ -15,13 +15,16 @@ head recorded, was rolled back or replaced, and the push refuses
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from statefsd.errors import InvalidArgument, KeyUnavailable, RolledBack
+from statefsd.errors import Busy, InvalidArgument, KeyUnavailable, RolledBack
 from statefsd.replica import format as rfmt
 from statefsd.replica.verify import read_heads
 from statefsd.vault import kv as kvmod
@@ -65,8 +68,8 @@ class PushResult:
 def atomic_write(outbox: Path, rel: str, data: bytes) -> None:
     tmp_dir = outbox.parent / (outbox.name + ".tmp")
     tmp_dir.mkdir(exist_ok=True)
-    tmp = tmp_dir / rel.replace("/", "_")
-    with open(tmp, "wb") as f:
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=rel.replace("/", "_") + ".")
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -141,6 +144,23 @@ def last_own_head(outbox: Path, signer: bytes) -> rfmt.Head | None:
     return heads[-1] if heads else None
 
 
+@contextlib.contextmanager
+def exclusive_push(outbox: Path):
+    """One push at a time per outbox: two would write two heads with one
+    counter (a fork on every copy) and retire each other's segments."""
+    outbox.mkdir(parents=True, exist_ok=True)
+    fd = os.open(outbox.parent / (outbox.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"another push into {outbox} is running (`statefs replicate run`, or a push by hand)",
+                       hint="wait for it to finish, or stop `statefs replicate run` before pushing by hand") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_BYTES) -> PushResult:
     """One push; returns what it wrote. ``vault`` is the opened vault of
     the image (its keys seal the replica; its device signs the head)."""
@@ -148,7 +168,11 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
     if vault.device is None:
         raise KeyUnavailable("a push signs its head with the device key, and no keystored was given",
                              hint="start keystored and set $STATEFS_KEYSTORE_SOCKET (or --keystore-socket)")
-    outbox.mkdir(parents=True, exist_ok=True)
+    with exclusive_push(outbox):
+        return _push(client, vault, outbox, policy, feed_bytes)
+
+
+def _push(client, vault, outbox: Path, policy: Policy, feed_bytes: int) -> PushResult:
     keys = rfmt.ReplicaKeys.derive(vault.keys)
     signer = vault.device.public_key
     keys_file = rfmt.encode_keys_file(key_records(vault.kv))
@@ -196,7 +220,7 @@ def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_
         for txn_id, chain, changes in page["txns"]:
             writer.add(rfmt.encode_txn(txn_id, chain, changes))
             gen["first_txn"] = gen["first_txn"] or txn_id
-            gen["last_txn"] = txn_id
+            gen["last_txn"], gen["chain"] = txn_id, chain
             state.last_txn, state.chain = txn_id, chain
             result.txns += 1
             for key, value in changes:

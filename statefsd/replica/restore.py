@@ -103,9 +103,26 @@ def open_replica(sources: Iterable[tuple[Path, str]], secret: vaultmod.Secret) -
     if not every:
         raise NotFound("no head signed by a device of this vault in " + ", ".join(s.label for s in copies),
                        hint="check the copy's path, or that a push has completed on the source device")
-    head = max(every, key=lambda h: h.counter)
-    stale = [src.label for src in copies if not src.heads or src.heads[-1].counter < head.counter]
-    return Opened(vault, keys, head, rfmt.open_head_state(keys, head), copies, stale, problems)
+    head, state = _newest(every, keys, problems)
+    stale = [src.label for src in copies if not any(h.signer == head.signer for h in src.heads)
+             or max(h.counter for h in src.heads if h.signer == head.signer) < head.counter]
+    return Opened(vault, keys, head, state, copies, stale, problems)
+
+
+def _newest(heads: list[rfmt.Head], keys: rfmt.ReplicaKeys, problems: list[str]) -> tuple[rfmt.Head, rfmt.HeadState]:
+    """The newest head of each signing device; of several devices (a device
+    restored onto a new machine goes on under a new key, its counter from 1),
+    the one written last."""
+    newest: dict[bytes, rfmt.Head] = {}
+    for h in heads:
+        if h.signer not in newest or h.counter > newest[h.signer].counter:
+            newest[h.signer] = h
+    opened = [(h, rfmt.open_head_state(keys, h)) for h in newest.values()]
+    if len(opened) > 1:
+        problems.append("heads of " + ", ".join(f"{rfmt.device_tag(h.signer)} (head {h.counter})"
+                                                   for h, _ in opened)
+                        + ": the one written last is restored")
+    return max(opened, key=lambda pair: pair[1].time_ns)
 
 
 def _open_keys(copies: list[Source], secret: vaultmod.Secret) -> tuple[vaultmod.Vault, rfmt.ReplicaKeys]:
@@ -159,7 +176,7 @@ def choose(opened: Opened, at: str | None) -> Target:
     def target(g: dict, txn: int) -> Target:
         later = [h for h in state.generations if h["gen"] > g["gen"]]
         end = later[0]["first_seq"] if later else last_seq
-        return Target(g, txn, g["first_seq"], end, g is whole[-1] and txn == g["last_txn"])
+        return Target(g, txn, g["first_seq"], end, txn == g["last_txn"])
 
     if at is None or at == "latest":
         return target(whole[-1], whole[-1]["last_txn"])
@@ -194,7 +211,11 @@ def read_segment(opened: Opened, seq: int, entry: rfmt.SegmentEntry, events: lis
     """The segment's file from the first copy where it matches its signed digest."""
     for src in opened.sources:
         try:
-            data = (src.path / entry.name).read_bytes()
+            path = src.path / entry.name
+            if path.stat().st_size > rfmt.MAX_SEGMENT_BYTES:
+                events.append(f"{src.label}: {entry.name} damaged (larger than any segment)")
+                continue
+            data = path.read_bytes()
         except OSError:
             events.append(f"{src.label}: {entry.name} missing")
             continue
@@ -225,8 +246,10 @@ def _stream(opened: Opened, t: Target, events: list[str] | None = None):
             raise IntegrityError(f"segment {seq} does not follow segment {seq - 1}", hint="restore from another copy")
         prev_digest = entry.digest
         for txn in decoder.feed(stream):
+            if txn[0] > t.txn:
+                return          # ids have gaps: the state as of t.txn is the one before this txn
             yield txn
-            if txn[0] >= t.txn:
+            if txn[0] == t.txn:
                 return
     raise IntegrityError(f"txn {t.txn} is not in the replica's stream (ends at txn {decoder.last_txn})",
                          hint="restore from another copy, or pick another point")
@@ -242,16 +265,22 @@ def restore(opened: Opened, target: Target, image: str, *, size: int | None = No
     if os.path.exists(image):
         raise InvalidArgument(f"{image} exists; restore writes a new image",
                               hint="pass a new --image path, or move the old one away")
+    events: list[str] = []
+    if target.end_seq > target.first_seq:
+        first = read_segment(opened, target.first_seq, opened.head.segments[target.first_seq - opened.state.first_seq],
+                             events)      # verified against the signed digest: its size can be trusted
+        segment_bytes = len(first)
+    else:
+        segment_bytes = 0
     # The log keeps two regions (compaction writes the live state into the
     # other one): room for three times the generation's stream.
-    stream_bytes = (target.end_seq - target.first_seq) * rfmt.capacity(_segment_size(opened))
+    stream_bytes = (target.end_seq - target.first_seq) * segment_bytes
     size = size or max(MIN_IMAGE_BYTES, _round_mib(stream_bytes * 3))
     partial = image + ".partial"
-    events: list[str] = []
-    create_image(partial, size)
     applied = txns = 0
     last_chain = b""
     try:
+        create_image(partial, size)
         with FileDevice(partial) as device:
             Engine.mkfs(device)
         engine = Engine.mount(FileDevice(partial))
@@ -274,7 +303,7 @@ def restore(opened: Opened, target: Target, image: str, *, size: int | None = No
             keys = len(engine.list(""))
         finally:
             engine.close()
-        if target.latest and last_chain != opened.state.chain:
+        if target.latest and last_chain != target.generation.get("chain", opened.state.chain):
             raise IntegrityError("the restored history's chain head differs from the one the head signs",
                                  hint="restore from another copy")
         os.replace(partial, image)
@@ -298,16 +327,6 @@ def _commit(engine, batch: list) -> int:
         engine.commit(part)
         done += 1
     return done
-
-
-def _segment_size(opened: Opened) -> int:
-    for src in opened.sources:
-        for seg in opened.head.segments[:1]:
-            try:
-                return (src.path / seg.name).stat().st_size
-            except OSError:
-                continue
-    return rfmt.DEFAULT_SEGMENT_BYTES
 
 
 def _round_mib(n: int) -> int:

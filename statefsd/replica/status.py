@@ -20,6 +20,7 @@ def collect(args, config: rconfig.ReplicaConfig, state: Path) -> dict:
     vault = vault_cli.open_from_args(args, device_required=True)
     try:
         keys = rfmt.ReplicaKeys.derive(vault.keys)
+        signer = vault.device.public_key       # copies are compared with this device's own heads
         head = last_own_head(rconfig.outbox(state), vault.device.public_key)
         local = {"head_counter": 0, "last_txn": 0, "pushed": None, "segments": 0}
         if head is not None:
@@ -50,7 +51,7 @@ def collect(args, config: rconfig.ReplicaConfig, state: Path) -> dict:
         from statefsd.replica.cli import _rclone
         for name in config.remotes:
             try:
-                r = remotes.remote_status(_rclone(state), name, state)
+                r = remotes.remote_status(_rclone(state), name, state, signer=signer)
             except StateFSError as exc:
                 r = {"name": name, "reachable": False, "error": f"{exc.code.name}: {exc.message}"}
             report["remotes"].append(r)

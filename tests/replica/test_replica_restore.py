@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from statefsd.errors import Code
+from statefsd.keystore import KeystoreSigner
 from statefsd.replica import format as rfmt
+from statefsd.vault.keys import VaultKeys
 from tests.replica.conftest import image_state, served_state, start
 from tests.vault.conftest import PASSPHRASE
 
@@ -314,3 +316,51 @@ def test_the_recovery_secret_alone_restores_a_copy(replica_env, tmp_path):
             "--recovery-file", str(tmp_path / "recovery.txt"),
             STATEFS_VAULT_PASSPHRASE=None, STATEFS_KEYSTORE_SOCKET=None, STATEFS_SOCKET=None)
     assert image_state(str(tmp_path / "n.img")) == want
+
+
+def test_a_device_restored_onto_a_new_machine_goes_on_and_its_newer_heads_win(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 30)            # the old device reaches head 3
+    for _ in range(3):
+        with env.client() as c:
+            c.put("tick", os.urandom(8))
+        env.cli("replicate", "push")
+    peer = tmp_path / "peer"
+    shutil.copytree(env.outbox, peer)
+    env.cli("restore", "--from", str(peer), "--image", str(tmp_path / "new.img"))
+    env.statefsd.stop()
+    env.keystored.stop()
+    (tmp_path / "newdev").mkdir()
+    new = start(tmp_path / "newdev")    # another machine: its own keystored, so another device key
+    try:
+        new.statefsd.stop()
+        shutil.copyfile(tmp_path / "new.img", new.image)
+        new.restart()
+        new.cli("replicate", "init", "--segment-size", "64K")
+        with new.client() as c:
+            c.put("only/new", b"written after the restore")
+            want = served_state(c)
+        new.cli("replicate", "push")    # head 1 of the new device
+        shutil.copytree(new.outbox, peer, dirs_exist_ok=True)   # one folder id: the same peer folder
+        result = new.cli("restore", "--from", str(peer), "--image", str(tmp_path / "again.img"))
+        assert image_state(str(tmp_path / "again.img")) == want
+        assert any("written last" in p for p in result["problems"])
+    finally:
+        new.statefsd.stop()
+        new.keystored.stop()
+
+
+def test_a_head_listing_thousands_of_segments_is_signed_by_keystored(replica_env):
+    signer = KeystoreSigner(replica_env.keystore_socket)
+    keys = rfmt.ReplicaKeys.derive(VaultKeys.derive(b"v" * 16, b"m" * 32))
+    entries = [rfmt.SegmentEntry(rfmt.segment_name(keys, i), os.urandom(32)) for i in range(5000)]
+    head = rfmt.Head(keys.replica_id, signer.public_key, 7, entries, [e.name for e in entries[:4096]],
+                     os.urandom(32), b"sealed")
+    body = rfmt.encode_head_body(head)
+    assert len(body) > 300_000      # far over what keystored signs in one message
+    signature = signer.sign(rfmt.HEAD_SIGN_LABEL, rfmt.head_signing_bytes(body))
+    decoded = rfmt.decode_head_file(rfmt.encode_head_file(body, signature), rfmt.head_name(signer.public_key, 7))
+    assert len(decoded.segments) == 5000 and decoded.counter == 7
+
