@@ -67,7 +67,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="sources", action="append", required=True, metavar="PEER_DIR|REMOTE",
                    help="a copy: a directory, a remote name from `statefs remote ls`, or an rclone "
                         "remote spec (repeat to use several copies)")
-    p.add_argument("--at", help="a txn id or a vault snapshot ID (default: the newest state)")
+    p.add_argument("--at", help="a txn id or a vault snapshot ID (default: the newest state); "
+                                "txn:N or snapshot:ID when an ID could be read as either")
     p.add_argument("--image", required=True, help="the new image file to write")
     p.add_argument("--size", help="image size (default: from the replica's size)")
 

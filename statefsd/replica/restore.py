@@ -87,7 +87,7 @@ def open_replica(sources: Iterable[tuple[Path, str]], secret: vaultmod.Secret) -
     for src in copies:
         src.heads = read_heads(src.path, src.problems)
     vault, keys = _open_keys(copies, secret)
-    trusted = _trusted_signers(vault)
+    trusted = _trusted_signers(vault, copies)
     problems: list[str] = []
     for src in copies:
         problems += [f"{src.label}: {p}" for p in src.problems + fork_problems(src.heads)]
@@ -104,6 +104,9 @@ def open_replica(sources: Iterable[tuple[Path, str]], secret: vaultmod.Secret) -
         raise NotFound("no head signed by a device of this vault in " + ", ".join(s.label for s in copies),
                        hint="check the copy's path, or that a push has completed on the source device")
     head, state = _newest(every, keys, problems)
+    if not any(_keys_digest(src) == head.keys_digest for src in copies):
+        problems.append(f"no copy holds the key file head {head.counter} names (key slots changed since); "
+                        f"the vault's data is unaffected")
     stale = [src.label for src in copies if not any(h.signer == head.signer for h in src.heads)
              or max(h.counter for h in src.heads if h.signer == head.signer) < head.counter]
     return Opened(vault, keys, head, state, copies, stale, problems)
@@ -146,12 +149,31 @@ def _open_keys(copies: list[Source], secret: vaultmod.Secret) -> tuple[vaultmod.
     raise NotFound(f"no copy holds {rfmt.KEYS_FILE}", hint="is this a StateFS replica? pass the outbox's copy")
 
 
-def _trusted_signers(vault: vaultmod.Vault) -> set[bytes]:
+def _keys_digest(src: Source) -> bytes | None:
+    try:
+        return rfmt.file_digest((src.path / rfmt.KEYS_FILE).read_bytes())
+    except OSError:
+        return None
+
+
+def _trusted_signers(vault: vaultmod.Vault, copies: list[Source]) -> set[bytes]:
+    """Every device record sealed under this vault's key, in any copy's key
+    file: an older key file (a stale or hostile copy) cannot hide a device
+    that a newer one lists."""
     keys = set()
-    for name in vault.kv.list_page(vrec.DEVICE_PREFIX, None, 1 << 30)[0]:
-        public = vault.device_public_key(name[len(vrec.DEVICE_PREFIX):])
-        if public is not None:
-            keys.add(public)
+    for src in copies:
+        try:
+            records = rfmt.decode_keys_file((src.path / rfmt.KEYS_FILE).read_bytes())
+        except (OSError, StateFSError):
+            continue
+        view = vaultmod.Vault(RecordsKV(records), vault.keys, vault.config, None)
+        for name in view.kv.list_page(vrec.DEVICE_PREFIX, None, 1 << 30)[0]:
+            try:
+                public = view.device_public_key(name[len(vrec.DEVICE_PREFIX):])
+            except StateFSError:
+                continue        # not sealed under this vault's key: ignored
+            if public is not None:
+                keys.add(public)
     return keys
 
 
@@ -180,15 +202,21 @@ def choose(opened: Opened, at: str | None) -> Target:
 
     if at is None or at == "latest":
         return target(whole[-1], whole[-1]["last_txn"])
-    if at.isdigit():
-        txn = int(at)
+    kind, _, value = at.partition(":") if ":" in at else ("txn" if at.isdigit() else "snapshot", "", at)
+    if kind not in ("txn", "snapshot") or not value:
+        raise InvalidArgument(f"--at {at!r} is neither a txn id nor a snapshot ID",
+                              hint="give latest, a txn id, a snapshot ID, or txn:N / snapshot:ID to say which")
+    if kind == "txn":
+        if not value.isdigit():
+            raise InvalidArgument(f"--at {at!r}: a txn id is a number", hint="e.g. --at txn:4106")
+        txn = int(value)
         for g in whole:
             if max(g["base_end_txn"], g["first_txn"]) <= txn <= g["last_txn"]:
                 return target(g, txn)
         ranges = ", ".join(f"{max(g['base_end_txn'], g['first_txn'])}-{g['last_txn']}" for g in whole)
         raise NotFound(f"txn {txn} is not within the replica's retention (restorable txns: {ranges})",
                        hint="pick a txn in those ranges, or a snapshot ID")
-    return _snapshot_target(opened, at, whole, target)
+    return _snapshot_target(opened, value, whole, target)
 
 
 def _snapshot_target(opened: Opened, ref: str, whole: list[dict], target) -> Target:

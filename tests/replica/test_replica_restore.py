@@ -364,3 +364,32 @@ def test_a_head_listing_thousands_of_segments_is_signed_by_keystored(replica_env
     decoded = rfmt.decode_head_file(rfmt.encode_head_file(body, signature), rfmt.head_name(signer.public_key, 7))
     assert len(decoded.segments) == 5000 and decoded.counter == 7
 
+
+
+def test_a_second_push_while_one_runs_is_refused_and_changes_nothing(replica_env):
+    import fcntl
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 5)
+    env.outbox.mkdir(parents=True, exist_ok=True)
+    with open(env.state / "outbox.lock", "w") as held:      # what a running push holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused = env.cli("replicate", "push", check=False, json_out=False)
+    assert refused.returncode == Code.EBUSY and "another push" in refused.stderr
+    assert not (env.outbox / "head").exists()
+    assert env.cli("replicate", "push")["counter"] == 1
+
+
+def test_at_says_whether_it_names_a_txn_or_a_snapshot(replica_env, tmp_path):
+    env = replica_env
+    set_up(env)
+    with env.client() as c:
+        write_some(c, 0, 5)
+        at = c.info()["next_txn_id"] - 1
+    env.cli("replicate", "push")
+    result = env.cli("restore", "--from", str(env.outbox), "--at", f"txn:{at}", "--image", str(tmp_path / "a.img"))
+    assert result["txn"] == at
+    bad = env.cli("restore", "--from", str(env.outbox), "--at", "txn:x1", "--image", str(tmp_path / "b.img"),
+                  check=False, json_out=False)
+    assert bad.returncode == Code.EINVAL and "txn id is a number" in bad.stderr
