@@ -142,11 +142,16 @@ def push_once(args, config: rconfig.ReplicaConfig, state: Path) -> dict:
     from statefsd.replica import outbox as outboxmod
 
     vault = vault_cli.open_from_args(args, device_required=True)
-    try:
-        result = outboxmod.push(vault.kv.client, vault, rconfig.outbox(state), config.push_policy()).as_dict()
-    finally:
-        vault.kv.close()
-    result["engines"] = _send(config, state)
+    outbox = rconfig.outbox(state)
+    policy = config.push_policy()
+    # One push at a time, the engines' uploads included: two would race to
+    # upload and to delete what a head retires on the same remote.
+    with outboxmod.exclusive_push(outbox):
+        try:
+            result = outboxmod.push_locked(vault.kv.client, vault, outbox, policy).as_dict()
+        finally:
+            vault.kv.close()
+        result["engines"] = _send(config, state)
     return result
 
 

@@ -164,15 +164,17 @@ def exclusive_push(outbox: Path):
 def push(client, vault, outbox: Path, policy: Policy, *, feed_bytes: int = FEED_BYTES) -> PushResult:
     """One push; returns what it wrote. ``vault`` is the opened vault of
     the image (its keys seal the replica; its device signs the head)."""
+    with exclusive_push(outbox):
+        return push_locked(client, vault, outbox, policy, feed_bytes)
+
+
+def push_locked(client, vault, outbox: Path, policy: Policy, feed_bytes: int = FEED_BYTES) -> PushResult:
+    """push() for a caller that holds exclusive_push(outbox) (and sends the
+    outbox to the engines under the same lock)."""
     policy.check()
     if vault.device is None:
         raise KeyUnavailable("a push signs its head with the device key, and no keystored was given",
                              hint="start keystored and set $STATEFS_KEYSTORE_SOCKET (or --keystore-socket)")
-    with exclusive_push(outbox):
-        return _push(client, vault, outbox, policy, feed_bytes)
-
-
-def _push(client, vault, outbox: Path, policy: Policy, feed_bytes: int) -> PushResult:
     keys = rfmt.ReplicaKeys.derive(vault.keys)
     signer = vault.device.public_key
     keys_file = rfmt.encode_keys_file(key_records(vault.kv))
