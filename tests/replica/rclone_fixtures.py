@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -18,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.loopback import accepts, free_ports, write_ssh_key
 from statefsd.errors import StateFSError
 from statefsd.replica.rclone import Rclone, find_binary
 
@@ -32,31 +30,6 @@ def rclone_binary() -> str:
         pytest.skip(f"rclone is not installed ({exc.hint})")
 
 
-def write_ssh_key(path: Path) -> str:
-    """An Ed25519 private key in OpenSSH format at ``path``; returns the
-    public key line ("ssh-ed25519 AAAA...")."""
-    key = Ed25519PrivateKey.generate()
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                         serialization.PublicFormat.OpenSSH).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 class Served:
     """One ``rclone serve`` child on 127.0.0.1, ready once its port accepts."""
 
@@ -66,7 +39,7 @@ class Served:
         empty = workdir / "server-rclone.conf"   # never the user's config, on either side
         empty.touch()
         for _ in range(5):   # another process may take the free port before rclone binds it
-            self.port = _free_port()
+            self.port = free_ports(1)[0]
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     # No directory cache: tests change the served tree behind the server's back.
@@ -74,9 +47,9 @@ class Served:
                      "--dir-cache-time", "0s", str(root)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env={k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")})
             deadline = time.monotonic() + 20
-            while self.proc.poll() is None and not _accepts(self.port) and time.monotonic() < deadline:
+            while self.proc.poll() is None and not accepts(self.port) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self.proc.poll() is None and _accepts(self.port):
+            if self.proc.poll() is None and accepts(self.port):
                 return
             self.stop()
             if "address already in use" not in self.log_path.read_text(errors="replace"):
