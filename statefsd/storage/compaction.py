@@ -111,28 +111,40 @@ class Compactor:
         began = time.monotonic()
         with engine.role.exclusive():  # phase 0: a consistent snapshot, and txn ids for it
             snapshot = dict(engine.index)
-            batches = _batches(sorted(snapshot.items()), lambda item: fmt.Op(fmt.OP_PUT, item[0], item[1].size))
-            first_id = log.claim_txn_ids(len(batches))
+            items = sorted(snapshot.items())
+            claimed = len(_batches(items, _put_op))   # at most this many: phase 1 copies a subset
+            first_id = log.claim_txn_ids(claimed)
             cur = log.cursor(LogPosition(start, 0, 1, log.position.chain, first_id), epoch=epoch)
             used_before = log.used
         index: dict[bytes, Entry] = {}
         pause = 0.0
+        written = copied = 0
         try:
-            for batch in batches:  # phase 1: commits go on in the old region
-                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
-                       for path, entry in batch]
+            # Phase 1, commits going on in the old region: the snapshot, less
+            # what was overwritten or deleted since. Phase 2 writes those keys'
+            # newest state once; copying the snapshot's version as well would
+            # write them twice (write amplification under a busy writer).
+            unchanged = (item for item in items if engine.index.get(item[0]) is item[1])
+            for batch in fmt.iter_transactions(unchanged, _put_op, _BATCH_VALUE_BUDGET):
+                if written == claimed:   # never reached while phase 1 copies a subset of the snapshot
+                    with engine.role.exclusive():
+                        cur.txn_id = log.claim_txn_ids(1)
+                ops = [(_put_op(item), engine.values.read(*item)) for item in batch]
                 self._copy(cur, ops, index, limit)
+                written += 1
+                copied += len(ops)
             with engine.role.exclusive():  # phase 2: what changed meanwhile, then the switch
                 paused = time.monotonic()
-                delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
-                         for path, entry in engine.index.items() if snapshot.get(path) is not entry]
-                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in engine.index]
+                delta = [(_put_op(item), engine.values.read(*item))
+                         for item in engine.index.items() if snapshot.get(item[0]) is not item[1]]
+                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in index if path not in engine.index]
                 catch_up = _batches(delta, lambda pair: pair[0])
                 for ops in catch_up:
                     cur.txn_id = log.claim_txn_ids(1)
                     self._copy(cur, ops, index, limit)
+                    written += 1
                 log.switch_region(cur, region)
-                engine.adopt_compacted(index, cur.txn_id - 1 if batches or catch_up else 0)
+                engine.adopt_compacted(index, cur.txn_id - 1 if written else 0)
                 pause = time.monotonic() - paused
         except (OSError, DeviceIOError) as exc:
             err = exc if isinstance(exc, DeviceIOError) else DeviceIOError(f"{engine.device.path}: compaction: {exc}")
@@ -140,7 +152,7 @@ class Compactor:
             raise err from None
         stats = {"live_keys": len(index), "live_bytes": engine.live_bytes,
                  "log_before": used_before, "log_after": cur.offset - start, "epoch": epoch,
-                 "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3),
+                 "snapshot_keys": len(snapshot), "snapshot_copied": copied, "delta_ops": len(delta), "pause_ms": round(pause * 1000, 3),
                  "duration_ms": round((time.monotonic() - began) * 1000, 3)}
         engine.audit("compaction", **stats)
         return stats
@@ -153,9 +165,16 @@ class Compactor:
                 index[path] = entry
 
 
+_BATCH_VALUE_BUDGET = fmt.MAX_TXN_BYTES // 4
+
+
+def _put_op(item: tuple[bytes, Entry]) -> fmt.Op:
+    path, entry = item
+    return fmt.Op(fmt.OP_PUT, path, entry.size)
+
+
 def _batches(items: list, op_of: Callable) -> list[list]:
     """Cut compaction's snapshot or catch-up ops into transactions by the
     transaction rule, with at most MAX_TXN_BYTES / 4 of values per batch (a
     larger single value forms its own) so that each group stays modest."""
-    return fmt.split_into_transactions(items, op_of, value_budget=fmt.MAX_TXN_BYTES // 4)
-
+    return fmt.split_into_transactions(items, op_of, value_budget=_BATCH_VALUE_BUDGET)

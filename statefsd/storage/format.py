@@ -45,7 +45,7 @@ import hashlib
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import construct as cs
 import crc32c as _crc32c
@@ -600,20 +600,27 @@ def transaction_problem(ops: Sequence[Op]) -> str:
 T = TypeVar("T")
 
 
-def split_into_transactions(items: Sequence[T], op_of: Callable[[T], Op] = lambda item: item,
+def split_into_transactions(items: Iterable[T], op_of: Callable[[T], Op] = lambda item: item,
                             value_budget: int = MAX_TXN_BYTES) -> list[list[T]]:
     """Cut ``items`` (in order) into as few consecutive batches as greedily
     fit: each batch is one transaction by ``transaction_problem`` and holds at
     most ``value_budget`` value bytes, unless a single larger value forms a
     batch of its own. An item whose op fits no transaction is a bug of the
     caller (its ops were validated when committed): InternalError."""
-    batches: list[list[T]] = []
+    return list(iter_transactions(items, op_of, value_budget))
+
+
+def iter_transactions(items: Iterable[T], op_of: Callable[[T], Op] = lambda item: item,
+                      value_budget: int = MAX_TXN_BYTES) -> Iterator[list[T]]:
+    """split_into_transactions, one batch at a time: ``items`` is consumed
+    only as far as the batch being yielded (compaction filters its snapshot
+    lazily, just before each batch is written)."""
     batch: list[T] = []
     tally = TransactionTally()
     for item in items:
         op = op_of(item)
         if batch and (tally.problem(op) or tally.value_bytes + op.value_len > value_budget):
-            batches.append(batch)
+            yield batch
             batch, tally = [], TransactionTally()
         problem = tally.problem(op)
         if problem:
@@ -621,8 +628,7 @@ def split_into_transactions(items: Sequence[T], op_of: Callable[[T], Op] = lambd
         batch.append(item)
         tally.add(op)
     if batch:
-        batches.append(batch)
-    return batches
+        yield batch
 
 
 def encode_prepare(ops: Sequence[Op]) -> bytes:

@@ -93,3 +93,23 @@ def test_many_keys_changed_during_a_compaction_are_caught_up_in_transactions_of_
     engine.close()
     with img.mount() as again:
         assert {path: again.get(path) for path in again.list()} == expected
+
+
+def test_keys_overwritten_or_deleted_before_the_copy_reaches_them_are_written_once_by_the_catch_up(tmp_path):
+    img = Image(tmp_path / "overwritten.img", 16 << 20)
+    gate = GateDevice(FileDevice(img.path))
+    engine = Engine.mount(gate)
+    for start in range(0, 300, 100):
+        engine.commit([Mutation("put", f"k/{i:03d}", b"old" * 100) for i in range(start, start + 100)])
+    # The copy waits at its first batch (keys 000-127); keys 200-299 lie ahead of it.
+    commits = [[Mutation("put", f"k/{i:03d}", b"new") for i in range(200, 300) if i != 250],
+               [Mutation("delete", "k/250")]]
+    stats = _compact_with_commits_during_the_copy(engine, gate, commits)
+    assert stats["snapshot_keys"] == 300
+    assert stats["snapshot_copied"] == 200, stats   # the snapshot's old values of 200-299 are skipped
+    assert stats["delta_ops"] == 99, stats          # their newest values, once; 250 needs no delete
+    expected = {f"k/{i:03d}": b"old" * 100 for i in range(200)} | {f"k/{i}": b"new" for i in range(200, 300) if i != 250}
+    assert {path: engine.get(path) for path in engine.list()} == expected
+    engine.close()
+    with img.mount() as again:
+        assert {path: again.get(path) for path in again.list()} == expected
