@@ -123,12 +123,14 @@ def _n(x, digits=1) -> str:
 
 def _throughput_table(title: str, fig: dict) -> Table:
     t = Table(title=title)
-    for col in ("store", "value", "clients", "puts/txn", "txn/s", "puts/s", "MB/s", "p50 us", "p99 us"):
+    for col in ("store", "value", "clients", "puts/txn", "txn/s", "puts/s", "MB/s", "p50 us", "p99 us", "mean us",
+                "p99.9 us", "max us"):
         t.add_column(col, justify="left" if col == "store" else "right")
     for store, by_size in fig.items():
         for size, r in by_size.items():
             t.add_row(store, f"{size} B", str(r["clients"]), str(r["puts_per_txn"]), _n(r["txn_per_s"]),
-                      _n(r["puts_per_s"]), _n(r["mb_per_s"], 2), _n(r["p50_us"]), _n(r["p99_us"]))
+                      _n(r["puts_per_s"]), _n(r["mb_per_s"], 2), _n(r["p50_us"]), _n(r["p99_us"]),
+                      _n(r.get("mean_us")), _n(r.get("p999_us")), _n(r.get("max_us")))
     return t
 
 
