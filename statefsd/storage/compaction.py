@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable
 
 from statefsd.errors import DeviceIOError, ReadOnly, StateFSError
 from statefsd.storage import format as fmt
+from statefsd.storage.index import KeyIndex
 from statefsd.storage.logwriter import LogPosition, Ops
-from statefsd.storage.replay import Entry
 
 if TYPE_CHECKING:
     from statefsd.storage.engine import Engine
@@ -110,23 +110,24 @@ class Compactor:
             epoch = int.from_bytes(engine.entropy(4), "little")
         began = time.monotonic()
         with engine.role.exclusive():  # phase 0: a consistent snapshot, and txn ids for it
-            snapshot = dict(engine.index)
-            batches = _batches(sorted(snapshot.items()), lambda item: fmt.Op(fmt.OP_PUT, item[0], item[1].size))
+            snapshot = engine.index.copy()
+            batches = _batches(sorted(snapshot.sizes()), lambda item: fmt.Op(fmt.OP_PUT, item[0], item[1]))
             first_id = log.claim_txn_ids(len(batches))
             cur = log.cursor(LogPosition(start, 0, 1, log.position.chain, first_id), epoch=epoch)
             used_before = log.used
-        index: dict[bytes, Entry] = {}
+        index = KeyIndex()
         pause = 0.0
         try:
             for batch in batches:  # phase 1: commits go on in the old region
-                ops = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
-                       for path, entry in batch]
+                ops = [(fmt.Op(fmt.OP_PUT, path, size), engine.values.read(path, snapshot[path]))
+                       for path, size in batch]
                 self._copy(cur, ops, index, limit)
             with engine.role.exclusive():  # phase 2: what changed meanwhile, then the switch
                 paused = time.monotonic()
+                changed, deleted = engine.index.changes_since(snapshot)
                 delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
-                         for path, entry in engine.index.items() if snapshot.get(path) is not entry]
-                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in snapshot if path not in engine.index]
+                         for path, entry in changed]
+                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in deleted]
                 catch_up = _batches(delta, lambda pair: pair[0])
                 for ops in catch_up:
                     cur.txn_id = log.claim_txn_ids(1)
@@ -145,10 +146,10 @@ class Compactor:
         engine.audit("compaction", **stats)
         return stats
 
-    def _copy(self, cur, ops: Ops, index: dict[bytes, Entry], limit: int) -> None:
+    def _copy(self, cur, ops: Ops, index: KeyIndex, limit: int) -> None:
         for path, entry in self._engine.log.write_copy(cur, ops, limit):
             if entry is None:
-                index.pop(path, None)
+                index.discard(path)
             else:
                 index[path] = entry
 
