@@ -257,5 +257,5 @@ def _space(sb: fmt.Superblock, result: ReplayResult, device: BlockDevice) -> dic
                        for e in result.index.values())
     return {"device_bytes": device.size, "log_size": length, "log_used": used, "log_free": length - used,
             "torn_bytes": result.end.torn_bytes, "live_keys": len(result.index),
-            "live_bytes": sum(e.size for e in result.index.values()),
+            "live_bytes": result.index.value_bytes,
             "live_record_bytes": live_records, "reclaimable_bytes": max(used - live_records, 0)}

@@ -61,7 +61,7 @@ def plan(checked: Checked, signed: bool = False) -> list[str]:
                  f"in the superblock")
     sealed = ", sealed again under new txn ids (new nonces)" if checked.cipher else ""
     steps.append(f"rewrite the committed state ({len(result.index)} keys, "
-                 f"{sum(e.size for e in result.index.values())} value bytes from {result.committed} "
+                 f"{result.index.value_bytes} value bytes from {result.committed} "
                  f"transactions) into log region {target} under a fresh log epoch{sealed}")
     if signed:
         steps.append("sign a checkpoint over the new chain head with the device key")

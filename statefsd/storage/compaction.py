@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable
 
 from statefsd.errors import DeviceIOError, ReadOnly, StateFSError
 from statefsd.storage import format as fmt
+from statefsd.storage.index import KeyIndex
 from statefsd.storage.logwriter import LogPosition, Ops
-from statefsd.storage.replay import Entry
 
 if TYPE_CHECKING:
     from statefsd.storage.engine import Engine
@@ -110,13 +110,13 @@ class Compactor:
             epoch = int.from_bytes(engine.entropy(4), "little")
         began = time.monotonic()
         with engine.role.exclusive():  # phase 0: a consistent snapshot, and txn ids for it
-            snapshot = dict(engine.index)
-            items = sorted(snapshot.items())
+            snapshot = engine.index.copy()
+            items = sorted(snapshot.sizes())
             claimed = len(_batches(items, _put_op))   # at most this many: phase 1 copies a subset
             first_id = log.claim_txn_ids(claimed)
             cur = log.cursor(LogPosition(start, 0, 1, log.position.chain, first_id), epoch=epoch)
             used_before = log.used
-        index: dict[bytes, Entry] = {}
+        index = KeyIndex()
         pause = 0.0
         written = copied = 0
         try:
@@ -124,20 +124,21 @@ class Compactor:
             # what was overwritten or deleted since. Phase 2 writes those keys'
             # newest state once; copying the snapshot's version as well would
             # write them twice (write amplification under a busy writer).
-            unchanged = (item for item in items if engine.index.get(item[0]) is item[1])
+            unchanged = (item for item in items if engine.index.txn_id(item[0]) == snapshot.txn_id(item[0]))
             for batch in fmt.iter_transactions(unchanged, _put_op, _BATCH_VALUE_BUDGET):
                 if written == claimed:   # never reached while phase 1 copies a subset of the snapshot
                     with engine.role.exclusive():
                         cur.txn_id = log.claim_txn_ids(1)
-                ops = [(_put_op(item), engine.values.read(*item)) for item in batch]
+                ops = [(_put_op(item), engine.values.read(item[0], snapshot[item[0]])) for item in batch]
                 self._copy(cur, ops, index, limit)
                 written += 1
                 copied += len(ops)
             with engine.role.exclusive():  # phase 2: what changed meanwhile, then the switch
                 paused = time.monotonic()
-                delta = [(_put_op(item), engine.values.read(*item))
-                         for item in engine.index.items() if snapshot.get(item[0]) is not item[1]]
-                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in index if path not in engine.index]
+                changed, deleted = engine.index.changes_since(snapshot)
+                delta = [(fmt.Op(fmt.OP_PUT, path, entry.size), engine.values.read(path, entry))
+                         for path, entry in changed]
+                delta += [(fmt.Op(fmt.OP_DELETE, path), b"") for path in deleted if path in index]
                 catch_up = _batches(delta, lambda pair: pair[0])
                 for ops in catch_up:
                     cur.txn_id = log.claim_txn_ids(1)
@@ -157,10 +158,10 @@ class Compactor:
         engine.audit("compaction", **stats)
         return stats
 
-    def _copy(self, cur, ops: Ops, index: dict[bytes, Entry], limit: int) -> None:
+    def _copy(self, cur, ops: Ops, index: KeyIndex, limit: int) -> None:
         for path, entry in self._engine.log.write_copy(cur, ops, limit):
             if entry is None:
-                index.pop(path, None)
+                index.discard(path)
             else:
                 index[path] = entry
 
@@ -168,9 +169,9 @@ class Compactor:
 _BATCH_VALUE_BUDGET = fmt.MAX_TXN_BYTES // 4
 
 
-def _put_op(item: tuple[bytes, Entry]) -> fmt.Op:
-    path, entry = item
-    return fmt.Op(fmt.OP_PUT, path, entry.size)
+def _put_op(item: tuple[bytes, int]) -> fmt.Op:
+    path, size = item
+    return fmt.Op(fmt.OP_PUT, path, size)
 
 
 def _batches(items: list, op_of: Callable) -> list[list]:

@@ -14,8 +14,9 @@ Invariants the engine keeps (numbered as in docs/DESIGN.md):
     mount read-write; read-only mounts serve the consistent prefix.
 
 Where the work lives: image.py opens an image (superblock, key, counters),
-replay.py rebuilds the index, logwriter.py writes, groupcommit.py holds the
-writer role and the commit queue, compaction.py rewrites the log.
+replay.py rebuilds the index (index.py keeps its entries packed),
+logwriter.py writes, groupcommit.py holds the writer role and the commit
+queue, compaction.py rewrites the log.
 
 Concurrency. Any number of threads may call get/list/stat/commit at once.
 
@@ -25,9 +26,8 @@ Concurrency. Any number of threads may call get/list/stat/commit at once.
                                   compaction (claim, switch)
     log.sb, log region            txn-id reservation, compaction      writer role
     log.unsigned_commits          commit leader, checkpoint           writer role
-    index (entries, in place)     commit leader, after the flush      writer role
+    index (entries, value_bytes)  commit leader, after the flush      writer role
     index (replaced whole)        compaction, at its switch           writer role
-    live_bytes                    commit leader, compaction           writer role
     read_only, failure            whoever meets a device error        writer role
     values (repaired sectors)     reads, write-back, compaction       the reader's lock
     role queue, holder, closing   groupcommit.WriterRole              the role's condition
@@ -38,8 +38,9 @@ C1  One writer: only the thread holding the writer role writes to the
     device or changes a field marked "writer role" above.
 C2  Durable before visible: a group's index entries and the new log
     position are published only after its flush returned (invariant 1).
-C3  Readers take no lock: index.get and list(index) are single dict
-    operations (atomic under the GIL); log.position is one immutable value,
+C3  Readers take no lock: index.get and index.paths() are single dict
+    operations (atomic under the GIL; index.py decodes the entry from the
+    one packed value read); log.position is one immutable value,
     read once. An entry read before a compaction keeps pointing at intact
     bytes until the compaction after it; a reader that outlives both gets
     an integrity error (headers bind txn id, key and chunk), never another value.
@@ -105,8 +106,9 @@ from statefsd.storage.crypto import RecordCipher
 from statefsd.storage.feed import DEFAULT_BYTES, FROM_BASE, MAX_BYTES, Cursor, read_page
 from statefsd.storage.groupcommit import Condition, Request, WriterRole
 from statefsd.storage.image import KeyProvider, Signer
+from statefsd.storage.index import Entry, KeyIndex
 from statefsd.storage.logwriter import LogPosition, LogWriter
-from statefsd.storage.replay import Entry, ReplayResult, replay
+from statefsd.storage.replay import ReplayResult, replay
 from statefsd.storage.values import ValueReader
 
 AuditFn = Callable[..., None]
@@ -286,8 +288,7 @@ class Engine:
         self.device, self.cipher, self.signer, self.audit = device, cipher, signer, audit
         self.read_only = read_only
         self.failure: StateFSError | None = None
-        self.index: dict[bytes, Entry] = result.index
-        self.live_bytes = sum(e.size for e in self.index.values())
+        self.index: KeyIndex = result.index
         self.last_txn = result.last_committed   # newest txn committed in the active region (C11)
         self.replay_summary = result.summary()
         self.role = WriterRole(device.path)
@@ -351,6 +352,11 @@ class Engine:
         return self.log.sb
 
     @property
+    def live_bytes(self) -> int:
+        """Bytes of the values the index points at."""
+        return self.index.value_bytes
+
+    @property
     def log_end(self) -> int:
         """Byte offset where the next write group will start."""
         return self.log.position.offset
@@ -399,7 +405,7 @@ class Engine:
 
     def list(self, prefix: str = "") -> list[str]:
         raw = utf8_text(prefix, "a list prefix")
-        return sorted(p.decode("utf-8") for p in list(self.index) if p.startswith(raw))
+        return sorted(p.decode("utf-8") for p in self.index.paths() if p.startswith(raw))
 
     def info(self) -> dict:
         log, position = self.log, self.log.position
@@ -584,14 +590,13 @@ class Engine:
             self.fail(accepted + deferred, exc)
             return []
         # Durable: now (and only now) make the transactions visible (C2).
+        index = self.index
         for req, txn_id, entries in zip(accepted, txn_ids, applied):
             for path, entry in entries:
-                old = self.index.pop(path, None) if entry is None else self.index.get(path)
-                if entry is not None:
-                    self.index[path] = entry
-                    self.live_bytes += entry.size
-                if old is not None:
-                    self.live_bytes -= old.size
+                if entry is None:
+                    index.discard(path)
+                else:
+                    index[path] = entry
             req.txn_id = txn_id
             req.done = True
         self.last_txn = txn_ids[-1]
@@ -604,8 +609,7 @@ class Engine:
             if condition.raw in written:
                 now = written[condition.raw]
             else:
-                entry = self.index.get(condition.raw)
-                now = entry.txn_id if entry is not None else None
+                now = self.index.txn_id(condition.raw)
             conflict = _changed(condition, now)
             if conflict is not None:
                 return conflict
@@ -621,10 +625,9 @@ class Engine:
             req.error = exc
             req.done = True
 
-    def adopt_compacted(self, index: dict[bytes, Entry], last_txn: int) -> None:
+    def adopt_compacted(self, index: KeyIndex, last_txn: int) -> None:
         """Compaction's switch (writer role held): serve the new region,
         whose newest transaction is ``last_txn`` (0: it holds none)."""
         self.values.forget_repairs()
         self.last_txn = last_txn
         self.index = index
-        self.live_bytes = sum(e.size for e in index.values())

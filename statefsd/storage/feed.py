@@ -28,9 +28,10 @@ from typing import Callable
 
 from statefsd.errors import CorruptImage, InvalidArgument
 from statefsd.storage import format as fmt
+from statefsd.storage.index import Entry
 from statefsd.storage.logscan import Group, ScanEnd, ScanPoint, scan_groups
 from statefsd.storage.logwriter import LogPosition
-from statefsd.storage.replay import Entry, Replayer
+from statefsd.storage.replay import Replayer
 
 CURSOR_VERSION = 1
 # version, epoch, offset, next seq, next group, mount_gen, chain head,

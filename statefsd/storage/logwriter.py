@@ -17,7 +17,7 @@ from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import BlockDevice
 from statefsd.storage.crypto import RecordCipher
 from statefsd.storage.image import Signer
-from statefsd.storage.replay import Entry
+from statefsd.storage.index import Entry
 
 Ops = list[tuple[fmt.Op, bytes]]           # one transaction: ops and their values
 Applied = list[tuple[bytes, Entry | None]]  # what a transaction does to the index (None: deleted)
@@ -103,7 +103,8 @@ class LogCursor:
                     digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
                                        op_index=op_index, chunk_index=chunk_index))
                     count += 1
-                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher))))
+                # sealed: its chunks are; an empty value has none (as replay says)
+                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher and chunks))))
             body = fmt.encode_commit(fmt.CommitBody(self.chain, digest.digest(), count))
             last = n == len(txns) - 1
             self.chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))

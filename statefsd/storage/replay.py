@@ -33,18 +33,9 @@ CommitFn = Callable[[int, bytes, list[tuple[bytes, "Entry | None"]]], None]
 
 from statefsd.storage import format as fmt
 from statefsd.errors import IntegrityError
+from statefsd.storage.index import Entry, KeyIndex
 from statefsd.shared.signing import verify_signature
 from statefsd.storage.logscan import OVERSIZE_GROUP, Record, ScanEnd, scan_groups
-
-
-@dataclass(frozen=True)
-class Entry:
-    """Where the newest committed value of a path lives."""
-
-    txn_id: int
-    size: int
-    chunks: tuple[tuple[int, int], ...]   # (record offset, payload_len) per chunk
-    sealed: bool = False
 
 
 @dataclass
@@ -73,7 +64,7 @@ class _OpenTxn:
 
 @dataclass
 class ReplayResult:
-    index: dict[bytes, Entry]
+    index: KeyIndex
     end: ScanEnd
     chain_hash: bytes
     max_txn_id: int
@@ -120,7 +111,7 @@ class Replayer:
         self.verified_checkpoints = 0
         self.last_checkpoint = -1
         self.unverified_chunks = 0
-        self.index: dict[bytes, Entry] = {}
+        self.index = KeyIndex()
         self.chain = sb.chain_base if chain is None else chain
         self.max_txn_id = max_txn_id
         self.last_committed = 0
@@ -273,19 +264,20 @@ class Replayer:
                                          "sealed payload failed authentication; transaction discarded",
                                          h.txn_id))
             return
-        changes: list[tuple[bytes, Entry | None]] = []
-        for i, op in enumerate(txn.ops):
+        # An entry is sealed when its chunks are (all of a txn's are, or
+        # none: _payload): an empty value has none, in any image.
+        index, txn_id, sealed = self.index, h.txn_id, txn.sealed
+        for op, chunks in zip(txn.ops, txn.chunks):
             if op.kind == fmt.OP_PUT:
-                entry = Entry(h.txn_id, op.value_len, tuple(txn.chunks[i]), txn.sealed)
-                self.index[op.path] = entry
+                index.put(op.path, txn_id, op.value_len, chunks, sealed and bool(chunks))
             else:
-                self.index.pop(op.path, None)
-                entry = None
-            changes.append((op.path, entry))
+                index.discard(op.path)
         self.committed += 1
-        self.last_committed = h.txn_id
+        self.last_committed = txn_id
         if self.on_commit is not None:
-            self.on_commit(h.txn_id, self.chain, changes)
+            self.on_commit(txn_id, self.chain, [
+                (op.path, Entry(txn_id, op.value_len, tuple(chunks), sealed and bool(chunks))
+                 if op.kind == fmt.OP_PUT else None) for op, chunks in zip(txn.ops, txn.chunks)])
 
     def _checkpoint(self, rec: Record, h: fmt.RecordHeader) -> None:
         if self.open is not None:

@@ -15,9 +15,9 @@ from statefsd.errors import DeviceIOError, IntegrityError
 from statefsd.storage import format as fmt
 from statefsd.storage.crypto import RecordCipher
 from statefsd.storage.groupcommit import WriterRole
+from statefsd.storage.index import Entry
 from statefsd.storage.logscan import apply_patches, repair_record
 from statefsd.storage.logwriter import LogWriter
-from statefsd.storage.replay import Entry
 
 
 class ValueReader:

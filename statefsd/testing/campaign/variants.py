@@ -31,7 +31,8 @@ from statefsd.storage import format as fmt
 from statefsd.storage import logscan
 from statefsd.storage import replay as replay_mod
 from statefsd.storage.engine import Engine
-from statefsd.storage.replay import Entry, Replayer
+from statefsd.storage.index import Entry
+from statefsd.storage.replay import Replayer
 
 from statefsd.testing.campaign.systems import DeviceProxy, System
 from statefsd.testing.vaultkv import SplitSnapshotKV
