@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, NamedTuple
 
-from statefsd.errors import DeviceIOError, KeyUnavailable, NoSpace
+from statefsd.errors import DeviceIOError, InternalError, KeyUnavailable, NoSpace
 from statefsd.storage import format as fmt
-from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.blockdev import AlignedBuffers, BlockDevice
 from statefsd.storage.crypto import RecordCipher
 from statefsd.storage.image import Signer
 from statefsd.storage.replay import Entry
@@ -36,13 +36,23 @@ class LogPosition(NamedTuple):
 
 class LogCursor:
     """Encodes transactions and checkpoints as write groups, advancing a
-    position as it goes; nothing reaches the device here."""
+    position as it goes; nothing reaches the device here.
 
-    def __init__(self, position: LogPosition, *, epoch: int, mount_gen: int, parity: bool) -> None:
+    A group is built in place, in one buffer (``buffers``: page-aligned
+    memory the device can write without a copy; without it, a fresh
+    bytearray): every value is copied once, from where the request left it
+    into its PAYLOAD record (or sealed straight into it), and each record's
+    CRC, the transaction digest, the chain hash and the parity are computed
+    over that buffer. A returned group is a view of it, valid until this
+    thread builds the next group."""
+
+    def __init__(self, position: LogPosition, *, epoch: int, mount_gen: int, parity: bool,
+                 buffers: AlignedBuffers | None = None) -> None:
         self.epoch, self.mount_gen, self.parity = epoch, mount_gen, parity
         self.offset, self.seq, self.group = position.offset, position.seq, position.group
         self.chain, self.txn_id = position.chain, position.next_txn
         self.chain_base = position.chain   # the prev_hash of the first COMMIT this cursor writes
+        self._buffers = buffers
 
     @property
     def position(self) -> LogPosition:
@@ -51,80 +61,105 @@ class LogCursor:
     def trailer_bytes(self) -> int:
         return fmt.PARITY_TRAILER_SIZE if self.parity else 0
 
-    def encode_checkpoint(self, signer: Signer, device_uuid: bytes) -> bytes:
+    def encode_checkpoint(self, signer: Signer, device_uuid: bytes) -> memoryview:
         """A group holding one CHECKPOINT over the current chain head."""
         message = fmt.checkpoint_message(device_uuid, self.epoch, self.seq, self.chain)
-        body = fmt.CheckpointBody(self.chain, signer.public_key,
-                                  signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message))
-        rec = fmt.pack_record(fmt.CHECKPOINT, flags=fmt.FLAG_GROUP_END, epoch=self.epoch, group=self.group,
-                              seq=self.seq, mount_gen=self.mount_gen, txn_id=0,
-                              payload=fmt.encode_checkpoint(body))
-        return self._close_group([rec], self.seq + 1)
+        body = fmt.encode_checkpoint(fmt.CheckpointBody(self.chain, signer.public_key,
+                                                        signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message)))
+        group = _Group(self, fmt.HEADER_SIZE + len(body))
+        group.record(fmt.CHECKPOINT, body, flags=fmt.FLAG_GROUP_END, txn_id=0)
+        return self._close_group(group)
 
-    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None) -> tuple[bytes, list[int], list[Applied]]:
+    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None) -> tuple[memoryview, list[int], list[Applied]]:
         """One write group holding ``txns``: its bytes, the txn ids given
         out, and each transaction's index changes."""
-        parts: list[bytes] = []
+        group = _Group(self, sum(txn_bytes(ops, cipher is not None) for ops in txns))
+        buf = group.buf
         txn_ids: list[int] = []
         applied: list[Applied] = []
         txn_id = self.txn_id
-        seq, offset = self.seq, self.offset
-
-        def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
-            nonlocal seq, offset
-            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=seq,
-                                  mount_gen=self.mount_gen, txn_id=txn_id, payload=payload, **kw)
-            parts.append(rec)
-            seq += 1
-            offset += len(rec)
-            return rec
-
         for n, ops in enumerate(txns):
             txn_ids.append(txn_id)
-            digest = hashlib.sha256(emit(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops])))
+            first = group.record(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops]), txn_id=txn_id)
             count = 1
             entries: Applied = []
             for op_index, (op, value) in enumerate(ops):
                 phash = fmt.path_hash(op.path)
                 if op.kind == fmt.OP_DELETE:
-                    digest.update(emit(fmt.DELETE, op.path, path_hash=phash, op_index=op_index))
+                    group.record(fmt.DELETE, op.path, txn_id=txn_id, path_hash=phash, op_index=op_index)
                     count += 1
                     entries.append((op.path, None))
                     continue
+                value = memoryview(value)
                 chunks = []
                 for chunk_index in range(op.chunk_count):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
+                    at = group.pos + fmt.HEADER_SIZE
                     flags = 0
                     if cipher:
-                        piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
-                                            chunk_index=chunk_index, phash=phash)
+                        size = cipher.seal_into(buf[at:], piece, txn_id=txn_id, op_index=op_index,
+                                                chunk_index=chunk_index, phash=phash)
                         flags = fmt.FLAG_SEALED
-                    chunks.append((offset, len(piece)))
-                    digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
-                                       op_index=op_index, chunk_index=chunk_index))
+                    else:
+                        size = len(piece)
+                        buf[at:at + size] = piece
+                    chunks.append((self.offset + group.pos, size))
+                    group.record(fmt.PAYLOAD, size=size, flags=flags, txn_id=txn_id, path_hash=phash,
+                                 op_index=op_index, chunk_index=chunk_index)
                     count += 1
                 entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher))))
-            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest.digest(), count))
+            # The transaction's records are adjacent: one digest call over them all.
+            digest = hashlib.sha256(buf[first:group.pos]).digest()
+            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest, count))
             last = n == len(txns) - 1
-            self.chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
+            at = group.record(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0, txn_id=txn_id)
+            self.chain = fmt.chain_hash(buf[at:group.pos])
             applied.append(entries)
             txn_id += 1
         self.txn_id = txn_id
-        return self._close_group(parts, seq), txn_ids, applied
+        return self._close_group(group), txn_ids, applied
 
-    def _close_group(self, parts: list[bytes], next_seq: int) -> bytes:
+    def _take(self, size: int) -> memoryview:
+        if self._buffers is None:
+            return memoryview(bytearray(size))
+        return memoryview(self._buffers.get(size))[:size]
+
+    def _close_group(self, group: "_Group") -> memoryview:
         """The group's bytes: records, padding, and the parity trailer."""
-        # One copy of the group for records and padding, one more only for the
-        # trailer: groups reach 32 MiB and this runs on every commit.
-        size = sum(map(len, parts))
-        blob = b"".join([*parts, bytes(fmt.align_up(size) - size)])
+        if group.pos != group.size:
+            raise InternalError(f"a write group came out {group.pos} bytes long, its layout said {group.size}")
+        end = fmt.align_up(group.pos)
+        group.buf[group.pos:end] = bytes(end - group.pos)
         if self.parity:
-            blob = b"".join((blob, fmt.pack_parity_trailer(blob, epoch=self.epoch, group=self.group,
-                                                           seq=self.seq, mount_gen=self.mount_gen)))
-        self.seq = next_seq
+            end = fmt.pack_parity_trailer_into(group.buf, end, epoch=self.epoch, group=self.group, seq=self.seq,
+                                               mount_gen=self.mount_gen)
+        self.seq = group.seq
         self.group += 1
-        self.offset += len(blob)
-        return blob
+        self.offset += end
+        return group.buf[:end]
+
+
+class _Group:
+    """The buffer one group is being built in, and where its next record goes."""
+
+    def __init__(self, cursor: LogCursor, size: int) -> None:
+        self.cursor, self.size = cursor, size
+        self.buf = cursor._take(fmt.align_up(size) + cursor.trailer_bytes())
+        self.pos, self.seq = 0, cursor.seq
+
+    def record(self, rtype: int, payload: bytes | None = None, *, size: int = 0, flags: int = 0,
+               **fields) -> int:
+        """Append a record whose payload is ``payload``, or the ``size``
+        bytes already placed behind its header; returns where it starts."""
+        start = self.pos
+        if payload is not None:
+            size = len(payload)
+            self.buf[start + fmt.HEADER_SIZE:start + fmt.HEADER_SIZE + size] = payload
+        cur = self.cursor
+        self.pos = fmt.pack_record_into(self.buf, start, rtype, flags=flags, epoch=cur.epoch, group=cur.group,
+                                        seq=self.seq, mount_gen=cur.mount_gen, payload_len=size, **fields)
+        self.seq += 1
+        return start
 
 
 def txn_bytes(ops: Ops, sealed: bool) -> int:
@@ -152,6 +187,7 @@ class LogWriter:
         self.parity = sb.redundancy == fmt.REDUNDANCY_PARITY
         self.mount_gen = sb.generation
         self.unsigned_commits = 0
+        self.buffers = AlignedBuffers()   # groups are built here (one buffer per writing thread)
         self.set_region(*sb.active_extent)
 
     def set_region(self, start: int, length: int) -> None:
@@ -169,7 +205,7 @@ class LogWriter:
 
     def cursor(self, position: LogPosition | None = None, *, epoch: int | None = None) -> LogCursor:
         return LogCursor(position or self.position, epoch=self.sb.log_epoch if epoch is None else epoch,
-                         mount_gen=self.mount_gen, parity=self.parity)
+                         mount_gen=self.mount_gen, parity=self.parity, buffers=self.buffers)
 
     def txn_bytes(self, ops: Ops) -> int:
         return txn_bytes(ops, self.cipher is not None)
