@@ -482,12 +482,15 @@ def xor_sectors(data) -> bytes:
     return np.bitwise_xor.reduce(words, axis=0).tobytes()
 
 
-def pack_parity_trailer_into(buf, data_len: int, *, epoch: int, group: int, seq: int, mount_gen: int) -> int:
+def pack_parity_trailer_into(buf, data_len: int, *, epoch: int, group: int, seq: int, mount_gen: int,
+                             parity: bytes | None = None) -> int:
     """Write the trailer that follows a group's ``data_len`` bytes of data
     (GROUP_ALIGN aligned, at the start of ``buf``) right behind them, its
-    padding included; returns where the trailer ends."""
+    padding included; returns where the trailer ends. ``parity``:
+    xor_sectors of those bytes, when the caller has it already."""
     view = memoryview(buf)
-    parity = xor_sectors(view[:data_len])
+    if parity is None:
+        parity = xor_sectors(view[:data_len])
     view[data_len + HEADER_SIZE:data_len + HEADER_SIZE + GROUP_ALIGN] = parity
     end = pack_record_into(buf, data_len, PARITY, flags=0, epoch=epoch, group=group, seq=seq, mount_gen=mount_gen,
                            txn_id=0, payload_len=GROUP_ALIGN, chunk_index=data_len // GROUP_ALIGN)
