@@ -121,9 +121,9 @@ class Client:
 
     def _roundtrip(self, op: str, args: dict) -> dict:
         request_id = next(self._ids)
-        frame = protocol.ENDPOINT.pack(protocol.make_request(request_id, op, **args))
+        frame = protocol.ENDPOINT.frame_parts(protocol.make_request(request_id, op, **args))
         try:
-            self._sock.sendall(frame)
+            unixrpc.send_parts(self._sock, frame)
             body = self._reader.read()
         except OSError as exc:
             self.close()

@@ -199,13 +199,13 @@ class Session:
 
     def _send(self, response: dict) -> bool:
         try:
-            frame = protocol.REPLY_ENDPOINT.pack(response)
+            frame = protocol.REPLY_ENDPOINT.frame_parts(response)
         except Exception:
             log.exception("cannot encode response on connection %d", self.number)
-            frame = protocol.REPLY_ENDPOINT.pack(protocol.error_response(
-                response.get("id"), InternalError("response could not be encoded")))
+            frame = [protocol.REPLY_ENDPOINT.pack(protocol.error_response(
+                response.get("id"), InternalError("response could not be encoded")))]
         try:
-            self.conn.sendall(frame)
+            unixrpc.send_parts(self.conn, frame)
         except OSError:
             return False
         return True

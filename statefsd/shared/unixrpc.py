@@ -122,16 +122,46 @@ class Endpoint:
 
     def pack(self, message: dict) -> bytes:
         """Length prefix plus msgpack body, ready for one sendall()."""
+        body = self._packb(message)
+        self._check_size(len(body))
+        return LENGTH.pack(len(body)) + body
+
+    def frame_parts(self, message: dict) -> list:
+        """The frame of ``message`` as buffers to send in order (send_parts):
+        a bin of LARGE_BIN bytes or more at the map's top level (a put's
+        value, a get's answer) is sent from where it is, not copied into the
+        body and the body into the frame. The map's keys may come out in
+        another order than pack() writes them; a map's order means nothing."""
+        large = [key for key, value in message.items() if _large_bin(value)]
+        if not large:
+            body = self._packb(message)
+            self._check_size(len(body))
+            if len(body) < LARGE_BIN:
+                return [LENGTH.pack(len(body)) + body]
+            return [LENGTH.pack(len(body)), body]
+        rest = {key: value for key, value in message.items() if key not in large}
+        # The rest as one map that declares every entry, large ones included.
+        head = _map_header(len(message)) + self._packb(rest)[len(_map_header(len(rest))):]
+        parts: list = [head]
+        for key in large:
+            value = memoryview(message[key]).cast("B")
+            parts += [self._packb(key) + _bin_header(len(value)), value]
+        size = sum(len(part) for part in parts)
+        self._check_size(size)
+        return [LENGTH.pack(size), *parts]
+
+    def _packb(self, obj: object) -> bytes:
         try:
-            body = msgpack.packb(message, use_bin_type=True)
+            return msgpack.packb(obj, use_bin_type=True)
         except UnicodeEncodeError as exc:  # e.g. text taken from undecodable argv bytes
             shown = exc.object[:80].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             raise InvalidArgument(f"text '{shown}' is not valid UTF-8", hint=self.text_hint) from None
-        if len(body) > self.max_frame:
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_frame:
             # The peer would refuse it unread.
-            raise TooBig(f"frame of {len(body)} bytes exceeds the {self.max_frame}-byte frame cap",
+            raise TooBig(f"frame of {size} bytes exceeds the {self.max_frame}-byte frame cap",
                          hint=self.too_big_hint)
-        return LENGTH.pack(len(body)) + body
 
     def decode(self, body: bytes | bytearray) -> dict:
         """The frame's map, or ProtocolError if the body is not exactly one
@@ -227,6 +257,43 @@ class BoundSocket:
 
 class IdleTimeout(TimeoutError):
     """No frame started within the reader's idle deadline."""
+
+
+# A bin this large travels as a buffer of its own (Endpoint.frame_parts).
+LARGE_BIN = 64 << 10
+# Buffers per sendmsg call: the kernel takes at most IOV_MAX (1024).
+_SEND_BATCH = 256
+
+
+def _large_bin(value: object) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview)) and memoryview(value).nbytes >= LARGE_BIN
+
+
+def _map_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x80 | count,))
+    return (b"\xde" + count.to_bytes(2, "big")) if count < 1 << 16 else (b"\xdf" + count.to_bytes(4, "big"))
+
+
+def _bin_header(size: int) -> bytes:
+    if size < 1 << 8:
+        return b"\xc4" + bytes((size,))
+    return (b"\xc5" + size.to_bytes(2, "big")) if size < 1 << 16 else (b"\xc6" + size.to_bytes(4, "big"))
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """sendall() of a frame given as Endpoint.frame_parts buffers."""
+    if len(parts) == 1:
+        sock.sendall(parts[0])
+        return
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        sent = sock.sendmsg(views[:_SEND_BATCH])
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0], sent = views[0][sent:], 0
 
 
 class FrameReader:

@@ -20,6 +20,7 @@ simulated device with a volatile write cache lives in ``simdev``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -32,6 +33,34 @@ from statefsd.errors import Busy, DeviceIOError, InvalidArgument
 SECTOR = 512
 # Per-write O_DSYNC (Linux 4.7+); None where os lacks it.
 _RWF_DSYNC = getattr(os, "RWF_DSYNC", None)
+
+
+class AlignedBuffers:
+    """Page-aligned scratch memory (as O_DIRECT wants), one buffer per
+    thread, grown in whole MiB to the largest size asked for so far."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, size: int) -> mmap.mmap:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or size > len(buf):
+            # mmap memory is page aligned
+            buf = self._local.buf = mmap.mmap(-1, max(1 << 20, (size + 0xFFFFF) & ~0xFFFFF))
+        return buf
+
+
+def page_aligned(data) -> bool:
+    """Whether ``data`` is writable memory starting on a page boundary (a
+    group the log writer built in AlignedBuffers memory): then O_DIRECT can
+    write it as it is, without a copy into an aligned buffer."""
+    if not isinstance(data, (memoryview, mmap.mmap)):
+        return False
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):  # read-only or empty
+        return False
+    return address % mmap.PAGESIZE == 0
 
 
 class BlockDevice:
@@ -134,14 +163,10 @@ class FileDevice(BlockDevice):
         except OSError:
             return  # e.g. tmpfs: buffered I/O it is
         self.direct = True
-        self._local = threading.local()  # one aligned buffer per thread
+        self._buffers = AlignedBuffers()
 
     def _aligned_buffer(self, size: int) -> mmap.mmap:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or size > len(buf):
-            # mmap memory is page aligned, as O_DIRECT wants
-            buf = self._local.buf = mmap.mmap(-1, max(1 << 20, (size + 0xFFFFF) & ~0xFFFFF))
-        return buf
+        return self._buffers.get(size)
 
     def _lock(self) -> None:
         try:
@@ -214,9 +239,12 @@ class FileDevice(BlockDevice):
         return data
 
     def _write_direct(self, offset: int, data: bytes, flags: int = 0) -> None:
-        buf = self._aligned_buffer(len(data))
-        buf[:len(data)] = data
-        view = memoryview(buf)[:len(data)]
+        if page_aligned(data):
+            view = memoryview(data).cast("B")
+        else:
+            buf = self._aligned_buffer(len(data))
+            buf[:len(data)] = data
+            view = memoryview(buf)[:len(data)]
         try:
             while view:
                 try:

@@ -9,6 +9,7 @@ touches the disk.
 from __future__ import annotations
 
 import nacl.bindings as sodium
+from nacl._sodium import ffi as _ffi, lib as _lib
 from nacl.exceptions import CryptoError
 
 from statefsd.storage import format as fmt
@@ -32,9 +33,22 @@ class RecordCipher:
         return (fmt.seal_nonce(self._salt, txn_id, op_index, chunk_index),
                 fmt.seal_aad(self._uuid, fmt.PAYLOAD, txn_id, op_index, chunk_index, phash, sealed_len))
 
-    def seal(self, plaintext: bytes, *, txn_id: int, op_index: int, chunk_index: int, phash: bytes) -> bytes:
-        nonce, aad = self._nonce_aad(txn_id, op_index, chunk_index, phash, len(plaintext) + fmt.SEAL_OVERHEAD)
-        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, self._key)
+    def seal_into(self, out, plaintext, *, txn_id: int, op_index: int, chunk_index: int, phash: bytes) -> int:
+        """Seal ``plaintext`` (any buffer) straight into ``out`` (a writable
+        buffer of at least its length + SEAL_OVERHEAD bytes); returns the
+        sealed length. libsodium's own call, not PyNaCl's wrapper: that one
+        takes only bytes and copies the result out, two copies of every
+        chunk written; the call releases the GIL, so chunks may be sealed
+        on several threads at once."""
+        size = len(plaintext) + fmt.SEAL_OVERHEAD
+        if len(out) < size:
+            raise ValueError(f"sealing {len(plaintext)} bytes needs {size} bytes of room, got {len(out)}")
+        nonce, aad = self._nonce_aad(txn_id, op_index, chunk_index, phash, size)
+        if _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+                _ffi.from_buffer(out, require_writable=True), _ffi.NULL, _ffi.from_buffer(plaintext),
+                len(plaintext), aad, len(aad), _ffi.NULL, nonce, self._key) != 0:
+            raise CryptoError("sealing failed")
+        return size
 
     def open(self, sealed: bytes, h: fmt.RecordHeader) -> bytes:
         """Plaintext of a sealed PAYLOAD record, or IntegrityError."""

@@ -7,8 +7,9 @@ Invariants the engine keeps (numbered as in docs/DESIGN.md):
 (2) A transaction is all or nothing: its records are written as one block
     of PREPARE, PAYLOAD/DELETE records and COMMIT, and replay applies it only
     when the COMMIT and everything it vouches for is intact.
-(7) Write groups (logwriter.py): one device write and one flush per group;
-    group g+1 is never written before group g's flush has returned.
+(7) Write groups (logwriter.py): one flush per group (one device write, or
+    two for a large group); group g+1 is never written before group g's
+    flush has returned.
 (8) Txn ids are reserved in the superblock (txn_reserved) before use.
 (9) A mount that finds corruption followed by durable records refuses to
     mount read-write; read-only mounts serve the consistent prefix.
@@ -35,7 +36,9 @@ Concurrency. Any number of threads may call get/list/stat/commit at once.
 
 Rules (tests cite them by number):
 C1  One writer: only the thread holding the writer role writes to the
-    device or changes a field marked "writer role" above.
+    device or changes a field marked "writer role" above (helper threads
+    may seal chunks and compute digests for it; it waits for them before
+    it goes on).
 C2  Durable before visible: a group's index entries and the new log
     position are published only after its flush returned (invariant 1).
 C3  Readers take no lock: index.get and index.paths() are single dict

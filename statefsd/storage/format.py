@@ -383,10 +383,27 @@ class RecordHeader(NamedTuple):
 def pack_record(rtype: int, *, flags: int, epoch: int, group: int, seq: int, mount_gen: int,
                 txn_id: int, payload: bytes = b"", path_hash: bytes = bytes(8),
                 chunk_index: int = 0, op_index: int = 0) -> bytes:
-    header = bytearray(_HEADER.pack(0, RECORD_MAGIC, rtype, flags, epoch, group, seq, mount_gen,
-                                     txn_id, path_hash, len(payload), chunk_index, op_index))
-    _U32.pack_into(header, RECORD_CRC_OFFSET, record_crc(header, payload))
-    return bytes(header) + payload
+    rec = bytearray(HEADER_SIZE + len(payload))
+    rec[HEADER_SIZE:] = payload
+    pack_record_into(rec, 0, rtype, flags=flags, epoch=epoch, group=group, seq=seq, mount_gen=mount_gen,
+                     txn_id=txn_id, payload_len=len(payload), path_hash=path_hash,
+                     chunk_index=chunk_index, op_index=op_index)
+    return bytes(rec)
+
+
+def pack_record_into(buf, offset: int, rtype: int, *, flags: int, epoch: int, group: int, seq: int,
+                     mount_gen: int, txn_id: int, payload_len: int, path_hash: bytes = bytes(8),
+                     chunk_index: int = 0, op_index: int = 0) -> int:
+    """Write the header of a record whose ``payload_len`` payload bytes
+    already sit at ``offset + HEADER_SIZE`` of ``buf`` (a writable buffer),
+    with its CRC; returns the offset where the record ends. The writer
+    builds a whole group in place this way: no record is copied again."""
+    _HEADER.pack_into(buf, offset, 0, RECORD_MAGIC, rtype, flags, epoch, group, seq, mount_gen,
+                      txn_id, path_hash, payload_len, chunk_index, op_index)
+    end = offset + HEADER_SIZE + payload_len
+    # Header bytes 4..63 and the payload are adjacent: one CRC call covers both.
+    _U32.pack_into(buf, offset + RECORD_CRC_OFFSET, crc32c(memoryview(buf)[offset + RECORD_CRC_COVER:end]))
+    return end
 
 
 def record_crc(header, payload) -> int:
@@ -465,11 +482,20 @@ def xor_sectors(data) -> bytes:
     return np.bitwise_xor.reduce(words, axis=0).tobytes()
 
 
-def pack_parity_trailer(group_data, *, epoch: int, group: int, seq: int, mount_gen: int) -> bytes:
-    """The trailer that follows a group's data (which is GROUP_ALIGN aligned)."""
-    rec = pack_record(PARITY, flags=0, epoch=epoch, group=group, seq=seq, mount_gen=mount_gen, txn_id=0,
-                      payload=xor_sectors(group_data), chunk_index=len(group_data) // GROUP_ALIGN)
-    return rec + bytes(PARITY_TRAILER_SIZE - len(rec))
+def pack_parity_trailer_into(buf, data_len: int, *, epoch: int, group: int, seq: int, mount_gen: int,
+                             parity: bytes | None = None) -> int:
+    """Write the trailer that follows a group's ``data_len`` bytes of data
+    (GROUP_ALIGN aligned, at the start of ``buf``) right behind them, its
+    padding included; returns where the trailer ends. ``parity``:
+    xor_sectors of those bytes, when the caller has it already."""
+    view = memoryview(buf)
+    if parity is None:
+        parity = xor_sectors(view[:data_len])
+    view[data_len + HEADER_SIZE:data_len + HEADER_SIZE + GROUP_ALIGN] = parity
+    end = pack_record_into(buf, data_len, PARITY, flags=0, epoch=epoch, group=group, seq=seq, mount_gen=mount_gen,
+                           txn_id=0, payload_len=GROUP_ALIGN, chunk_index=data_len // GROUP_ALIGN)
+    view[end:data_len + PARITY_TRAILER_SIZE] = bytes(data_len + PARITY_TRAILER_SIZE - end)
+    return data_len + PARITY_TRAILER_SIZE
 
 
 def parity_sectors(h: RecordHeader) -> int:

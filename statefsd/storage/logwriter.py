@@ -1,20 +1,25 @@
 """The log writer: the only code that writes an image's log and superblocks.
 
 It mirrors the reader (logscan.py): the reader takes write groups apart,
-the writer makes them (invariant 7: one device write and one flush per
-group, each group on a fresh GROUP_ALIGN boundary, with its parity trailer
-when redundancy is on). The writer is not thread-safe: the engine calls it
-only from the thread that holds its writer role (engine.py, rule C1).
+the writer makes them (invariant 7: one flush per group, each group on a
+fresh GROUP_ALIGN boundary, with its parity trailer when redundancy is on;
+one device write, or two for a large group: its leading sectors while a
+helper thread computes the COMMIT digests, then the rest). The writer is
+not thread-safe: the engine calls it only from the thread that holds its
+writer role (engine.py, rule C1); that thread does every device write and
+waits for its helpers' work (sealing, digests) before it goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
-from statefsd.errors import DeviceIOError, KeyUnavailable, NoSpace
+from statefsd.errors import DeviceIOError, InternalError, KeyUnavailable, NoSpace
 from statefsd.storage import format as fmt
-from statefsd.storage.blockdev import BlockDevice
+from statefsd.storage.blockdev import AlignedBuffers, BlockDevice
 from statefsd.storage.crypto import RecordCipher
 from statefsd.storage.image import Signer
 from statefsd.storage.index import Entry
@@ -36,13 +41,23 @@ class LogPosition(NamedTuple):
 
 class LogCursor:
     """Encodes transactions and checkpoints as write groups, advancing a
-    position as it goes; nothing reaches the device here."""
+    position as it goes; nothing reaches the device here.
 
-    def __init__(self, position: LogPosition, *, epoch: int, mount_gen: int, parity: bool) -> None:
+    A group is built in place, in one buffer (``buffers``: page-aligned
+    memory the device can write without a copy; without it, a fresh
+    bytearray): every value is copied once, from where the request left it
+    into its PAYLOAD record (or sealed straight into it), and each record's
+    CRC, the transaction digest, the chain hash and the parity are computed
+    over that buffer. A returned group is a view of it, valid until this
+    thread builds the next group."""
+
+    def __init__(self, position: LogPosition, *, epoch: int, mount_gen: int, parity: bool,
+                 buffers: AlignedBuffers | None = None) -> None:
         self.epoch, self.mount_gen, self.parity = epoch, mount_gen, parity
         self.offset, self.seq, self.group = position.offset, position.seq, position.group
         self.chain, self.txn_id = position.chain, position.next_txn
         self.chain_base = position.chain   # the prev_hash of the first COMMIT this cursor writes
+        self._buffers = buffers
 
     @property
     def position(self) -> LogPosition:
@@ -51,81 +66,191 @@ class LogCursor:
     def trailer_bytes(self) -> int:
         return fmt.PARITY_TRAILER_SIZE if self.parity else 0
 
-    def encode_checkpoint(self, signer: Signer, device_uuid: bytes) -> bytes:
+    def encode_checkpoint(self, signer: Signer, device_uuid: bytes) -> memoryview:
         """A group holding one CHECKPOINT over the current chain head."""
         message = fmt.checkpoint_message(device_uuid, self.epoch, self.seq, self.chain)
-        body = fmt.CheckpointBody(self.chain, signer.public_key,
-                                  signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message))
-        rec = fmt.pack_record(fmt.CHECKPOINT, flags=fmt.FLAG_GROUP_END, epoch=self.epoch, group=self.group,
-                              seq=self.seq, mount_gen=self.mount_gen, txn_id=0,
-                              payload=fmt.encode_checkpoint(body))
-        return self._close_group([rec], self.seq + 1)
+        body = fmt.encode_checkpoint(fmt.CheckpointBody(self.chain, signer.public_key,
+                                                        signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message)))
+        group = _Group(self, fmt.HEADER_SIZE + len(body))
+        group.record(fmt.CHECKPOINT, body, flags=fmt.FLAG_GROUP_END, txn_id=0)
+        return self._close_group(group)
 
-    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None) -> tuple[bytes, list[int], list[Applied]]:
+    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None, *,
+                     early: Callable[[memoryview], None] | None = None,
+                     ) -> tuple[memoryview, list[int], list[Applied]]:
         """One write group holding ``txns``: its bytes, the txn ids given
-        out, and each transaction's index changes."""
-        parts: list[bytes] = []
+        out, and each transaction's index changes.
+
+        The records are laid out first, each COMMIT's place kept; then every
+        PAYLOAD is filled (sealed chunks on helper threads when there are
+        many); then the digests and the chain go into the COMMITs, in order.
+        ``early``, when given, is called with the group's leading whole
+        sectors once they hold their final bytes (everything before the
+        first COMMIT's sector), if there are at least EARLY_WRITE_MIN of
+        them, while a helper thread computes the digests: the caller writes
+        them meanwhile. Nothing after that changes them."""
+        group = _Group(self, sum(txn_bytes(ops, cipher is not None) for ops in txns))
+        buf = group.buf
         txn_ids: list[int] = []
         applied: list[Applied] = []
+        commits: list[tuple[int, int, int, int]] = []   # per txn: first record, COMMIT place, its seq, records
+        chunks_to_fill: list[tuple] = []
         txn_id = self.txn_id
-        seq, offset = self.seq, self.offset
-
-        def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
-            nonlocal seq, offset
-            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=seq,
-                                  mount_gen=self.mount_gen, txn_id=txn_id, payload=payload, **kw)
-            parts.append(rec)
-            seq += 1
-            offset += len(rec)
-            return rec
-
-        for n, ops in enumerate(txns):
+        for ops in txns:
             txn_ids.append(txn_id)
-            digest = hashlib.sha256(emit(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops])))
+            first = group.record(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops]), txn_id=txn_id)
             count = 1
             entries: Applied = []
             for op_index, (op, value) in enumerate(ops):
                 phash = fmt.path_hash(op.path)
                 if op.kind == fmt.OP_DELETE:
-                    digest.update(emit(fmt.DELETE, op.path, path_hash=phash, op_index=op_index))
+                    group.record(fmt.DELETE, op.path, txn_id=txn_id, path_hash=phash, op_index=op_index)
                     count += 1
                     entries.append((op.path, None))
                     continue
+                value = memoryview(value)
                 chunks = []
                 for chunk_index in range(op.chunk_count):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
-                    flags = 0
-                    if cipher:
-                        piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
-                                            chunk_index=chunk_index, phash=phash)
-                        flags = fmt.FLAG_SEALED
-                    chunks.append((offset, len(piece)))
-                    digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
-                                       op_index=op_index, chunk_index=chunk_index))
+                    size = len(piece) + (fmt.SEAL_OVERHEAD if cipher else 0)
+                    at, seq = group.place(size)
+                    chunks.append((self.offset + at, size))
+                    chunks_to_fill.append((at, seq, piece, txn_id, op_index, chunk_index, phash))
                     count += 1
                 # sealed: its chunks are; an empty value has none (as replay says)
                 entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher and chunks))))
-            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest.digest(), count))
-            last = n == len(txns) - 1
-            self.chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
+            at, seq = group.place(fmt.COMMIT_PAYLOAD_SIZE)
+            commits.append((first, at, seq, count))
             applied.append(entries)
             txn_id += 1
+        if cipher and len(chunks_to_fill) >= PARALLEL_SEAL_MIN_CHUNKS:
+            # libsodium releases the GIL: half the chunks are sealed on a helper thread.
+            half = len(chunks_to_fill) // 2
+            other = helpers().submit(group.fill, chunks_to_fill[half:], cipher)
+            try:
+                group.fill(chunks_to_fill[:half], cipher)
+            finally:
+                other.result()
+        else:
+            group.fill(chunks_to_fill, cipher)
+        # Each transaction's records are adjacent: one digest call over them all.
+        spans = [buf[first:at] for first, at, _, _ in commits]
+        head = commits[0][1] // fmt.GROUP_ALIGN * fmt.GROUP_ALIGN if commits else 0
+        head_xor = None
+        if early is not None and head >= EARLY_WRITE_MIN:
+            # hashlib and numpy release the GIL: the helper hashes (and
+            # XORs the leading sectors for the parity) while this thread writes.
+            hashing = helpers().submit(_digests_and_xor, spans, buf[:head] if self.parity else None)
+            try:
+                early(buf[:head])
+            finally:
+                digests, head_xor = hashing.result()
+        else:
+            digests, _ = _digests_and_xor(spans, None)
+        for n, ((first, at, seq, count), digest) in enumerate(zip(commits, digests)):
+            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest, count))
+            group.stamp(at, seq, fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if n == len(commits) - 1 else 0,
+                        txn_id=txn_ids[n])
+            self.chain = fmt.chain_hash(buf[at:at + fmt.HEADER_SIZE + fmt.COMMIT_PAYLOAD_SIZE])
         self.txn_id = txn_id
-        return self._close_group(parts, seq), txn_ids, applied
+        return self._close_group(group, head, head_xor), txn_ids, applied
 
-    def _close_group(self, parts: list[bytes], next_seq: int) -> bytes:
-        """The group's bytes: records, padding, and the parity trailer."""
-        # One copy of the group for records and padding, one more only for the
-        # trailer: groups reach 32 MiB and this runs on every commit.
-        size = sum(map(len, parts))
-        blob = b"".join([*parts, bytes(fmt.align_up(size) - size)])
+    def _take(self, size: int) -> memoryview:
+        if self._buffers is None:
+            return memoryview(bytearray(size))
+        return memoryview(self._buffers.get(size))[:size]
+
+    def _close_group(self, group: "_Group", head: int = 0, head_xor: bytes | None = None) -> memoryview:
+        """The group's bytes: records, padding, and the parity trailer
+        (``head_xor``: fmt.xor_sectors of the first ``head`` bytes, if known)."""
+        if group.pos != group.size:
+            raise InternalError(f"a write group came out {group.pos} bytes long, its layout said {group.size}")
+        end = fmt.align_up(group.pos)
+        group.buf[group.pos:end] = bytes(end - group.pos)
         if self.parity:
-            blob = b"".join((blob, fmt.pack_parity_trailer(blob, epoch=self.epoch, group=self.group,
-                                                           seq=self.seq, mount_gen=self.mount_gen)))
-        self.seq = next_seq
+            parity = None if head_xor is None else fmt.xor_sectors(head_xor + fmt.xor_sectors(group.buf[head:end]))
+            end = fmt.pack_parity_trailer_into(group.buf, end, epoch=self.epoch, group=self.group, seq=self.seq,
+                                               mount_gen=self.mount_gen, parity=parity)
+        self.seq = group.seq
         self.group += 1
-        self.offset += len(blob)
-        return blob
+        self.offset += end
+        return group.buf[:end]
+
+
+# A group whose first COMMIT lies at least this far in has its leading
+# sectors written while the COMMIT digests are computed (LogWriter.append):
+# SHA-256 runs at about 1.4 GB/s, so a 1 MiB transaction's digest takes as
+# long as writing it. Below this the extra write costs more than it hides.
+EARLY_WRITE_MIN = 256 << 10
+# Sealed chunks per group from which half of them are sealed on a helper thread.
+PARALLEL_SEAL_MIN_CHUNKS = 4
+
+def _digests_and_xor(spans: list[memoryview], sectors: memoryview | None) -> tuple[list[bytes], bytes | None]:
+    """The SHA-256 of each span, and fmt.xor_sectors of ``sectors`` (if given)."""
+    return [hashlib.sha256(span).digest() for span in spans], None if sectors is None else fmt.xor_sectors(sectors)
+
+
+_helpers: ThreadPoolExecutor | None = None
+_helpers_lock = threading.Lock()
+
+
+def helpers() -> ThreadPoolExecutor:
+    """The process's helper threads for the writer role holder: they seal
+    chunks and compute digests, never touch a device. A helper runs one
+    leaf task and never waits on anything, so the writers of several
+    engines may share them."""
+    global _helpers
+    with _helpers_lock:
+        if _helpers is None:
+            _helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="statefs-writer-helper")
+        return _helpers
+
+
+class _Group:
+    """The buffer one group is being built in, and where its next record goes."""
+
+    def __init__(self, cursor: LogCursor, size: int) -> None:
+        self.cursor, self.size = cursor, size
+        self.buf = cursor._take(fmt.align_up(size) + cursor.trailer_bytes())
+        self.pos, self.seq = 0, cursor.seq
+
+    def place(self, size: int) -> tuple[int, int]:
+        """Keep room for the next record, of ``size`` payload bytes: its offset and seq."""
+        at, seq = self.pos, self.seq
+        self.pos += fmt.HEADER_SIZE + size
+        self.seq += 1
+        return at, seq
+
+    def record(self, rtype: int, payload: bytes, **fields) -> int:
+        """Append a record holding ``payload``; returns where it starts."""
+        at, seq = self.place(len(payload))
+        self.stamp(at, seq, rtype, payload, **fields)
+        return at
+
+    def stamp(self, at: int, seq: int, rtype: int, payload: bytes | None = None, *, size: int = 0,
+              flags: int = 0, **fields) -> None:
+        """Write the record placed at ``at``: ``payload``, or the ``size``
+        bytes already behind its header, and the header."""
+        if payload is not None:
+            size = len(payload)
+            self.buf[at + fmt.HEADER_SIZE:at + fmt.HEADER_SIZE + size] = payload
+        cur = self.cursor
+        fmt.pack_record_into(self.buf, at, rtype, flags=flags, epoch=cur.epoch, group=cur.group, seq=seq,
+                             mount_gen=cur.mount_gen, payload_len=size, **fields)
+
+    def fill(self, chunks: list[tuple], cipher: RecordCipher | None) -> None:
+        """Copy (or seal) value chunks into the PAYLOAD records placed for them."""
+        buf = self.buf
+        for at, seq, piece, txn_id, op_index, chunk_index, phash in chunks:
+            start = at + fmt.HEADER_SIZE
+            if cipher:
+                size = cipher.seal_into(buf[start:], piece, txn_id=txn_id, op_index=op_index,
+                                        chunk_index=chunk_index, phash=phash)
+            else:
+                size = len(piece)
+                buf[start:start + size] = piece
+            self.stamp(at, seq, fmt.PAYLOAD, size=size, flags=fmt.FLAG_SEALED if cipher else 0, txn_id=txn_id,
+                       path_hash=phash, op_index=op_index, chunk_index=chunk_index)
 
 
 def txn_bytes(ops: Ops, sealed: bool) -> int:
@@ -153,6 +278,7 @@ class LogWriter:
         self.parity = sb.redundancy == fmt.REDUNDANCY_PARITY
         self.mount_gen = sb.generation
         self.unsigned_commits = 0
+        self.buffers = AlignedBuffers()   # groups are built here (one buffer per writing thread)
         self.set_region(*sb.active_extent)
 
     def set_region(self, start: int, length: int) -> None:
@@ -170,7 +296,7 @@ class LogWriter:
 
     def cursor(self, position: LogPosition | None = None, *, epoch: int | None = None) -> LogCursor:
         return LogCursor(position or self.position, epoch=self.sb.log_epoch if epoch is None else epoch,
-                         mount_gen=self.mount_gen, parity=self.parity)
+                         mount_gen=self.mount_gen, parity=self.parity, buffers=self.buffers)
 
     def txn_bytes(self, ops: Ops) -> int:
         return txn_bytes(ops, self.cipher is not None)
@@ -188,11 +314,25 @@ class LogWriter:
         if last_id > self.sb.txn_reserved:
             self.reserve_txn_ids(last_id + 1)
         cur = self.cursor()
-        blob, txn_ids, applied = cur.encode_group(txns, self.cipher)
-        self._write_and_flush(self.position.offset, blob)
+        offset = self.position.offset
+        written: list[int] = []   # bytes of the group written early
+
+        def write_early(head: memoryview) -> None:
+            try:
+                self.device.write(offset, head)
+            except OSError as exc:
+                raise DeviceIOError(f"{self.device.path}: {exc}") from None
+            written.append(len(head))
+
+        blob, txn_ids, applied = cur.encode_group(txns, self.cipher, early=write_early)
+        head = written[0] if written else 0
+        # The rest, and one flush for the whole group (invariant 1): nothing
+        # of it counts as written before that flush has returned.
+        self._write_and_flush(offset + head, blob[head:])
         self.position = cur.position
         self.unsigned_commits += len(txns)
         return txn_ids, applied
+
 
     def append_checkpoint(self) -> None:
         """A CHECKPOINT signed by the device key over the chain head, as a
