@@ -380,13 +380,77 @@ class RecordHeader(NamedTuple):
     op_index: int
 
 
+NO_PATH_HASH = bytes(8)            # path_hash of records that name no path
+
+
 def pack_record(rtype: int, *, flags: int, epoch: int, group: int, seq: int, mount_gen: int,
-                txn_id: int, payload: bytes = b"", path_hash: bytes = bytes(8),
+                txn_id: int, payload: bytes = b"", path_hash: bytes = NO_PATH_HASH,
                 chunk_index: int = 0, op_index: int = 0) -> bytes:
-    header = bytearray(_HEADER.pack(0, RECORD_MAGIC, rtype, flags, epoch, group, seq, mount_gen,
-                                     txn_id, path_hash, len(payload), chunk_index, op_index))
-    _U32.pack_into(header, RECORD_CRC_OFFSET, record_crc(header, payload))
-    return bytes(header) + payload
+    buf = bytearray(HEADER_SIZE + len(payload))
+    _pack_record_into(buf, memoryview(buf), 0, rtype, flags, epoch, group, seq, mount_gen, txn_id, payload,
+                      path_hash, chunk_index, op_index)
+    return bytes(buf)
+
+
+def _pack_record_into(buf: bytearray, view: memoryview, start: int, rtype: int, flags: int, epoch: int,
+                      group: int, seq: int, mount_gen: int, txn_id: int, payload, path_hash: bytes,
+                      chunk_index: int, op_index: int) -> int:
+    """Pack one record at ``start`` of ``buf`` (``view`` is a memoryview of
+    it); returns where the record ends. Positional arguments only: this
+    runs once per record written."""
+    body = start + HEADER_SIZE
+    end = body + len(payload)
+    _HEADER.pack_into(buf, start, 0, RECORD_MAGIC, rtype, flags, epoch, group, seq, mount_gen,
+                      txn_id, path_hash, len(payload), chunk_index, op_index)
+    view[body:end] = payload
+    # Header bytes RECORD_CRC_COVER.. and the payload lie next to each other
+    # here: one CRC call over both is record_crc's value.
+    _U32.pack_into(buf, start + RECORD_CRC_OFFSET, crc32c(view[start + RECORD_CRC_COVER:end]))
+    return end
+
+
+class GroupPacker:
+    """One write group's bytes, packed in place: records one after another
+    into one buffer sized up front (``data_bytes``: the records' bytes), then
+    the zero padding to GROUP_ALIGN and, with ``parity``, the parity trailer.
+    Every record is byte for byte what pack_record makes; a group of many
+    small records is simply not joined from as many small bytes objects."""
+
+    __slots__ = ("buf", "view", "end", "seq", "_first_seq", "_epoch", "_group", "_mount_gen", "_data_end",
+                 "_parity")
+
+    def __init__(self, data_bytes: int, *, epoch: int, group: int, seq: int, mount_gen: int,
+                 parity: bool) -> None:
+        self._data_end = data_bytes
+        self._parity = parity
+        self.buf = bytearray(align_up(data_bytes) + (PARITY_TRAILER_SIZE if parity else 0))
+        self.view = memoryview(self.buf)
+        self.end = 0                  # where the next record starts
+        self.seq = self._first_seq = seq
+        self._epoch, self._group, self._mount_gen = epoch, group, mount_gen
+
+    def record(self, rtype: int, txn_id: int, payload, flags: int = 0, path_hash: bytes = NO_PATH_HASH,
+               chunk_index: int = 0, op_index: int = 0) -> int:
+        """Append one record (the next seq); returns its offset in the group."""
+        start = self.end
+        if start + HEADER_SIZE + len(payload) > self._data_end:
+            raise InternalError("a write group outgrew the bytes reserved for it")
+        self.end = _pack_record_into(self.buf, self.view, start, rtype, flags, self._epoch, self._group,
+                                     self.seq, self._mount_gen, txn_id, payload, path_hash, chunk_index,
+                                     op_index)
+        self.seq += 1
+        return start
+
+    def finish(self) -> bytearray:
+        """The whole group, ready for one device write."""
+        if self.end != self._data_end:
+            raise InternalError(f"a write group holds {self.end} bytes of records, {self._data_end} were reserved")
+        if self._parity:
+            data = align_up(self.end)
+            _pack_record_into(self.buf, self.view, data, PARITY, 0, self._epoch, self._group, self._first_seq,
+                              self._mount_gen, 0, xor_sectors(self.view[:data]), NO_PATH_HASH,
+                              data // GROUP_ALIGN, 0)
+        return self.buf
 
 
 def record_crc(header, payload) -> int:
@@ -463,13 +527,6 @@ def xor_sectors(data) -> bytes:
         raise ValueError("parity covers whole sectors only")
     words = np.frombuffer(data, dtype=np.uint64).reshape(sectors, GROUP_ALIGN // 8)
     return np.bitwise_xor.reduce(words, axis=0).tobytes()
-
-
-def pack_parity_trailer(group_data, *, epoch: int, group: int, seq: int, mount_gen: int) -> bytes:
-    """The trailer that follows a group's data (which is GROUP_ALIGN aligned)."""
-    rec = pack_record(PARITY, flags=0, epoch=epoch, group=group, seq=seq, mount_gen=mount_gen, txn_id=0,
-                      payload=xor_sectors(group_data), chunk_index=len(group_data) // GROUP_ALIGN)
-    return rec + bytes(PARITY_TRAILER_SIZE - len(rec))
 
 
 def parity_sectors(h: RecordHeader) -> int:

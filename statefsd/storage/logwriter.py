@@ -51,77 +51,66 @@ class LogCursor:
     def trailer_bytes(self) -> int:
         return fmt.PARITY_TRAILER_SIZE if self.parity else 0
 
-    def encode_checkpoint(self, signer: Signer, device_uuid: bytes) -> bytes:
+    def encode_checkpoint(self, signer: Signer, device_uuid: bytes) -> bytearray:
         """A group holding one CHECKPOINT over the current chain head."""
         message = fmt.checkpoint_message(device_uuid, self.epoch, self.seq, self.chain)
-        body = fmt.CheckpointBody(self.chain, signer.public_key,
-                                  signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message))
-        rec = fmt.pack_record(fmt.CHECKPOINT, flags=fmt.FLAG_GROUP_END, epoch=self.epoch, group=self.group,
-                              seq=self.seq, mount_gen=self.mount_gen, txn_id=0,
-                              payload=fmt.encode_checkpoint(body))
-        return self._close_group([rec], self.seq + 1)
+        payload = fmt.encode_checkpoint(fmt.CheckpointBody(self.chain, signer.public_key,
+                                                           signer.sign(fmt.CHECKPOINT_SIGN_LABEL, message)))
+        group = self._packer(fmt.HEADER_SIZE + len(payload))
+        group.record(fmt.CHECKPOINT, 0, payload, fmt.FLAG_GROUP_END)
+        return self._close_group(group)
 
-    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None) -> tuple[bytes, list[int], list[Applied]]:
+    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None) -> tuple[bytearray, list[int], list[Applied]]:
         """One write group holding ``txns``: its bytes, the txn ids given
         out, and each transaction's index changes."""
-        parts: list[bytes] = []
+        sealed = cipher is not None
+        group = self._packer(sum(txn_bytes(ops, sealed) for ops in txns))
+        record, view = group.record, group.view
         txn_ids: list[int] = []
         applied: list[Applied] = []
         txn_id = self.txn_id
-        seq, offset = self.seq, self.offset
-
-        def emit(rtype: int, payload: bytes = b"", *, flags: int = 0, **kw) -> bytes:
-            nonlocal seq, offset
-            rec = fmt.pack_record(rtype, flags=flags, epoch=self.epoch, group=self.group, seq=seq,
-                                  mount_gen=self.mount_gen, txn_id=txn_id, payload=payload, **kw)
-            parts.append(rec)
-            seq += 1
-            offset += len(rec)
-            return rec
-
         for n, ops in enumerate(txns):
             txn_ids.append(txn_id)
-            digest = hashlib.sha256(emit(fmt.PREPARE, fmt.encode_prepare([op for op, _ in ops])))
-            count = 1
+            first_seq = group.seq
+            prepare = record(fmt.PREPARE, txn_id, fmt.encode_prepare([op for op, _ in ops]))
             entries: Applied = []
             for op_index, (op, value) in enumerate(ops):
                 phash = fmt.path_hash(op.path)
                 if op.kind == fmt.OP_DELETE:
-                    digest.update(emit(fmt.DELETE, op.path, path_hash=phash, op_index=op_index))
-                    count += 1
+                    record(fmt.DELETE, txn_id, op.path, 0, phash, 0, op_index)
                     entries.append((op.path, None))
                     continue
                 chunks = []
                 for chunk_index in range(op.chunk_count):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
                     flags = 0
-                    if cipher:
+                    if sealed:
                         piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
                                             chunk_index=chunk_index, phash=phash)
                         flags = fmt.FLAG_SEALED
-                    chunks.append((offset, len(piece)))
-                    digest.update(emit(fmt.PAYLOAD, piece, flags=flags, path_hash=phash,
-                                       op_index=op_index, chunk_index=chunk_index))
-                    count += 1
-                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), bool(cipher))))
-            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest.digest(), count))
-            last = n == len(txns) - 1
-            self.chain = fmt.chain_hash(emit(fmt.COMMIT, body, flags=fmt.FLAG_GROUP_END if last else 0))
+                    at = record(fmt.PAYLOAD, txn_id, piece, flags, phash, chunk_index, op_index)
+                    chunks.append((self.offset + at, len(piece)))
+                entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), sealed)))
+            # The transaction's records lie next to each other: one digest
+            # update over them all, and the chain hashes the COMMIT's bytes.
+            digest = hashlib.sha256(view[prepare:group.end]).digest()
+            body = fmt.encode_commit(fmt.CommitBody(self.chain, digest, group.seq - first_seq))
+            commit = record(fmt.COMMIT, txn_id, body, fmt.FLAG_GROUP_END if n == len(txns) - 1 else 0)
+            self.chain = fmt.chain_hash(view[commit:group.end])
             applied.append(entries)
             txn_id += 1
         self.txn_id = txn_id
-        return self._close_group(parts, seq), txn_ids, applied
+        return self._close_group(group), txn_ids, applied
 
-    def _close_group(self, parts: list[bytes], next_seq: int) -> bytes:
-        """The group's bytes: records, padding, and the parity trailer."""
-        # One copy of the group for records and padding, one more only for the
-        # trailer: groups reach 32 MiB and this runs on every commit.
-        size = sum(map(len, parts))
-        blob = b"".join([*parts, bytes(fmt.align_up(size) - size)])
-        if self.parity:
-            blob = b"".join((blob, fmt.pack_parity_trailer(blob, epoch=self.epoch, group=self.group,
-                                                           seq=self.seq, mount_gen=self.mount_gen)))
-        self.seq = next_seq
+    def _packer(self, data_bytes: int) -> fmt.GroupPacker:
+        return fmt.GroupPacker(data_bytes, epoch=self.epoch, group=self.group, seq=self.seq,
+                               mount_gen=self.mount_gen, parity=self.parity)
+
+    def _close_group(self, group: fmt.GroupPacker) -> bytearray:
+        """The group's bytes (records, padding, parity trailer); the cursor
+        moves past them."""
+        blob = group.finish()
+        self.seq = group.seq
         self.group += 1
         self.offset += len(blob)
         return blob
