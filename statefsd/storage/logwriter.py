@@ -60,11 +60,15 @@ class LogCursor:
         group.record(fmt.CHECKPOINT, 0, payload, fmt.FLAG_GROUP_END)
         return self._close_group(group)
 
-    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None) -> tuple[bytearray, list[int], list[Applied]]:
+    def encode_group(self, txns: list[Ops], cipher: RecordCipher | None,
+                     data_bytes: int | None = None) -> tuple[bytearray, list[int], list[Applied]]:
         """One write group holding ``txns``: its bytes, the txn ids given
-        out, and each transaction's index changes."""
+        out, and each transaction's index changes. ``data_bytes``, the sum
+        of their txn_bytes, when the caller has added it up already."""
         sealed = cipher is not None
-        group = self._packer(sum(txn_bytes(ops, sealed) for ops in txns))
+        if data_bytes is None:
+            data_bytes = sum(txn_bytes(ops, sealed) for ops in txns)
+        group = self._packer(data_bytes)
         record, view = group.record, group.view
         txn_ids: list[int] = []
         applied: list[Applied] = []
@@ -81,7 +85,7 @@ class LogCursor:
                     entries.append((op.path, None))
                     continue
                 chunks = []
-                for chunk_index in range(op.chunk_count):
+                for chunk_index in range(fmt.chunk_count(op.value_len)):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
                     flags = 0
                     if sealed:
@@ -119,10 +123,11 @@ class LogCursor:
 def txn_bytes(ops: Ops, sealed: bool) -> int:
     """The bytes one transaction takes in a group, padding and trailer aside."""
     per_chunk = fmt.HEADER_SIZE + (fmt.SEAL_OVERHEAD if sealed else 0)
-    size = 2 * fmt.HEADER_SIZE + fmt.prepare_size([op for op, _ in ops]) + fmt.COMMIT_PAYLOAD_SIZE
-    for op, _ in ops:
+    bare = [op for op, _ in ops]
+    size = 2 * fmt.HEADER_SIZE + fmt.prepare_size(bare) + fmt.COMMIT_PAYLOAD_SIZE
+    for op in bare:
         if op.kind == fmt.OP_PUT:
-            size += op.chunk_count * per_chunk + op.value_len
+            size += fmt.chunk_count(op.value_len) * per_chunk + op.value_len
         else:
             size += fmt.HEADER_SIZE + len(op.path)
     return size
@@ -169,14 +174,15 @@ class LogWriter:
         limit = self.region_end - (0 if only_deletes else self.delete_reserve)
         return fmt.align_up(end) + (fmt.PARITY_TRAILER_SIZE if self.parity else 0) <= limit
 
-    def append(self, txns: list[Ops]) -> tuple[list[int], list[Applied]]:
+    def append(self, txns: list[Ops], data_bytes: int | None = None) -> tuple[list[int], list[Applied]]:
         """Write ``txns`` as one group and flush (invariant 1); the txn ids
-        they got and their index changes, once durable."""
+        they got and their index changes, once durable. ``data_bytes``: as
+        for encode_group."""
         last_id = self.position.next_txn + len(txns) - 1
         if last_id > self.sb.txn_reserved:
             self.reserve_txn_ids(last_id + 1)
         cur = self.cursor()
-        blob, txn_ids, applied = cur.encode_group(txns, self.cipher)
+        blob, txn_ids, applied = cur.encode_group(txns, self.cipher, data_bytes)
         self._write_and_flush(self.position.offset, blob)
         self.position = cur.position
         self.unsigned_commits += len(txns)
