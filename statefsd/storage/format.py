@@ -546,9 +546,10 @@ def rebuild_sector(group_data, index: int, parity: bytes, group_xor: bytes | Non
 
 # ----------------------------------------------------------------- payloads
 
-@dataclass(frozen=True)
-class Op:
-    """One operation of a transaction: put a value, or delete a path."""
+class Op(NamedTuple):
+    """One operation of a transaction: put a value, or delete a path. A
+    tuple: transactions of many small puts make (and replay decodes) one
+    per key, at half a frozen dataclass's cost."""
 
     kind: int                 # OP_PUT or OP_DELETE
     path: bytes               # UTF-8 path bytes
