@@ -412,7 +412,7 @@ def _pack_record_into(buf: bytearray, view: memoryview, start: int, rtype: int, 
     view[body:end] = payload
     # Header bytes RECORD_CRC_COVER.. and the payload lie next to each other
     # here: one CRC call over both is record_crc's value.
-    _U32.pack_into(buf, start + RECORD_CRC_OFFSET, crc32c(view[start + RECORD_CRC_COVER:end]))
+    _U32.pack_into(buf, start + RECORD_CRC_OFFSET, _crc32c.crc32c(view[start + RECORD_CRC_COVER:end]))
     return end
 
 

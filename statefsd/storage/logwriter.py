@@ -69,7 +69,8 @@ class LogCursor:
         if data_bytes is None:
             data_bytes = sum(txn_bytes(ops, sealed) for ops in txns)
         group = self._packer(data_bytes)
-        record, view = group.record, group.view
+        record, view, base = group.record, group.view, self.offset
+        payload_flags = fmt.FLAG_SEALED if sealed else 0
         txn_ids: list[int] = []
         applied: list[Applied] = []
         txn_id = self.txn_id
@@ -87,13 +88,11 @@ class LogCursor:
                 chunks = []
                 for chunk_index in range(fmt.chunk_count(op.value_len)):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
-                    flags = 0
                     if sealed:
                         piece = cipher.seal(piece, txn_id=txn_id, op_index=op_index,
                                             chunk_index=chunk_index, phash=phash)
-                        flags = fmt.FLAG_SEALED
-                    at = record(fmt.PAYLOAD, txn_id, piece, flags, phash, chunk_index, op_index)
-                    chunks.append((self.offset + at, len(piece)))
+                    at = record(fmt.PAYLOAD, txn_id, piece, payload_flags, phash, chunk_index, op_index)
+                    chunks.append((base + at, len(piece)))
                 entries.append((op.path, Entry(txn_id, op.value_len, tuple(chunks), sealed)))
             # The transaction's records lie next to each other: one digest
             # update over them all, and the chain hashes the COMMIT's bytes.
