@@ -725,25 +725,33 @@ def _shape_problem(body: bytes | bytearray, max_objects: int, max_depth: int) ->
     size = len(body)
     pos = 0
     declared = 1
-    open_counts = [1]  # objects still to read in each open container
-    while open_counts:
-        if open_counts[-1] == 0:
-            open_counts.pop()
+    left = 1           # objects still to read in the innermost open container
+    outer: list[int] = []   # the same for each container around it
+    while True:
+        if not left:
+            if not outer:
+                return ""
+            left = outer.pop()
             continue
-        open_counts[-1] -= 1
+        left -= 1
         if pos >= size:
             return ""
         kind = body[pos]
         pos += 1
+        # The kinds a request is made of first: fixstr (keys), bin 8 and
+        # str 8 (values), fixints, then the containers.
+        if 0xa0 <= kind <= 0xbf:                # fixstr
+            pos += kind & 0x1f
+            continue
+        if kind == 0xc4 or kind == 0xd9:        # bin 8, str 8
+            pos += 1 + body[pos] if pos < size else 1
+            continue
         if kind <= 0x7f or kind >= 0xe0:        # fixints
             continue
         if kind <= 0x8f:                        # fixmap
             count = 2 * (kind & 0x0f)
         elif kind <= 0x9f:                      # fixarray
             count = kind & 0x0f
-        elif kind <= 0xbf:                      # fixstr
-            pos += kind & 0x1f
-            continue
         elif kind in _FIXED:
             pos += _FIXED[kind]
             continue
@@ -761,10 +769,10 @@ def _shape_problem(body: bytes | bytearray, max_objects: int, max_depth: int) ->
         if declared > max_objects:
             return f"frame declares more than {max_objects} msgpack objects"
         if count:
-            if len(open_counts) > max_depth:
+            if len(outer) >= max_depth:
                 return f"frame nests msgpack containers deeper than {max_depth} levels"
-            open_counts.append(count)
-    return ""
+            outer.append(left)
+            left = count
 
 
 def _unlink(path: str) -> None:

@@ -160,20 +160,36 @@ def validate_path(path: str) -> bytes:
 def mutation_op(m: Mutation) -> tuple[fmt.Op, bytes]:
     """A mutation as an op and its value: the key's form is checked here,
     whether the ops fit one transaction by fmt.transaction_problem."""
-    path = validate_path(m.path)
-    if m.kind == "put":
-        value = bytes(m.value)
+    return _op(m.kind, validate_path(m.path), m.value)
+
+
+def _op(kind: str, path: bytes, value) -> tuple[fmt.Op, bytes]:
+    if kind == "put":
+        value = bytes(value)
         return fmt.Op(fmt.OP_PUT, path, len(value)), value
-    if m.kind == "delete":
+    if kind == "delete":
         return fmt.Op(fmt.OP_DELETE, path), b""
-    raise InvalidArgument(f"unknown operation {m.kind!r}; use 'put' or 'delete'")
+    raise InvalidArgument(f"unknown operation {kind!r}; use 'put' or 'delete'")
 
 
 def validate_mutations(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
-    ops = [mutation_op(m) for m in mutations]
-    problem = fmt.transaction_problem([op for op, _ in ops])
+    """The mutations as ops, once they fit one transaction. Their keys are
+    checked with the transaction (fmt.transaction_problem looks at all of
+    them at once: a transaction of many small puts spends less on it);
+    whatever that or the first pass refuses is gone through op by op, so
+    the first bad key or kind gets mutation_op's error, as in a streamed
+    transaction."""
+    try:
+        # str.encode, not m.path.encode: a key that is not text is refused here too.
+        ops = [_op(m.kind, str.encode(m.path, "utf-8"), m.value) for m in mutations]
+        problem = fmt.transaction_problem([op for op, _ in ops])
+    except (StateFSError, TypeError, ValueError, AttributeError):   # UnicodeEncodeError is a ValueError
+        problem = "refused"
     if problem:
-        raise (TooBig if ops else InvalidArgument)(problem)
+        ops = [mutation_op(m) for m in mutations]
+        problem = fmt.transaction_problem([op for op, _ in ops])
+        if problem:
+            raise (TooBig if ops else InvalidArgument)(problem)
     return ops
 
 
@@ -588,7 +604,7 @@ class Engine:
         if not accepted:
             return deferred
         try:
-            txn_ids, applied = log.append([req.ops for req in accepted])
+            txn_ids, applied = log.append([req.ops for req in accepted], pos - start)
         except StateFSError as exc:
             self.fail(accepted + deferred, exc)
             return []

@@ -137,8 +137,15 @@ def crc32c(data: bytes, start: int = 0) -> int:
     return _crc32c.crc32c(data, start)
 
 
+_PATH_HASH = hashlib.blake2b(digest_size=8)
+
+
 def path_hash(path: bytes) -> bytes:
-    return hashlib.blake2b(path, digest_size=8).digest()
+    """BLAKE2b-64 of ``path`` (from a copy of an empty hash: one is taken per
+    record written, and the copy skips parsing blake2b's keywords)."""
+    h = _PATH_HASH.copy()
+    h.update(path)
+    return h.digest()
 
 
 def genesis_hash(device_uuid: bytes) -> bytes:
@@ -380,8 +387,11 @@ class RecordHeader(NamedTuple):
     op_index: int
 
 
+NO_PATH_HASH = bytes(8)            # path_hash of records that name no path
+
+
 def pack_record(rtype: int, *, flags: int, epoch: int, group: int, seq: int, mount_gen: int,
-                txn_id: int, payload: bytes = b"", path_hash: bytes = bytes(8),
+                txn_id: int, payload: bytes = b"", path_hash: bytes = NO_PATH_HASH,
                 chunk_index: int = 0, op_index: int = 0) -> bytes:
     rec = bytearray(HEADER_SIZE + len(payload))
     rec[HEADER_SIZE:] = payload
@@ -515,9 +525,10 @@ def rebuild_sector(group_data, index: int, parity: bytes, group_xor: bytes | Non
 
 # ----------------------------------------------------------------- payloads
 
-@dataclass(frozen=True)
-class Op:
-    """One operation of a transaction: put a value, or delete a path."""
+class Op(NamedTuple):
+    """One operation of a transaction: put a value, or delete a path. A
+    tuple: transactions of many small puts make (and replay decodes) one
+    per key, at half a frozen dataclass's cost."""
 
     kind: int                 # OP_PUT or OP_DELETE
     path: bytes               # UTF-8 path bytes
@@ -620,7 +631,29 @@ def transaction_problem(ops: Sequence[Op]) -> str:
     of 1..MAX_KEY_BYTES bytes of UTF-8 without NUL; a PUT's value is at most
     MAX_VALUE_BYTES, a DELETE has none; the values add up to at most
     MAX_TXN_BYTES."""
+    if _fits_at_a_glance(ops):
+        return ""
     return TransactionTally(ops).problem()
+
+
+def _fits_at_a_glance(ops: Sequence[Op]) -> bool:
+    """True only when TransactionTally(ops).problem() is "": the same checks,
+    with the keys' NUL and UTF-8 checks made once over all of them joined
+    (a valid transaction of 100 small puts is checked several times on its
+    way to the log). False says nothing; the tally then names the problem."""
+    if not 0 < len(ops) <= MAX_TXN_OPS:
+        return False
+    value_bytes = 0
+    for op in ops:
+        size = op.value_len
+        if not (0 < len(op.path) <= MAX_KEY_BYTES and size <= MAX_VALUE_BYTES
+                and (op.kind == OP_PUT or (op.kind == OP_DELETE and not size))):
+            return False
+        value_bytes += size
+    # Joined by an ASCII byte, which no multi-byte UTF-8 sequence can span:
+    # the whole decodes only if every key does on its own.
+    keys = b"/".join([op.path for op in ops])
+    return value_bytes <= MAX_TXN_BYTES and b"\x00" not in keys and _is_utf8(keys)
 
 
 T = TypeVar("T")

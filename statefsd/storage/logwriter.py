@@ -76,7 +76,7 @@ class LogCursor:
         return self._close_group(group)
 
     def encode_group(self, txns: list[Ops], cipher: RecordCipher | None, *,
-                     early: Callable[[memoryview], None] | None = None,
+                     early: Callable[[memoryview], None] | None = None, data_bytes: int | None = None,
                      ) -> tuple[memoryview, list[int], list[Applied]]:
         """One write group holding ``txns``: its bytes, the txn ids given
         out, and each transaction's index changes.
@@ -88,8 +88,11 @@ class LogCursor:
         sectors once they hold their final bytes (everything before the
         first COMMIT's sector), if there are at least EARLY_WRITE_MIN of
         them, while a helper thread computes the digests: the caller writes
-        them meanwhile. Nothing after that changes them."""
-        group = _Group(self, sum(txn_bytes(ops, cipher is not None) for ops in txns))
+        them meanwhile. Nothing after that changes them. ``data_bytes``: the
+        sum of the transactions' txn_bytes, when the caller has added it up."""
+        if data_bytes is None:
+            data_bytes = sum(txn_bytes(ops, cipher is not None) for ops in txns)
+        group = _Group(self, data_bytes)
         buf = group.buf
         txn_ids: list[int] = []
         applied: list[Applied] = []
@@ -110,7 +113,7 @@ class LogCursor:
                     continue
                 value = memoryview(value)
                 chunks = []
-                for chunk_index in range(op.chunk_count):
+                for chunk_index in range(fmt.chunk_count(op.value_len)):
                     piece = value[chunk_index * fmt.CHUNK_SIZE:(chunk_index + 1) * fmt.CHUNK_SIZE]
                     size = len(piece) + (fmt.SEAL_OVERHEAD if cipher else 0)
                     at, seq = group.place(size)
@@ -256,10 +259,11 @@ class _Group:
 def txn_bytes(ops: Ops, sealed: bool) -> int:
     """The bytes one transaction takes in a group, padding and trailer aside."""
     per_chunk = fmt.HEADER_SIZE + (fmt.SEAL_OVERHEAD if sealed else 0)
-    size = 2 * fmt.HEADER_SIZE + fmt.prepare_size([op for op, _ in ops]) + fmt.COMMIT_PAYLOAD_SIZE
-    for op, _ in ops:
+    bare = [op for op, _ in ops]
+    size = 2 * fmt.HEADER_SIZE + fmt.prepare_size(bare) + fmt.COMMIT_PAYLOAD_SIZE
+    for op in bare:
         if op.kind == fmt.OP_PUT:
-            size += op.chunk_count * per_chunk + op.value_len
+            size += fmt.chunk_count(op.value_len) * per_chunk + op.value_len
         else:
             size += fmt.HEADER_SIZE + len(op.path)
     return size
@@ -307,9 +311,10 @@ class LogWriter:
         limit = self.region_end - (0 if only_deletes else self.delete_reserve)
         return fmt.align_up(end) + (fmt.PARITY_TRAILER_SIZE if self.parity else 0) <= limit
 
-    def append(self, txns: list[Ops]) -> tuple[list[int], list[Applied]]:
+    def append(self, txns: list[Ops], data_bytes: int | None = None) -> tuple[list[int], list[Applied]]:
         """Write ``txns`` as one group and flush (invariant 1); the txn ids
-        they got and their index changes, once durable."""
+        they got and their index changes, once durable. ``data_bytes``: as
+        for encode_group."""
         last_id = self.position.next_txn + len(txns) - 1
         if last_id > self.sb.txn_reserved:
             self.reserve_txn_ids(last_id + 1)
@@ -324,7 +329,7 @@ class LogWriter:
                 raise DeviceIOError(f"{self.device.path}: {exc}") from None
             written.append(len(head))
 
-        blob, txn_ids, applied = cur.encode_group(txns, self.cipher, early=write_early)
+        blob, txn_ids, applied = cur.encode_group(txns, self.cipher, early=write_early, data_bytes=data_bytes)
         head = written[0] if written else 0
         # The rest, and one flush for the whole group (invariant 1): nothing
         # of it counts as written before that flush has returned.

@@ -164,6 +164,15 @@ def test_one_shot_txn_applies_every_op(client):
     assert client.list("tx7/") == ["tx7/a"] and client.stat("tx7/a")["txn_id"] == txn
 
 
+def test_one_shot_txn_ops_go_as_arrays_and_a_daemon_reads_maps_too(client, shared_daemon):
+    assert client.server["caps"]["txn_op_arrays"] is True
+    raw = RawConnection(shared_daemon.socket)
+    arrays = raw.request("txn", ops=[["put", "tx8/a", b"1"], ["put", "tx8/b", b"2"], ["delete", "tx8/a"]])
+    maps = raw.request("txn", ops=[{"op": "put", "key": "tx8/c", "value": b"3"}, {"op": "delete", "key": "tx8/b"}])
+    assert arrays["ok"] and maps["ok"] and maps["txn"] > arrays["txn"]
+    assert client.list("tx8/") == ["tx8/c"]
+
+
 def test_transaction_misuse_is_etxn(shared_daemon):
     raw = RawConnection(shared_daemon.socket)
     assert_error(raw.request("commit"), Code.ETXN)

@@ -66,7 +66,13 @@ def test_garbage_and_non_map_bodies_are_eproto(body):
     ({"v": 1, "id": 1, "op": "list", "limit": "9"}, "must be msgpack int"),
     ({"v": 1, "id": 1, "op": "txn", "ops": [{"op": "put", "key": "a"}]}, "'value'"),
     ({"v": 1, "id": 1, "op": "txn", "ops": [{"op": "chmod", "key": "a"}]}, "must be one of"),
-    ({"v": 1, "id": 1, "op": "txn", "ops": [5]}, "must be a map"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [5]}, "must be a map or an array"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [[]]}, "first item must be one of put, delete"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [["chmod", "a"]]}, "first item must be one of put, delete"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [["put", "a"]]}, "must hold 3 items, got 2"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [["delete", "a", b""]]}, "must hold 2 items, got 3"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [["put", b"a", b"1"]]}, "field 'key' must be msgpack str"),
+    ({"v": 1, "id": 1, "op": "txn", "ops": [["put", "a", "1"]]}, "field 'value' must be msgpack bin"),
 ])
 def test_malformed_requests_name_the_problem(message, fragment):
     with pytest.raises(ProtocolError) as err:
@@ -86,6 +92,8 @@ def test_invalid_utf8_in_a_key_survives_decoding_for_key_validation():
 def test_one_shot_txn_ops_are_normalised():
     request = protocol.parse_request({"v": 1, "id": 9, "op": "txn", "ops": [
         {"op": "put", "key": "a", "value": b"1"}, {"op": "delete", "key": "b"}]})
+    assert request.args["ops"] == [("put", "a", b"1"), ("delete", "b", b"")]
+    request = protocol.parse_request({"v": 1, "id": 9, "op": "txn", "ops": [["put", "a", b"1"], ["delete", "b"]]})
     assert request.args["ops"] == [("put", "a", b"1"), ("delete", "b", b"")]
 
 

@@ -142,3 +142,29 @@ def test_a_split_respects_the_op_cap_the_value_budget_and_keeps_the_order():
 def test_a_split_refuses_an_op_that_fits_no_transaction():
     with pytest.raises(InternalError, match="fits no transaction"):
         fmt.split_into_transactions([put("ok"), put("k" * 513)])
+
+
+def test_two_keys_that_are_each_broken_utf8_are_refused_even_though_their_bytes_together_decode():
+    # b"a\xc3" + b"\xa9b" is b"a\xc3\xa9b", valid UTF-8 ("aéb"); each key alone is not.
+    assert fmt.transaction_problem([put(b"a\xc3"), put(b"\xa9b")]) == "a key must be valid UTF-8"
+    assert fmt.transaction_problem([put(b"a\xc3\xa9b"), put(b"ok")]) == ""
+
+
+def test_the_rule_says_the_same_of_a_whole_transaction_as_when_it_is_tallied_op_by_op():
+    import random
+
+    rng = random.Random(3)
+    good = [b"a", b"/", b"\xc3\xa9", b"\xf0\x9f\x98\x80", b"k" * 200]
+    bad = [b"\xc3", b"\xa9", b"\x00", b"\xed\xa0\x80"]   # lead byte, continuation, NUL, surrogate
+    refused = 0
+    for _ in range(3000):
+        ops = []
+        for _ in range(rng.choice([0, 1, 2, 5, 127, 128, 129]) if rng.random() < 0.1 else rng.randint(1, 4)):
+            path = b"".join(rng.choice(bad if rng.random() < 0.03 else good) for _ in range(rng.randint(0, 4)))
+            kind = rng.choice([fmt.OP_PUT, fmt.OP_PUT, fmt.OP_DELETE, 7])
+            size = rng.choice([0, 0, 1, 8 * MiB, 8 * MiB + 1]) if kind != fmt.OP_DELETE or rng.random() < 0.1 else 0
+            ops.append(fmt.Op(kind, path, size))
+        expected = fmt.TransactionTally(ops).problem()
+        assert fmt.transaction_problem(ops) == expected, ops
+        refused += bool(expected)
+    assert 300 < refused < 2700   # both answers were exercised
