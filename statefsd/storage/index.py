@@ -6,15 +6,17 @@ millions of chunk keys into one image). A dataclass per key with a tuple of
 chunk tuples costs about 350 bytes of RSS per key; nearly all of it is
 Python object overhead, not information.
 
-Almost every value is at most one chunk (CHUNK_SIZE bytes), and then its
-location is four numbers: the txn id, the value size, the offset of its one
-PAYLOAD record and whether it is sealed. The payload length follows from the
-size and the seal (replay refuses any other). So ``KeyIndex`` keeps a plain
-``dict[bytes, int]`` whose value packs those four numbers into one Python
-int (48 bytes with its header for any txn id below 2**84), and stores an
-``Entry`` object only for what does not fit: values of several chunks,
-offsets past 2**OFFSET_BITS, or an entry whose payload length is not the one
-the size implies. Readers get ``Entry`` values either way, decoded on access.
+The writer puts the PAYLOAD records of one value back to back (one
+transaction is one block of records), each chunk CHUNK_SIZE bytes but the
+last, so a value's location is four numbers: the txn id, the value size,
+the offset of its first PAYLOAD record and whether it is sealed. Every
+payload length and every other offset follows from them (replay accepts no
+other payload length). So ``KeyIndex`` keeps a plain ``dict[bytes, int]``
+whose value packs those four numbers into one Python int (48 bytes with its
+header for any txn id below 2**77), and stores an ``Entry`` object only for
+what does not fit: chunks that are not where that layout puts them, or an
+offset past 2**OFFSET_BITS. Readers get ``Entry`` values either way,
+decoded on access.
 
 Thread safety is the engine's (engine.py, rules C1-C3): only the writer-role
 holder changes an index; readers look a key up with one dict operation and
@@ -40,10 +42,11 @@ class Entry:
     sealed: bool = False
 
 
-# Packed layout, low bits first: sealed (1 bit), size (SIZE_BITS), record
-# offset (OFFSET_BITS), txn id (the rest: a Python int has no top). Size 0
-# means no chunk at all (an empty value); the offset is then 0.
-SIZE_BITS = 17                  # 0 .. CHUNK_SIZE
+# Packed layout, low bits first: sealed (1 bit), size (SIZE_BITS), offset
+# of the first PAYLOAD record (OFFSET_BITS), txn id (the rest: a Python int
+# has no top). Size 0 means no chunk at all (an empty value); the offset is
+# then 0.
+SIZE_BITS = 24                  # 0 .. MAX_VALUE_BYTES
 OFFSET_BITS = 48                # 256 TiB of device
 _SIZE_SHIFT = 1
 _OFFSET_SHIFT = _SIZE_SHIFT + SIZE_BITS
@@ -51,20 +54,32 @@ _TXN_SHIFT = _OFFSET_SHIFT + OFFSET_BITS
 _SIZE_MASK = (1 << SIZE_BITS) - 1
 _OFFSET_MASK = (1 << OFFSET_BITS) - 1
 _OFFSET_LIMIT = 1 << OFFSET_BITS
-assert fmt.CHUNK_SIZE <= _SIZE_MASK
+assert fmt.MAX_VALUE_BYTES <= _SIZE_MASK
+
+
+def chunk_layout(size: int, offset: int, sealed: bool) -> tuple[tuple[int, int], ...]:
+    """The (offset, payload_len) of each chunk of a ``size``-byte value whose
+    PAYLOAD records lie back to back from ``offset``, as the writer puts them."""
+    tag = fmt.SEAL_OVERHEAD if sealed else 0
+    if size <= fmt.CHUNK_SIZE:
+        return ((offset, size + tag),) if size else ()
+    last = (size - 1) // fmt.CHUNK_SIZE
+    stride = fmt.HEADER_SIZE + fmt.CHUNK_SIZE + tag
+    return (*[(offset + n * stride, fmt.CHUNK_SIZE + tag) for n in range(last)],
+            (offset + last * stride, size - last * fmt.CHUNK_SIZE + tag))
 
 
 def pack(txn_id: int, size: int, chunks, sealed: bool) -> int | Entry:
     """The stored form of an entry: one int when it fits the packed layout,
     else the Entry itself. ``chunks`` is a sequence of (offset, payload_len)."""
-    if txn_id >= 0:
-        if len(chunks) == 1:
-            offset, payload_len = chunks[0]
-            if (0 < size <= fmt.CHUNK_SIZE and 0 <= offset < _OFFSET_LIMIT
-                    and payload_len == (size + fmt.SEAL_OVERHEAD if sealed else size)):
-                return (txn_id << _TXN_SHIFT) | (offset << _OFFSET_SHIFT) | (size << _SIZE_SHIFT) | bool(sealed)
-        elif not chunks and size == 0:
-            return (txn_id << _TXN_SHIFT) | bool(sealed)
+    if txn_id >= 0 and 0 <= size <= _SIZE_MASK:
+        offset = chunks[0][0] if chunks else 0
+        if len(chunks) == 1:    # nearly every value: checked without building the layout
+            fits = 0 < size <= fmt.CHUNK_SIZE and chunks[0][1] == (size + fmt.SEAL_OVERHEAD if sealed else size)
+        else:
+            fits = tuple(chunks) == chunk_layout(size, offset, sealed)
+        if fits and 0 <= offset < _OFFSET_LIMIT:
+            return (txn_id << _TXN_SHIFT) | (offset << _OFFSET_SHIFT) | (size << _SIZE_SHIFT) | bool(sealed)
     return Entry(txn_id, size, tuple(chunks), bool(sealed))
 
 
@@ -74,10 +89,8 @@ def unpack(stored: int | Entry) -> Entry:
         return stored
     sealed = bool(stored & 1)
     size = (stored >> _SIZE_SHIFT) & _SIZE_MASK
-    if not size:
-        return Entry(stored >> _TXN_SHIFT, 0, (), sealed)
-    offset = (stored >> _OFFSET_SHIFT) & _OFFSET_MASK
-    return Entry(stored >> _TXN_SHIFT, size, ((offset, size + fmt.SEAL_OVERHEAD if sealed else size),), sealed)
+    return Entry(stored >> _TXN_SHIFT, size, chunk_layout(size, (stored >> _OFFSET_SHIFT) & _OFFSET_MASK, sealed),
+                 sealed)
 
 
 def _size(stored: int | Entry) -> int:

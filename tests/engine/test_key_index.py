@@ -14,7 +14,7 @@ import pytest
 from statefsd.storage import format as fmt
 from statefsd.storage.blockdev import FileDevice
 from statefsd.storage.engine import Engine
-from statefsd.storage.index import OFFSET_BITS, Entry, KeyIndex, pack, unpack
+from statefsd.storage.index import OFFSET_BITS, Entry, KeyIndex, chunk_layout, pack, unpack
 
 from tests.engine.conftest import Image
 
@@ -26,17 +26,34 @@ def one_chunk(txn_id: int, size: int, offset: int, sealed: bool) -> Entry:
     return Entry(txn_id, size, ((offset, size + (fmt.SEAL_OVERHEAD if sealed else 0)),), sealed)
 
 
+def back_to_back(txn_id: int, size: int, offset: int, sealed: bool) -> Entry:
+    """A value's chunks where the writer puts them: header, payload, header, ..."""
+    tag = fmt.SEAL_OVERHEAD if sealed else 0
+    chunks, at, left = [], offset, size
+    while left:
+        piece = min(left, fmt.CHUNK_SIZE)
+        chunks.append((at, piece + tag))
+        at += piece + tag + fmt.HEADER_SIZE
+        left -= piece
+    return Entry(txn_id, size, tuple(chunks), sealed)
+
+
 PACKABLE = [
-    one_chunk(txn_id, size, offset, sealed)
+    back_to_back(txn_id, size, offset, sealed)
     for txn_id in (0, 1, (1 << 64) - 1, 1 << 84, 1 << 200)
-    for size in (1, 100, fmt.CHUNK_SIZE)
+    for size in (1, 100, fmt.CHUNK_SIZE, fmt.CHUNK_SIZE + 1, 3 * fmt.CHUNK_SIZE, fmt.MAX_VALUE_BYTES)
     for offset in (0, 8192, MAX_OFFSET)
     for sealed in (False, True)
 ] + [Entry(txn_id, 0, (), sealed) for txn_id in (0, 7, 1 << 90) for sealed in (False, True)]
 
+TWO = back_to_back(9, fmt.CHUNK_SIZE + 1, 100, False)
 UNPACKABLE = {
-    "two chunks": Entry(9, fmt.CHUNK_SIZE + 1, ((100, fmt.CHUNK_SIZE), (100 + fmt.CHUNK_SIZE + 64, 1)), False),
-    "sealed chunks": Entry(9, fmt.CHUNK_SIZE * 3, tuple((n * 70_000, fmt.CHUNK_SIZE + 16) for n in range(3)), True),
+    "chunks with a gap between them": Entry(9, TWO.size, (TWO.chunks[0], (TWO.chunks[1][0] + 512, 1)), False),
+    "chunks in another order": Entry(9, TWO.size, TWO.chunks[::-1], False),
+    "a first chunk shorter than a chunk": Entry(9, TWO.size, ((100, 1), (100 + 65, fmt.CHUNK_SIZE)), False),
+    "sealed chunks without their tags": Entry(9, 3 * fmt.CHUNK_SIZE, back_to_back(9, 3 * fmt.CHUNK_SIZE, 0, False).chunks,
+                                              True),
+    "a value larger than any value": back_to_back(9, 1 << 24, 100, False),
     "an offset past the packed width": one_chunk(9, 100, MAX_OFFSET + 1, False),
     "a payload length the size does not imply": Entry(9, 100, ((500, 116),), False),
     "a sealed chunk without its tag": Entry(9, 100, ((500, 100),), True),
@@ -48,12 +65,13 @@ UNPACKABLE = {
 }
 
 
-@pytest.mark.parametrize("entry", PACKABLE, ids=repr)
-def test_every_field_of_a_one_chunk_entry_survives_packing_into_one_int(entry):
+@pytest.mark.parametrize("entry", PACKABLE, ids=lambda e: f"txn{e.txn_id}-{e.size}B-at{e.chunks[:1]}-sealed{e.sealed}")
+def test_every_field_of_an_entry_whose_chunks_lie_back_to_back_survives_packing_into_one_int(entry):
     stored = pack(entry.txn_id, entry.size, entry.chunks, entry.sealed)
     assert type(stored) is int
     back = unpack(stored)
     assert back == entry and type(back.sealed) is bool and type(back.chunks) is tuple
+    assert chunk_layout(entry.size, entry.chunks[0][0] if entry.chunks else 0, entry.sealed) == entry.chunks
 
 
 @pytest.mark.parametrize("entry", UNPACKABLE.values(), ids=UNPACKABLE.keys())
@@ -100,12 +118,12 @@ def test_an_index_reads_back_what_was_put_and_forgets_what_was_deleted():
 def test_value_bytes_follows_every_put_overwrite_and_delete():
     index = KeyIndex()
     index[b"a"] = one_chunk(1, 100, 0, False)
-    index.put(b"b", 2, 3 * fmt.CHUNK_SIZE, [(n * 70_000, fmt.CHUNK_SIZE) for n in range(3)], False)
+    index.put(b"b", 2, 3 * fmt.CHUNK_SIZE, [(n * 70_000, fmt.CHUNK_SIZE) for n in range(3)], False)  # whole
     assert index.value_bytes == 100 + 3 * fmt.CHUNK_SIZE
     index[b"a"] = one_chunk(3, 7, 500, True)          # packed over packed
     index[b"b"] = Entry(4, 0, (), False)               # packed over a whole entry
     assert index.value_bytes == 7
-    index[b"a"] = UNPACKABLE["two chunks"]             # a whole entry over packed
+    index[b"a"] = UNPACKABLE["chunks with a gap between them"]   # a whole entry over packed
     assert index.value_bytes == fmt.CHUNK_SIZE + 1
     index.discard(b"a")
     index.discard(b"b")
@@ -113,11 +131,12 @@ def test_value_bytes_follows_every_put_overwrite_and_delete():
 
 
 def test_a_copy_is_independent_and_changes_since_it_name_every_put_and_delete():
-    index = KeyIndex([(b"same", one_chunk(1, 100, 0, False)), (b"big", UNPACKABLE["two chunks"]),
+    whole = UNPACKABLE["chunks with a gap between them"]
+    index = KeyIndex([(b"same", one_chunk(1, 100, 0, False)), (b"big", whole),
                       (b"rewritten", one_chunk(2, 100, 200, False)), (b"gone", one_chunk(3, 5, 400, False))])
     snapshot = index.copy()
     index[b"rewritten"] = one_chunk(7, 100, 200, False)   # only the txn id differs
-    index[b"big"] = Entry(*[getattr(UNPACKABLE["two chunks"], f) for f in ("txn_id", "size", "chunks", "sealed")])
+    index[b"big"] = Entry(whole.txn_id, whole.size, whole.chunks, whole.sealed)   # equal, not the same object
     index[b"new"] = one_chunk(8, 1, 900, True)
     index.discard(b"gone")
     put, deleted = index.changes_since(snapshot)
@@ -158,6 +177,8 @@ def test_an_engine_serves_the_same_entries_after_a_remount_and_a_compaction(tmp_
         del values["gone"]
         before = dict(e.index.items())
         assert e.live_bytes == sum(map(len, values.values()))
+        # what the writer made packs (its chunks lie back to back), as does what replay reads below
+        assert all(type(pack(x.txn_id, x.size, x.chunks, x.sealed)) is int for x in before.values())
     with img.mount(key_provider=lambda sb: KEY) as e:
         assert dict(e.index.items()) == before
         assert {k: e.get(k) for k in e.list()} == values and e.live_bytes == sum(map(len, values.values()))
