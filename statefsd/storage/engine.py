@@ -160,11 +160,19 @@ def mutation_op(m: Mutation) -> tuple[fmt.Op, bytes]:
     whether the ops fit one transaction by fmt.transaction_problem."""
     path = validate_path(m.path)
     if m.kind == "put":
-        value = bytes(m.value)
+        # A read-only view (a value as the server received it) is taken as it
+        # is, not copied; anything mutable is copied so the caller cannot change
+        # it under the commit.
+        value = m.value if _frozen_bytes_view(m.value) else bytes(m.value)
         return fmt.Op(fmt.OP_PUT, path, len(value)), value
     if m.kind == "delete":
         return fmt.Op(fmt.OP_DELETE, path), b""
     raise InvalidArgument(f"unknown operation {m.kind!r}; use 'put' or 'delete'")
+
+
+def _frozen_bytes_view(value: object) -> bool:
+    return (isinstance(value, memoryview) and value.readonly and value.format == "B"
+            and value.c_contiguous)
 
 
 def validate_mutations(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
