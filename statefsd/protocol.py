@@ -60,7 +60,9 @@ ENDPOINT = unixrpc.Endpoint(
     too_big_hint=f"values are limited to {MAX_VALUE_BYTES} bytes; split the value over several keys",
     text_hint="keys are UTF-8 text; rename or recode the key",
     max_objects=MAX_FRAME_OBJECTS, max_depth=16, frame_deadline=10.0, idle_deadline=900.0,
-    max_connections=1024, max_connections_per_uid=768, error_head=(("id", None),))
+    max_connections=1024, max_connections_per_uid=768, error_head=(("id", None),),
+    # A put's value reaches the engine as a view of the request frame, not a copy.
+    large_bins_as_views=True)
 
 # Answers may be larger than requests: a feed page costs up to
 # FEED_MAX_PAGE_COST (max_bytes of keys and values, or one whole transaction
@@ -70,7 +72,8 @@ ENDPOINT = unixrpc.Endpoint(
 MAX_FEED_BYTES = FEED_MAX_BYTES
 MAX_REPLY_FRAME = FEED_MAX_PAGE_COST + (64 << 10)
 REPLY_ENDPOINT = dataclasses.replace(ENDPOINT, max_frame=MAX_REPLY_FRAME,
-                                     max_objects=FEED_MAX_OBJECTS + MAX_FRAME_OBJECTS)
+                                     max_objects=FEED_MAX_OBJECTS + MAX_FRAME_OBJECTS,
+                                     large_bins_as_views=False)
 
 MAX_REQUEST_ID = (1 << 64) - 1
 
@@ -232,6 +235,8 @@ def _txn_op(index: int, item: Any) -> tuple[str, str, bytes]:
 def _typed(where: str, name: str, value: Any, kind: type) -> Any:
     if kind is int:
         ok = _is_int(value)
+    elif kind is bytes:   # a large bin arrives as a read-only view of the frame (ENDPOINT)
+        ok = isinstance(value, (bytes, memoryview))
     else:
         ok = isinstance(value, kind)
     if not ok:

@@ -99,6 +99,10 @@ class Endpoint:
     # Fields every error frame of this protocol starts with (statefsd: id,
     # keystored: v), as pairs so the Endpoint stays immutable.
     error_head: tuple[tuple[str, object], ...] = ()
+    # Decode a bin of LARGE_BIN bytes or more at a frame's top level as a
+    # read-only memoryview of the frame body instead of a copy (the daemon's
+    # handlers must then take memoryviews where they take bytes).
+    large_bins_as_views: bool = False
 
     def add_limit_flags(self, parser: argparse.ArgumentParser, *names: str) -> None:
         """Command-line flags (``--frame-deadline``...) for the named limits,
@@ -171,16 +175,23 @@ class Endpoint:
         if problem:
             raise ProtocolError(problem, hint="send one small map per request; see the protocol's limits")
         try:
-            message = msgpack.unpackb(body, raw=False, unicode_errors=self.text_errors,
-                                      strict_map_key=True, use_list=True,
-                                      max_str_len=self.max_frame, max_bin_len=self.max_frame,
-                                      max_ext_len=self.max_frame, max_array_len=self.max_objects,
-                                      max_map_len=self.max_objects)
+            message = None
+            if self.large_bins_as_views and len(body) >= LARGE_BIN:
+                message = _large_bins_as_views(body, self._unpack)
+            if message is None:
+                message = self._unpack(body)
         except Exception as exc:  # msgpack raises many types for garbage: all mean EPROTO
             raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})") from None
         if not isinstance(message, dict):
             raise ProtocolError(f"frame must hold a msgpack map, got {type(message).__name__}")
         return message
+
+    def _unpack(self, data) -> object:
+        return msgpack.unpackb(data, raw=False, unicode_errors=self.text_errors,
+                               strict_map_key=True, use_list=True,
+                               max_str_len=self.max_frame, max_bin_len=self.max_frame,
+                               max_ext_len=self.max_frame, max_array_len=self.max_objects,
+                               max_map_len=self.max_objects)
 
     def check_socket_path(self, path: str, *, remove_stale: bool = False) -> None:
         """Refuse a path this daemon cannot listen on; with ``remove_stale``,
@@ -714,6 +725,36 @@ _SIZED = {0xc4: (1, 0), 0xc5: (2, 0), 0xc6: (4, 0), 0xc7: (1, 1), 0xc8: (2, 1), 
 _CONTAINERS = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}
 
 
+def _header(body, pos: int) -> tuple[int, int]:
+    """The msgpack object whose header starts at ``pos``: where what follows
+    it starts (after a scalar's payload; after a container's header only)
+    and how many objects it contains directly (a map of n entries: 2n).
+    (0, -1) for the never-used type byte 0xc1."""
+    kind = body[pos]
+    pos += 1
+    # The kinds a request is mostly made of first: fixstr (keys), bin 8 and
+    # str 8 (values), fixints, then the containers.
+    if 0xa0 <= kind <= 0xbf:                # fixstr
+        return pos + (kind & 0x1f), 0
+    if kind == 0xc4 or kind == 0xd9:        # bin 8, str 8
+        return (pos + 1 + body[pos] if pos < len(body) else pos + 1), 0
+    if kind <= 0x7f or kind >= 0xe0:        # fixints
+        return pos, 0
+    if kind <= 0x8f:                        # fixmap
+        return pos, 2 * (kind & 0x0f)
+    if kind <= 0x9f:                        # fixarray
+        return pos, kind & 0x0f
+    if kind in _FIXED:
+        return pos + _FIXED[kind], 0
+    if kind in _SIZED:
+        width, extra = _SIZED[kind]
+        return pos + width + extra + int.from_bytes(body[pos:pos + width], "big"), 0
+    if kind in _CONTAINERS:
+        width, per_entry = _CONTAINERS[kind]
+        return pos + width, per_entry * int.from_bytes(body[pos:pos + width], "big")
+    return 0, -1
+
+
 def _shape_problem(body: bytes | bytearray, max_objects: int, max_depth: int) -> str:
     """Why ``body`` is over the decode budget, or "" when it is within it.
 
@@ -736,34 +777,8 @@ def _shape_problem(body: bytes | bytearray, max_objects: int, max_depth: int) ->
         left -= 1
         if pos >= size:
             return ""
-        kind = body[pos]
-        pos += 1
-        # The kinds a request is made of first: fixstr (keys), bin 8 and
-        # str 8 (values), fixints, then the containers.
-        if 0xa0 <= kind <= 0xbf:                # fixstr
-            pos += kind & 0x1f
-            continue
-        if kind == 0xc4 or kind == 0xd9:        # bin 8, str 8
-            pos += 1 + body[pos] if pos < size else 1
-            continue
-        if kind <= 0x7f or kind >= 0xe0:        # fixints
-            continue
-        if kind <= 0x8f:                        # fixmap
-            count = 2 * (kind & 0x0f)
-        elif kind <= 0x9f:                      # fixarray
-            count = kind & 0x0f
-        elif kind in _FIXED:
-            pos += _FIXED[kind]
-            continue
-        elif kind in _SIZED:
-            width, extra = _SIZED[kind]
-            pos += width + extra + int.from_bytes(body[pos:pos + width], "big")
-            continue
-        elif kind in _CONTAINERS:
-            width, per_entry = _CONTAINERS[kind]
-            count = per_entry * int.from_bytes(body[pos:pos + width], "big")
-            pos += width
-        else:                                   # 0xc1: never used
+        pos, count = _header(body, pos)
+        if count < 0:
             return ""
         declared += count
         if declared > max_objects:
@@ -773,6 +788,55 @@ def _shape_problem(body: bytes | bytearray, max_objects: int, max_depth: int) ->
                 return f"frame nests msgpack containers deeper than {max_depth} levels"
             outer.append(left)
             left = count
+
+
+def _object_end(body, pos: int) -> int:
+    """Where the msgpack object starting at ``pos`` ends (past the end of
+    ``body``, or -1, when it is malformed)."""
+    left = 1
+    while left:
+        if pos >= len(body):
+            return -1
+        pos, count = _header(body, pos)
+        if count < 0:
+            return -1
+        left += count - 1
+    return pos
+
+
+_BIN_TYPES = {0xc4: 1, 0xc5: 2, 0xc6: 4}   # bin 8/16/32: width of the length
+
+
+def _large_bins_as_views(body, unpack: Callable[[object], object]) -> dict | None:
+    """The map ``body`` holds, with each bin of LARGE_BIN bytes or more at
+    its top level as a read-only view of ``body`` (no copy) and everything
+    else decoded by ``unpack``; None when ``body`` is not a well-formed map
+    (the caller's msgpack then says what is wrong)."""
+    if not 0x80 <= body[0] <= 0x8f and body[0] not in (0xde, 0xdf):
+        return None
+    end, count = _header(body, 0)
+    view = memoryview(body).toreadonly()
+    message = {}
+    pos = end
+    for _ in range(count // 2):
+        key_end = _object_end(body, pos)
+        if not 0 < key_end < len(body):
+            return None
+        key = unpack(view[pos:key_end])
+        if not isinstance(key, str):
+            return None
+        width = _BIN_TYPES.get(body[key_end])
+        if width is not None:
+            start = key_end + 1 + width
+            end = start + int.from_bytes(body[key_end + 1:start], "big")
+            large = end - start >= LARGE_BIN
+        else:
+            end, large = _object_end(body, key_end), False
+        if not 0 < end <= len(body):
+            return None
+        message[key] = view[start:end] if large else unpack(view[key_end:end])
+        pos = end
+    return message if pos == len(body) else None
 
 
 def _unlink(path: str) -> None:

@@ -165,11 +165,19 @@ def mutation_op(m: Mutation) -> tuple[fmt.Op, bytes]:
 
 def _op(kind: str, path: bytes, value) -> tuple[fmt.Op, bytes]:
     if kind == "put":
-        value = bytes(value)
+        # A read-only view (a value as the server received it) is taken as it
+        # is, not copied; anything mutable is copied so the caller cannot change
+        # it under the commit.
+        value = value if _frozen_bytes_view(value) else bytes(value)
         return fmt.Op(fmt.OP_PUT, path, len(value)), value
     if kind == "delete":
         return fmt.Op(fmt.OP_DELETE, path), b""
     raise InvalidArgument(f"unknown operation {kind!r}; use 'put' or 'delete'")
+
+
+def _frozen_bytes_view(value: object) -> bool:
+    return (isinstance(value, memoryview) and value.readonly and value.format == "B"
+            and value.c_contiguous)
 
 
 def validate_mutations(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:

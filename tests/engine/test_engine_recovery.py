@@ -25,6 +25,18 @@ def test_committed_values_survive_remount(image):
             e.get("a")
 
 
+def test_a_read_only_view_is_committed_as_it_is_and_anything_mutable_is_copied_first(image):
+    frame = bytearray(b"head" + bytes(range(256)) * 400)
+    view = memoryview(frame).toreadonly()[4:]
+    mutable = bytearray(b"changes later")
+    ((_, kept), (_, copied)) = validate_mutations([Mutation("put", "v", view), Mutation("put", "m", mutable)])
+    assert kept is view and isinstance(copied, bytes)
+    with image.mount() as e:
+        e.commit([Mutation("put", "v", view), Mutation("put", "m", mutable)])
+        mutable[:] = b"changed"
+        assert e.get("v") == bytes(range(256)) * 400 and e.get("m") == b"changes later"
+
+
 def test_empty_value_round_trips(image):
     with image.mount() as e:
         e.put("empty", b"")

@@ -148,6 +148,59 @@ def test_a_large_body_arriving_in_pieces_is_read_whole(pair):
     assert endpoint.decode(body) == {"data": bytes(range(256)) * 3000}
 
 
+BIG = unixrpc.Endpoint(owner="testd", example="testd.sock", max_frame=4 << 20, socket_mode=0o640, backlog=8)
+VIEWS = unixrpc.Endpoint(owner="testd", example="testd.sock", max_frame=4 << 20, socket_mode=0o640, backlog=8,
+                         large_bins_as_views=True)
+
+
+def _plain(message: dict) -> dict:
+    return {key: bytes(value) if isinstance(value, memoryview) else value for key, value in message.items()}
+
+
+@pytest.mark.parametrize("size", [0, 100, unixrpc.LARGE_BIN - 1, unixrpc.LARGE_BIN, 1 << 20])
+def test_frame_parts_send_a_large_top_level_bin_from_where_it_is_and_decode_to_the_same_map(pair, size):
+    ours, theirs = pair
+    value = os.urandom(size)
+    message = {"v": 1, "id": 7, "op": "put", "key": "k", "value": value, "nested": [{"value": value}]}
+    parts = BIG.frame_parts(message)
+    if size >= unixrpc.LARGE_BIN:
+        assert any(isinstance(part, memoryview) and part.obj is value for part in parts)
+    else:
+        assert b"".join(parts) == BIG.pack(message)
+    sender = threading.Thread(target=unixrpc.send_parts, args=(theirs, parts))
+    sender.start()
+    body = unixrpc.FrameReader(ours, BIG, frame_deadline=5).read()
+    sender.join()
+    assert BIG.decode(body) == message
+
+
+def test_frame_parts_refuse_a_frame_over_the_cap_before_sending():
+    with pytest.raises(TooBig, match="exceeds the 1024-byte frame cap"):
+        ENDPOINT.frame_parts({"value": bytes(unixrpc.LARGE_BIN)})
+
+
+def test_a_large_top_level_bin_decodes_as_a_read_only_view_of_the_body_only_where_the_endpoint_asks():
+    value = os.urandom(unixrpc.LARGE_BIN + 3)
+    message = {"v": 1, "key": "k", "value": value, "small": b"s", "ops": [{"value": value}], "n": None}
+    body = bytearray(BIG.pack(message)[4:])
+    viewed = VIEWS.decode(body)
+    assert isinstance(viewed["value"], memoryview) and viewed["value"].readonly and viewed["value"].obj is body
+    assert isinstance(viewed["small"], bytes) and isinstance(viewed["ops"][0]["value"], bytes)
+    assert _plain(viewed) == message
+    assert BIG.decode(body) == message and isinstance(BIG.decode(body)["value"], bytes)
+
+
+@pytest.mark.parametrize("body", [
+    b"\x81\xa1k\xc6" + (1 << 20).to_bytes(4, "big") + bytes(unixrpc.LARGE_BIN),       # bin shorter than it says
+    b"\x82\xa1k\xc6" + (unixrpc.LARGE_BIN).to_bytes(4, "big") + bytes(unixrpc.LARGE_BIN),  # an entry missing
+    b"\x81\x01\xc6" + (unixrpc.LARGE_BIN).to_bytes(4, "big") + bytes(unixrpc.LARGE_BIN),   # a key that is not str
+    b"\x81\xa1k\xc6" + (unixrpc.LARGE_BIN).to_bytes(4, "big") + bytes(unixrpc.LARGE_BIN + 1),  # a byte too many
+])
+def test_a_malformed_large_body_is_eproto_on_an_endpoint_that_decodes_views(body):
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        VIEWS.decode(bytearray(body))
+
+
 # ----------------------------------------------------------------- decode
 
 @pytest.mark.parametrize("body, words", [
