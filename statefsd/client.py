@@ -226,18 +226,18 @@ class Client:
         The frame cap bounds the total size; use :meth:`transaction` for
         bigger ones.
         """
+        wire: list = []
+        for op in ops:
+            if op[0] == "put":
+                wire.append(["put", op[1], _value(op[2])])
+            elif op[0] == "delete":
+                wire.append(["delete", op[1]])
+            else:
+                raise InvalidArgument(f"unknown transaction op {op[0]!r}; use put or delete")
         with self._lock:
             self.connect()
-            arrays = self.server.get("caps", {}).get("txn_op_arrays") is True
-            wire: list = []
-            for op in ops:
-                if op[0] == "put":
-                    wire.append(["put", op[1], _value(op[2])] if arrays else
-                                {"op": "put", "key": op[1], "value": _value(op[2])})
-                elif op[0] == "delete":
-                    wire.append(["delete", op[1]] if arrays else {"op": "delete", "key": op[1]})
-                else:
-                    raise InvalidArgument(f"unknown transaction op {op[0]!r}; use put or delete")
+            if self.server.get("caps", {}).get("txn_op_arrays") is not True:   # an older daemon reads maps only
+                wire = [dict(zip(("op", "key", "value"), op)) for op in wire]
             return self.call("txn", ops=wire, **self._conditions(expect))["txn"]
 
     def _conditions(self, expect: Iterable[tuple[str, int]]) -> dict:

@@ -488,6 +488,8 @@ def xor_sectors(data) -> bytes:
     sectors = len(data) // GROUP_ALIGN
     if sectors * GROUP_ALIGN != len(data):
         raise ValueError("parity covers whole sectors only")
+    if sectors == 1:   # a one-sector group (a small commit): its parity is that sector
+        return bytes(data)
     words = np.frombuffer(data, dtype=np.uint64).reshape(sectors, GROUP_ALIGN // 8)
     return np.bitwise_xor.reduce(words, axis=0).tobytes()
 

@@ -173,6 +173,21 @@ def test_one_shot_txn_ops_go_as_arrays_and_a_daemon_reads_maps_too(client, share
     assert client.list("tx8/") == ["tx8/c"]
 
 
+@pytest.mark.parametrize("arrays", [True, False], ids=["daemon-reads-arrays", "older-daemon"])
+def test_the_client_sends_txn_ops_in_the_form_its_daemon_reads(shared_daemon, monkeypatch, arrays):
+    sent = []
+    make_request = protocol.make_request
+    monkeypatch.setattr(protocol, "make_request", lambda *a, **kw: sent.append(kw) or make_request(*a, **kw))
+    with Client(shared_daemon.socket) as c:
+        if not arrays:
+            del c.server["caps"]["txn_op_arrays"]   # as a daemon from before arrays answers hello
+        c.apply([("put", "tx9/a", b"1"), ("delete", "tx9/b")])
+        assert c.get("tx9/a") == b"1"
+    ops = next(kw["ops"] for kw in sent if "ops" in kw)
+    assert ops == ([["put", "tx9/a", b"1"], ["delete", "tx9/b"]] if arrays else
+                   [{"op": "put", "key": "tx9/a", "value": b"1"}, {"op": "delete", "key": "tx9/b"}])
+
+
 def test_transaction_misuse_is_etxn(shared_daemon):
     raw = RawConnection(shared_daemon.socket)
     assert_error(raw.request("commit"), Code.ETXN)
