@@ -90,7 +90,9 @@ class TxnBuffer:
         problem = self.tally.problem(op)
         if problem:
             raise TooBig(problem)
-        size = len(op.path) + op.value_len + OP_OVERHEAD
+        # A value received as a view of its frame keeps the whole frame alive.
+        pinned = len(value.obj) if isinstance(value, memoryview) else op.value_len
+        size = len(op.path) + max(op.value_len, pinned) + OP_OVERHEAD
         self.budget.take(size)
         self.held += size
         self.mutations.append(mutation)

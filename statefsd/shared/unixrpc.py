@@ -829,7 +829,10 @@ def _large_bins_as_views(body, unpack: Callable[[object], object]) -> dict | Non
         if width is not None:
             start = key_end + 1 + width
             end = start + int.from_bytes(body[key_end + 1:start], "big")
-            large = end - start >= LARGE_BIN
+            # A view keeps the whole frame alive: only for a bin that is
+            # nearly all of it, so what a buffered transaction pins is what
+            # its budget was charged (server.TxnBuffer).
+            large = end - start >= LARGE_BIN and len(body) - (end - start) < LARGE_BIN
         else:
             end, large = _object_end(body, key_end), False
         if not 0 < end <= len(body):

@@ -98,7 +98,7 @@ import sys
 from typing import Callable, NamedTuple
 
 from statefsd.errors import (
-    Conflict, CorruptImage, DeviceIOError, InvalidArgument, NoSpace, NotFound, ReadOnly,
+    Conflict, CorruptImage, DeviceIOError, InternalError, InvalidArgument, NoSpace, NotFound, ReadOnly,
     StateFSError, TooBig,
 )
 from statefsd.storage import format as fmt
@@ -177,7 +177,7 @@ def _op(kind: str, path: bytes, value) -> tuple[fmt.Op, bytes]:
 
 def _frozen_bytes_view(value: object) -> bool:
     return (isinstance(value, memoryview) and value.readonly and value.format == "B"
-            and value.c_contiguous)
+            and value.ndim == 1 and value.c_contiguous)
 
 
 def validate_mutations(mutations: list[Mutation]) -> list[tuple[fmt.Op, bytes]]:
@@ -615,6 +615,9 @@ class Engine:
             txn_ids, applied = log.append([req.ops for req in accepted], pos - start)
         except StateFSError as exc:
             self.fail(accepted + deferred, exc)
+            return []
+        except Exception as exc:   # a defect while encoding: its waiters must not wait forever (C8)
+            self.fail(accepted + deferred, InternalError(f"{self.device.path}: writing a group failed: {exc!r}"))
             return []
         # Durable: now (and only now) make the transactions visible (C2).
         index = self.index

@@ -13,6 +13,7 @@ waits for its helpers' work (sealing, digests) before it goes on.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
@@ -207,6 +208,17 @@ def helpers() -> ThreadPoolExecutor:
         if _helpers is None:
             _helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="statefs-writer-helper")
         return _helpers
+
+
+def _forget_helpers_in_child() -> None:
+    # A forked child inherits the pool but not its threads: the pool would
+    # count them idle and start none, and the child's next large commit
+    # would wait forever for its digests.
+    global _helpers, _helpers_lock
+    _helpers, _helpers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
 class _Group:

@@ -113,3 +113,15 @@ def test_a_txn_budget_smaller_than_one_transaction_is_a_usage_error_naming_the_m
 def test_the_default_budget_holds_four_transactions_of_the_maximum_size():
     assert DEFAULT_TXN_BUDGET == 4 * MIN_TXN_BUDGET
     assert MIN_TXN_BUDGET >= MAX_TXN_BYTES
+
+
+def test_a_value_held_as_a_view_of_its_frame_is_charged_the_whole_frame_it_keeps_alive():
+    from statefsd.server import OP_OVERHEAD, TxnBudget, TxnBuffer
+
+    frame = bytes(200_000)
+    buffer = TxnBuffer(TxnBudget(DEFAULT_TXN_BUDGET))
+    buffer.add("put", "viewed", memoryview(frame).toreadonly()[100:70_100])
+    buffer.add("put", "copied", bytes(70_000))
+    assert buffer.held == (len("viewed") + len(frame) + OP_OVERHEAD) + (len("copied") + 70_000 + OP_OVERHEAD)
+    buffer.release()
+    assert buffer.budget.used == 0

@@ -181,13 +181,21 @@ def test_frame_parts_refuse_a_frame_over_the_cap_before_sending():
 
 def test_a_large_top_level_bin_decodes_as_a_read_only_view_of_the_body_only_where_the_endpoint_asks():
     value = os.urandom(unixrpc.LARGE_BIN + 3)
-    message = {"v": 1, "key": "k", "value": value, "small": b"s", "ops": [{"value": value}], "n": None}
+    message = {"v": 1, "key": "k", "value": value, "small": b"s", "ops": [{"value": value[:1000]}], "n": None}
     body = bytearray(BIG.pack(message)[4:])
     viewed = VIEWS.decode(body)
     assert isinstance(viewed["value"], memoryview) and viewed["value"].readonly and viewed["value"].obj is body
     assert isinstance(viewed["small"], bytes) and isinstance(viewed["ops"][0]["value"], bytes)
     assert _plain(viewed) == message
     assert BIG.decode(body) == message and isinstance(BIG.decode(body)["value"], bytes)
+
+
+def test_a_large_bin_beside_another_large_field_is_copied_so_a_small_value_cannot_pin_a_large_frame():
+    value, pad = os.urandom(unixrpc.LARGE_BIN), bytes(3 * unixrpc.LARGE_BIN)
+    body = bytearray(BIG.pack({"key": "k", "value": value, "pad": pad})[4:])
+    viewed = VIEWS.decode(body)
+    assert isinstance(viewed["value"], bytes) and viewed["value"] == value
+    assert isinstance(viewed["pad"], bytes)   # not nearly the whole frame either
 
 
 @pytest.mark.parametrize("body", [
