@@ -590,7 +590,7 @@ class Engine:
         if not accepted:
             return deferred
         try:
-            txn_ids, applied = log.append([req.ops for req in accepted])
+            txn_ids, applied = log.append([req.ops for req in accepted], size=pos - start)
         except StateFSError as exc:
             self.fail(accepted + deferred, exc)
             return []

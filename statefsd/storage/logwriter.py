@@ -76,7 +76,7 @@ class LogCursor:
         return self._close_group(group)
 
     def encode_group(self, txns: list[Ops], cipher: RecordCipher | None, *,
-                     early: Callable[[memoryview], None] | None = None,
+                     early: Callable[[memoryview], None] | None = None, size: int | None = None,
                      ) -> tuple[memoryview, list[int], list[Applied]]:
         """One write group holding ``txns``: its bytes, the txn ids given
         out, and each transaction's index changes.
@@ -88,8 +88,11 @@ class LogCursor:
         sectors once they hold their final bytes (everything before the
         first COMMIT's sector), if there are at least EARLY_WRITE_MIN of
         them, while a helper thread computes the digests: the caller writes
-        them meanwhile. Nothing after that changes them."""
-        group = _Group(self, sum(txn_bytes(ops, cipher is not None) for ops in txns))
+        them meanwhile. Nothing after that changes them. ``size``: the bytes
+        of the records (the sum of txn_bytes), when the caller has counted them."""
+        if size is None:
+            size = sum(txn_bytes(ops, cipher is not None) for ops in txns)
+        group = _Group(self, size)
         buf = group.buf
         txn_ids: list[int] = []
         applied: list[Applied] = []
@@ -205,6 +208,9 @@ def helpers() -> ThreadPoolExecutor:
         return _helpers
 
 
+_NO_PATH = bytes(8)    # the path hash of records that name no path
+
+
 class _Group:
     """The buffer one group is being built in, and where its next record goes."""
 
@@ -220,14 +226,15 @@ class _Group:
         self.seq += 1
         return at, seq
 
-    def record(self, rtype: int, payload: bytes, **fields) -> int:
+    def record(self, rtype: int, payload: bytes, *, txn_id: int, flags: int = 0, path_hash: bytes = _NO_PATH,
+               op_index: int = 0) -> int:
         """Append a record holding ``payload``; returns where it starts."""
         at, seq = self.place(len(payload))
-        self.stamp(at, seq, rtype, payload, **fields)
+        self.stamp(at, seq, rtype, payload, txn_id=txn_id, flags=flags, path_hash=path_hash, op_index=op_index)
         return at
 
-    def stamp(self, at: int, seq: int, rtype: int, payload: bytes | None = None, *, size: int = 0,
-              flags: int = 0, **fields) -> None:
+    def stamp(self, at: int, seq: int, rtype: int, payload: bytes | None = None, *, txn_id: int, size: int = 0,
+              flags: int = 0, path_hash: bytes = _NO_PATH, chunk_index: int = 0, op_index: int = 0) -> None:
         """Write the record placed at ``at``: ``payload``, or the ``size``
         bytes already behind its header, and the header."""
         if payload is not None:
@@ -235,7 +242,8 @@ class _Group:
             self.buf[at + fmt.HEADER_SIZE:at + fmt.HEADER_SIZE + size] = payload
         cur = self.cursor
         fmt.pack_record_into(self.buf, at, rtype, flags=flags, epoch=cur.epoch, group=cur.group, seq=seq,
-                             mount_gen=cur.mount_gen, payload_len=size, **fields)
+                             mount_gen=cur.mount_gen, txn_id=txn_id, payload_len=size, path_hash=path_hash,
+                             chunk_index=chunk_index, op_index=op_index)
 
     def fill(self, chunks: list[tuple], cipher: RecordCipher | None) -> None:
         """Copy (or seal) value chunks into the PAYLOAD records placed for them."""
@@ -306,9 +314,10 @@ class LogWriter:
         limit = self.region_end - (0 if only_deletes else self.delete_reserve)
         return fmt.align_up(end) + (fmt.PARITY_TRAILER_SIZE if self.parity else 0) <= limit
 
-    def append(self, txns: list[Ops]) -> tuple[list[int], list[Applied]]:
+    def append(self, txns: list[Ops], size: int | None = None) -> tuple[list[int], list[Applied]]:
         """Write ``txns`` as one group and flush (invariant 1); the txn ids
-        they got and their index changes, once durable."""
+        they got and their index changes, once durable. ``size``: the sum of
+        their txn_bytes, when the caller has counted it."""
         last_id = self.position.next_txn + len(txns) - 1
         if last_id > self.sb.txn_reserved:
             self.reserve_txn_ids(last_id + 1)
@@ -323,7 +332,7 @@ class LogWriter:
                 raise DeviceIOError(f"{self.device.path}: {exc}") from None
             written.append(len(head))
 
-        blob, txn_ids, applied = cur.encode_group(txns, self.cipher, early=write_early)
+        blob, txn_ids, applied = cur.encode_group(txns, self.cipher, early=write_early, size=size)
         head = written[0] if written else 0
         # The rest, and one flush for the whole group (invariant 1): nothing
         # of it counts as written before that flush has returned.
