@@ -221,6 +221,9 @@ def _forget_helpers_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
+_NO_PATH = bytes(8)    # the path hash of records that name no path
+
+
 class _Group:
     """The buffer one group is being built in, and where its next record goes."""
 
@@ -236,14 +239,15 @@ class _Group:
         self.seq += 1
         return at, seq
 
-    def record(self, rtype: int, payload: bytes, **fields) -> int:
+    def record(self, rtype: int, payload: bytes, *, txn_id: int, flags: int = 0, path_hash: bytes = _NO_PATH,
+               op_index: int = 0) -> int:
         """Append a record holding ``payload``; returns where it starts."""
         at, seq = self.place(len(payload))
-        self.stamp(at, seq, rtype, payload, **fields)
+        self.stamp(at, seq, rtype, payload, txn_id=txn_id, flags=flags, path_hash=path_hash, op_index=op_index)
         return at
 
-    def stamp(self, at: int, seq: int, rtype: int, payload: bytes | None = None, *, size: int = 0,
-              flags: int = 0, **fields) -> None:
+    def stamp(self, at: int, seq: int, rtype: int, payload: bytes | None = None, *, txn_id: int, size: int = 0,
+              flags: int = 0, path_hash: bytes = _NO_PATH, chunk_index: int = 0, op_index: int = 0) -> None:
         """Write the record placed at ``at``: ``payload``, or the ``size``
         bytes already behind its header, and the header."""
         if payload is not None:
@@ -251,7 +255,8 @@ class _Group:
             self.buf[at + fmt.HEADER_SIZE:at + fmt.HEADER_SIZE + size] = payload
         cur = self.cursor
         fmt.pack_record_into(self.buf, at, rtype, flags=flags, epoch=cur.epoch, group=cur.group, seq=seq,
-                             mount_gen=cur.mount_gen, payload_len=size, **fields)
+                             mount_gen=cur.mount_gen, txn_id=txn_id, payload_len=size, path_hash=path_hash,
+                             chunk_index=chunk_index, op_index=op_index)
 
     def fill(self, chunks: list[tuple], cipher: RecordCipher | None) -> None:
         """Copy (or seal) value chunks into the PAYLOAD records placed for them."""
