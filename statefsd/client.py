@@ -114,10 +114,16 @@ class Client:
     def call(self, op: str, **args: Any) -> dict:
         """Send one request and return the response map (errors raised)."""
         with self._lock:
+            self._connect_afresh_if_dropped()
+            return self._roundtrip(op, args)
+
+    def _connect_afresh_if_dropped(self) -> None:
+        """Connected, on a connection the daemon has not closed (the caps a
+        request is shaped by come from that connection's hello)."""
+        with self._lock:
             if self._sock is not None and not self._in_transaction and _closed_by_daemon(self._sock):
                 self.close()  # nothing was sent on it: reconnecting is safe
             self.connect()
-            return self._roundtrip(op, args)
 
     def _roundtrip(self, op: str, args: dict) -> dict:
         request_id = next(self._ids)
@@ -235,7 +241,7 @@ class Client:
             else:
                 raise InvalidArgument(f"unknown transaction op {op[0]!r}; use put or delete")
         with self._lock:
-            self.connect()
+            self._connect_afresh_if_dropped()
             if self.server.get("caps", {}).get("txn_op_arrays") is not True:   # an older daemon reads maps only
                 wire = [dict(zip(("op", "key", "value"), op)) for op in wire]
             return self.call("txn", ops=wire, **self._conditions(expect))["txn"]
@@ -247,7 +253,7 @@ class Client:
         wire = [{"key": key, "txn": txn} for key, txn in expect]
         if not wire:
             return {}
-        self.connect()
+        self._connect_afresh_if_dropped()
         if "max_txn_conditions" not in self.server.get("caps", {}):
             raise ProtocolError(f"statefsd at {self.socket_path} does not check transaction conditions",
                                 hint="upgrade statefsd; a write with conditions was not sent")

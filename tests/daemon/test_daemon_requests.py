@@ -188,6 +188,21 @@ def test_the_client_sends_txn_ops_in_the_form_its_daemon_reads(shared_daemon, mo
                    [{"op": "put", "key": "tx9/a", "value": b"1"}, {"op": "delete", "key": "tx9/b"}])
 
 
+def test_a_client_whose_daemon_restarted_shapes_its_next_txn_by_the_new_daemons_caps(ws, monkeypatch):
+    sent = []
+    make_request = protocol.make_request
+    monkeypatch.setattr(protocol, "make_request", lambda *a, **kw: sent.append(kw) or make_request(*a, **kw))
+    daemon = ws.start()
+    with Client(daemon.socket) as c:
+        del c.server["caps"]["txn_op_arrays"]   # the first daemon was one from before arrays
+        daemon.stop()
+        daemon = ws.start()                      # the same image, now served by one that reads them
+        c.apply([("put", "restart/a", b"1")])
+        assert c.get("restart/a") == b"1"
+    daemon.stop()
+    assert next(kw["ops"] for kw in sent if "ops" in kw) == [["put", "restart/a", b"1"]]
+
+
 def test_transaction_misuse_is_etxn(shared_daemon):
     raw = RawConnection(shared_daemon.socket)
     assert_error(raw.request("commit"), Code.ETXN)
