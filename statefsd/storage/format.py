@@ -402,7 +402,7 @@ def pack_record(rtype: int, *, flags: int, epoch: int, group: int, seq: int, mou
 
 
 def pack_record_into(buf, offset: int, rtype: int, *, flags: int, epoch: int, group: int, seq: int,
-                     mount_gen: int, txn_id: int, payload_len: int, path_hash: bytes = bytes(8),
+                     mount_gen: int, txn_id: int, payload_len: int, path_hash: bytes = NO_PATH_HASH,
                      chunk_index: int = 0, op_index: int = 0) -> int:
     """Write the header of a record whose ``payload_len`` payload bytes
     already sit at ``offset + HEADER_SIZE`` of ``buf`` (a writable buffer),

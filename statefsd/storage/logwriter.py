@@ -221,9 +221,6 @@ def _forget_helpers_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
-_NO_PATH = bytes(8)    # the path hash of records that name no path
-
-
 class _Group:
     """The buffer one group is being built in, and where its next record goes."""
 
@@ -239,7 +236,7 @@ class _Group:
         self.seq += 1
         return at, seq
 
-    def record(self, rtype: int, payload: bytes, *, txn_id: int, flags: int = 0, path_hash: bytes = _NO_PATH,
+    def record(self, rtype: int, payload: bytes, *, txn_id: int, flags: int = 0, path_hash: bytes = fmt.NO_PATH_HASH,
                op_index: int = 0) -> int:
         """Append a record holding ``payload``; returns where it starts."""
         at, seq = self.place(len(payload))
@@ -247,7 +244,7 @@ class _Group:
         return at
 
     def stamp(self, at: int, seq: int, rtype: int, payload: bytes | None = None, *, txn_id: int, size: int = 0,
-              flags: int = 0, path_hash: bytes = _NO_PATH, chunk_index: int = 0, op_index: int = 0) -> None:
+              flags: int = 0, path_hash: bytes = fmt.NO_PATH_HASH, chunk_index: int = 0, op_index: int = 0) -> None:
         """Write the record placed at ``at``: ``payload``, or the ``size``
         bytes already behind its header, and the header."""
         if payload is not None:
